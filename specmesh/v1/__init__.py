@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs for specmesh.v1 (do not edit; `specmesh protos`)."""
