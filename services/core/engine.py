@@ -1,0 +1,173 @@
+"""Engine: one loaded model, its KV block pool, and the forward passes services need.
+
+Every method takes sequences (SequenceKV) and token ids and returns logits; sessions,
+sampling and stop rules live with the callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from services.core.config import LlamaConfig
+from services.core.errors import InvalidArgument, OutOfRange
+from services.core.kv import AttentionBatch, BlockPool, SequenceKV
+from services.core.model import LlamaModel
+from services.core.spec import ancestor_mask, tree_depths, validate_tree
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        name: str = "model",
+        digest: str = "",
+        block_size: int = 16,
+        max_kv_tokens: int = 65536,
+    ) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.name = name
+        self.digest = digest
+        dtype = next(model.parameters()).dtype
+        self.pool = BlockPool(
+            self.config, block_size=block_size, max_blocks=max(1, max_kv_tokens // block_size), dtype=dtype
+        )
+
+    @classmethod
+    def from_dir(
+        cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32, name: str | None = None, **kw
+    ) -> Engine:
+        from services.core.loaders.hf_dir import load_hf_dir
+
+        model_dir = Path(model_dir)
+        config, state = load_hf_dir(model_dir)
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        model.load_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
+        model.rotary.inv_freq = model.rotary.inv_freq.to("cpu")
+        return cls(model, name=name or model_dir.name, digest=weights_digest(model_dir), **kw)
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig, *, seed: int = 0, **kw) -> Engine:
+        """Random weights (tests of the math only)."""
+        torch.manual_seed(seed)
+        model = LlamaModel(config)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        return cls(model, **kw)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_sequence(self) -> SequenceKV:
+        return SequenceKV(self.pool)
+
+    def check_tokens(self, ids: list[int], field: str) -> None:
+        vocab = self.config.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise OutOfRange(f"token id {t} at index {i} is outside the vocabulary [0, {vocab})", field)
+
+    def check_room(self, current: int, adding: int, field: str) -> None:
+        if current + adding > self.max_context:
+            raise OutOfRange(
+                f"{current} + {adding} tokens exceed the model context of {self.max_context}", field
+            )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        seqs: list[SequenceKV],
+        token_lists: list[list[int]],
+        *,
+        positions: list[list[int]] | None = None,
+        tree_masks: list[torch.Tensor] | None = None,
+        last_only: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Append token_lists[b] to seqs[b] in one batched forward.
+
+        Returns per-sequence logits ([n_b, V], or [1, V] with last_only) and final hidden
+        states [n_b, hidden]. Positions default to consecutive after each sequence.
+        """
+        n_new = [len(t) for t in token_lists]
+        if min(n_new) < 1:
+            raise InvalidArgument("every sequence in a forward needs at least one token", "tokens")
+        T = max(n_new)
+        batch = AttentionBatch.build(seqs, n_new, tree_masks)
+        tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+        pos = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, ids in enumerate(token_lists):
+            tokens[b, : len(ids)] = torch.tensor(ids)
+            rel = positions[b] if positions is not None else range(len(ids))
+            pos[b, : len(ids)] = torch.tensor(list(rel)) + batch.past[b]
+            pos[b, len(ids) :] = pos[b, len(ids) - 1]
+        rows = None
+        if last_only:
+            rows = torch.tensor([b * T + n - 1 for b, n in enumerate(n_new)])
+        try:
+            logits, hidden = self.model(tokens, pos, batch, logit_rows=rows)
+        except BaseException:
+            for s in seqs:  # nothing was committed: return the blocks reserved for this forward
+                s.truncate(s.length)
+            raise
+        batch.commit()
+        if last_only:
+            per_seq = [logits[b : b + 1] for b in range(len(seqs))]
+        else:
+            per_seq = [logits[b, :n] for b, n in enumerate(n_new)]
+        return per_seq, [hidden[b, :n] for b, n in enumerate(n_new)]
+
+    def prefill(self, seq: SequenceKV, ids: list[int]) -> torch.Tensor:
+        """Append ids; return the next-token logits [V]."""
+        return self.forward([seq], [ids], last_only=True)[0][0][0]
+
+    def extend(self, seq: SequenceKV, ids: list[int]) -> torch.Tensor:
+        """Append ids; return logits at every new position [n, V]."""
+        return self.forward([seq], [ids])[0][0]
+
+    def decode(self, seq: SequenceKV, token: int) -> torch.Tensor:
+        return self.forward([seq], [[token]])[0][0][0]
+
+    def forward_tree(self, seq: SequenceKV, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """One forward over a token tree after the committed prefix: logits [n, V].
+
+        Node i sits at position prefix + depth(i) and attends to the prefix, its ancestors
+        and itself. Its KV is written at cache slot prefix + i; the caller keeps a path
+        with `accept_path` (which compacts it) or drops the tree with seq.truncate(prefix).
+        """
+        validate_tree(parents)
+        return self.forward(
+            [seq], [tokens], positions=[tree_depths(parents)], tree_masks=[ancestor_mask(parents)]
+        )[0][0]
+
+    def accept_path(self, seq: SequenceKV, prefix_len: int, path: list[int]) -> None:
+        """Keep tree nodes `path` (root-to-node indices) as committed tokens after prefix_len."""
+        src = [prefix_len + i for i in path]
+        dst = list(range(prefix_len, prefix_len + len(path)))
+        moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
+        seq.move([s for s, _ in moves], [d for _, d in moves])
+        seq.truncate(prefix_len + len(path))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p is not self.model.lm_head.weight) + (
+            0 if self.config.tie_word_embeddings else self.model.lm_head.weight.numel()
+        )
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 identifying the weights: of manifest.json when present, else of config + tensor files."""
+    manifest = model_dir / "manifest.json"
+    h = hashlib.sha256()
+    if manifest.exists():
+        h.update(manifest.read_bytes())
+    else:
+        h.update(json.dumps(json.loads((model_dir / "config.json").read_text()), sort_keys=True).encode())
+        for f in sorted(model_dir.glob("*.safetensors")):
+            h.update(f.name.encode() + str(f.stat().st_size).encode())
+    return h.hexdigest()

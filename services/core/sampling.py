@@ -1,0 +1,69 @@
+"""Logit processing and sampling as pure functions (temperature, top-k, top-p, greedy).
+
+Kept apart from the model so verification can compute the exact target distribution p
+that a sampler would have drawn from (lossless speculative decoding needs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.core.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 (or 0) = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int, prefix: str = "sampling") -> None:
+        if not (self.temperature >= 0.0 and self.temperature <= 100.0):
+            raise InvalidArgument(f"must be in [0, 100], got {self.temperature}", f"{prefix}.temperature")
+        if not 0 <= self.top_k <= vocab_size:
+            raise InvalidArgument(f"must be in [0, {vocab_size}], got {self.top_k}", f"{prefix}.top_k")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InvalidArgument(f"must be in [0, 1], got {self.top_p}", f"{prefix}.top_p")
+
+
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Distribution a sampler with `cfg` draws from: [..., V] logits -> [..., V] probs.
+
+    Greedy is the one-hot argmax distribution, which makes greedy a special case of
+    the same acceptance math.
+    """
+    logits = logits.float()
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if 0.0 < cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of [..., V] probs -> [...] token ids."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
+    """Next token from [V] logits (argmax when greedy, so no distribution is materialised)."""
+    if cfg.greedy:
+        return int(logits.argmax())
+    return int(sample(probabilities(logits, cfg), generator))

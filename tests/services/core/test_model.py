@@ -1,0 +1,162 @@
+"""KV equivalence on random tiny configs: incremental decode, batched prefill and the
+tree-masked forward must give the logits of one full causal forward (<= 1e-4), and the
+engine must match transformers' LlamaForCausalLM on the same random weights."""
+
+import random
+
+import pytest
+import torch
+from tiny_models import tiny_config
+
+from services.core.engine import Engine
+
+TOL = 1e-4
+
+CONFIGS = {
+    "tied-gqa": tiny_config(),
+    "untied-mha": tiny_config(num_key_value_heads=6, tie_word_embeddings=False),
+    "llama3-rope": tiny_config(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+}
+
+
+def full_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    seq = engine.new_sequence()
+    out = engine.extend(seq, ids)
+    seq.release()
+    return out
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def engine(request) -> Engine:
+    return Engine.from_config(CONFIGS[request.param], seed=1, block_size=4)
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def test_incremental_decode_matches_full_forward(engine: Engine) -> None:
+    ids = random_ids(23, engine.config.vocab_size, 0)
+    ref = full_logits(engine, ids)
+    seq = engine.new_sequence()
+    first = engine.extend(seq, ids[:7])
+    steps = [engine.decode(seq, t) for t in ids[7:]]
+    got = torch.cat([first, torch.stack(steps)])
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= TOL
+    assert seq.length == len(ids)
+
+
+def test_chunked_prefill_across_block_boundaries(engine: Engine) -> None:
+    ids = random_ids(30, engine.config.vocab_size, 1)
+    ref = full_logits(engine, ids)
+    seq = engine.new_sequence()
+    parts = [engine.extend(seq, ids[a:b]) for a, b in [(0, 3), (3, 4), (4, 13), (13, 30)]]
+    assert (torch.cat(parts) - ref).abs().max() <= TOL
+
+
+def test_batched_prefill_of_unequal_lengths(engine: Engine) -> None:
+    prompts = [random_ids(n, engine.config.vocab_size, 10 + n) for n in (5, 17, 1, 9)]
+    # Give two sequences a cached prefix first so the batch mixes past lengths.
+    seqs = [engine.new_sequence() for _ in prompts]
+    engine.extend(seqs[1], prompts[1][:6])
+    engine.extend(seqs[3], prompts[3][:2])
+    rest = [prompts[0], prompts[1][6:], prompts[2], prompts[3][2:]]
+    logits, _ = engine.forward(seqs, rest)
+    for b, p in enumerate(prompts):
+        ref = full_logits(engine, p)[-len(rest[b]) :]
+        assert (logits[b] - ref).abs().max() <= TOL, b
+    last, _ = engine.forward([engine.new_sequence(), engine.new_sequence()], prompts[:2], last_only=True)
+    assert (last[1][0] - full_logits(engine, prompts[1])[-1]).abs().max() <= TOL
+
+
+def test_tree_forward_matches_each_path(engine: Engine) -> None:
+    vocab = engine.config.vocab_size
+    prefix = random_ids(11, vocab, 2)
+    #        0     1    2    3    4    5    6    7
+    parents = [-1, -1, 0, 0, 1, 2, 5, 3]
+    tokens = random_ids(len(parents), vocab, 3)
+    seq = engine.new_sequence()
+    engine.extend(seq, prefix)
+    tree_logits = engine.forward_tree(seq, tokens, parents)
+    for node in range(len(parents)):
+        path = []
+        i = node
+        while i >= 0:
+            path.append(i)
+            i = parents[i]
+        path.reverse()
+        ref = full_logits(engine, prefix + [tokens[i] for i in path])[-1]
+        assert (tree_logits[node] - ref).abs().max() <= TOL, node
+
+
+def test_accept_path_compacts_tree_kv(engine: Engine) -> None:
+    vocab = engine.config.vocab_size
+    prefix = random_ids(9, vocab, 4)
+    parents = [-1, -1, 0, 1, 3, 2]
+    tokens = random_ids(len(parents), vocab, 5)
+    path = [1, 3, 4]
+    seq = engine.new_sequence()
+    engine.extend(seq, prefix)
+    engine.forward_tree(seq, tokens, parents)
+    engine.accept_path(seq, len(prefix), path)
+    assert seq.length == len(prefix) + len(path)
+    nxt = 7
+    got = engine.decode(seq, nxt)
+    ref = full_logits(engine, prefix + [tokens[i] for i in path] + [nxt])[-1]
+    assert (got - ref).abs().max() <= TOL
+
+
+def test_release_returns_blocks(engine: Engine) -> None:
+    free = engine.pool.free_blocks
+    seq = engine.new_sequence()
+    engine.extend(seq, random_ids(37, engine.config.vocab_size, 6))
+    assert engine.pool.free_blocks < free
+    seq.release()
+    assert engine.pool.free_blocks == free
+
+
+def test_matches_transformers_on_random_weights(engine: Engine) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = engine.config
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ours = engine.model
+    layers = []
+    for i, layer in enumerate(ours.layers):
+        q, k, v = layer.self_attn.qkv_proj.weight.split(layer.self_attn.split)
+        g, u = layer.mlp.gate_up_proj.weight.chunk(2)
+        layers.append((i, q, k, v, g, u, layer))
+    state = {"model.embed_tokens.weight": ours.embed_tokens.weight, "model.norm.weight": ours.norm.weight}
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = ours.lm_head.weight
+    for i, q, k, v, g, u, layer in layers:
+        p = f"model.layers.{i}."
+        state |= {
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": layer.self_attn.o_proj.weight,
+            p + "mlp.gate_proj.weight": g,
+            p + "mlp.up_proj.weight": u,
+            p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        }
+    hf.load_state_dict(state, strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    ids = random_ids(40, cfg.vocab_size, 7)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (full_logits(engine, ids) - ref).abs().max() <= TOL
