@@ -49,7 +49,6 @@ class Engine:
         with torch.device("meta"):
             model = LlamaModel(config)
         model.load_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
-        model.rotary.inv_freq = model.rotary.inv_freq.to("cpu")
         return cls(model, name=name or model_dir.name, digest=weights_digest(model_dir), **kw)
 
     @classmethod

@@ -158,8 +158,12 @@ class AttentionBatch:
         total = [p + n for p, n in zip(past, n_new, strict=True)]
         K = max(total)
         nb = -(-K // seqs[0].pool.block_size)
-        gather = torch.stack([torch.nn.functional.pad(s.table()[:nb], (0, nb - min(nb, len(s.blocks))),
-                                                      value=s.blocks[0]) for s in seqs])
+        gather = torch.stack(
+            [
+                torch.nn.functional.pad(s.table()[:nb], (0, nb - min(nb, len(s.blocks))), value=s.blocks[0])
+                for s in seqs
+            ]
+        )
         mask = None
         if T > 1 or len(set(total)) > 1 or tree_masks is not None:
             key = torch.arange(K)

@@ -20,7 +20,8 @@ from services.core.kv import AttentionBatch
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2], with HF's `rope_scaling` variants (linear, llama3)."""
     dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # Explicit device: models are built under torch.device("meta") before weights are assigned.
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
@@ -44,13 +45,13 @@ class Rotary:
 
     def __init__(self, config: LlamaConfig) -> None:
         self.inv_freq = rope_inv_freq(config)
-        self.cos = self.sin = torch.empty(0)
+        self.cos = self.sin = torch.empty(0, device="cpu")
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         need = int(positions.max()) + 1
         if need > self.cos.shape[0]:
             size = max(need, 2 * self.cos.shape[0], 256)
-            freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq)
+            freqs = torch.outer(torch.arange(size, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)  # [size, head_dim], rotate_half layout
             self.cos, self.sin = emb.cos(), emb.sin()
         # [B, 1, T, head_dim] to broadcast over heads

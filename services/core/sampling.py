@@ -6,30 +6,11 @@ that a sampler would have drawn from (lossless speculative decoding needs it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
 
 import torch
 
-from services.core.errors import InvalidArgument
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 (or 0) = off
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self, vocab_size: int, prefix: str = "sampling") -> None:
-        if not (self.temperature >= 0.0 and self.temperature <= 100.0):
-            raise InvalidArgument(f"must be in [0, 100], got {self.temperature}", f"{prefix}.temperature")
-        if not 0 <= self.top_k <= vocab_size:
-            raise InvalidArgument(f"must be in [0, {vocab_size}], got {self.top_k}", f"{prefix}.top_k")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise InvalidArgument(f"must be in [0, 1], got {self.top_p}", f"{prefix}.top_p")
+from services.core.params import SamplingConfig
 
 
 def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -48,7 +29,7 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     probs = logits.softmax(-1)
     if 0.0 < cfg.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+        # Keep the smallest prefix reaching top_p: drop a token once the mass before it does.
         drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
@@ -67,3 +48,10 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     if cfg.greedy:
         return int(logits.argmax())
     return int(sample(probabilities(logits, cfg), generator))
+
+
+def round_generator(seed: int, counter: int) -> torch.Generator:
+    """Counter-based random stream: the same (seed, counter) draws the same numbers on any replica,
+    so a retried round reproduces its tokens."""
+    digest = hashlib.sha256(f"specmesh-round:{seed}:{counter}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

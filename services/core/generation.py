@@ -1,0 +1,97 @@
+"""Plain autoregressive generation with stop rules (EOS / stop ids / stop strings / length)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from services.core.engine import Engine
+from services.core.kv import SequenceKV
+from services.core.params import GenerationParams
+from services.core.sampling import next_token
+from services.core.tokenizer import Tokenizer
+
+
+class Finish(StrEnum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_STRING = "stop_string"
+
+
+@dataclass
+class Step:
+    token_ids: list[int]  # new token(s) this step (empty on a closing step)
+    text: str  # newly released text; held back while it could still start a stop string
+    finish: Finish | None = None
+
+
+class TextReleaser:
+    """Decides which generated text is final: trims stop strings and holds back
+    incomplete UTF-8 (U+FFFD at the tail) and any tail that may begin a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stop_strings
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.ids: list[int] = []
+        self.released = 0  # characters of the decoded text already released
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (text to release now, whether a stop string matched)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        search_from = max(0, self.released - self.hold)
+        hits = [i for i in (text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out, self.released = text[self.released : end], max(self.released, end)
+            return out, True
+        safe = len(text) - self.hold if self.stops else len(text)
+        while safe > self.released and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe <= self.released:
+            return "", False
+        out, self.released = text[self.released : safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        out, self.released = text[self.released :], len(text)
+        return out
+
+
+def generate(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    seq: SequenceKV,
+    prompt_ids: list[int],
+    params: GenerationParams,
+) -> Iterator[Step]:
+    """Prefill prompt_ids into seq, then yield one Step per generated token.
+
+    The generated tokens (but for the last one, whose KV is never needed) end up in seq.
+    The last Step carries `finish`.
+    """
+    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+    gen = torch.Generator().manual_seed(seed)
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
+    releaser = TextReleaser(tokenizer, params.stop_strings)
+    logits = engine.prefill(seq, prompt_ids)
+    for i in range(params.max_new_tokens):
+        token = next_token(logits, params.sampling, gen)
+        if token in stop_ids:
+            yield Step([token], releaser.flush(), Finish.EOS)
+            return
+        text, stopped = releaser.push(token)
+        if stopped:
+            yield Step([token], text, Finish.STOP_STRING)
+            return
+        if i == params.max_new_tokens - 1:
+            yield Step([token], text + releaser.flush(), Finish.LENGTH)
+            return
+        yield Step([token], text)
+        logits = engine.decode(seq, token)

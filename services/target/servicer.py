@@ -1,0 +1,250 @@
+"""TargetService servicer: protobuf -> engine calls -> protobuf. All model work runs on one
+engine thread so the event loop (health checks, other RPCs) stays responsive."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from services.core.engine import Engine
+from services.core.errors import InvalidArgument, OutOfRange
+from services.core.generation import generate
+from services.core.params import GenerationParams
+from services.core.sampling import next_token, round_generator
+from services.core.scoring import token_scores
+from services.core.sessions import Session, SessionStore
+from services.core.tokenizer import Tokenizer
+from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
+from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
+
+T = TypeVar("T")
+MAX_TOP_LOGPROBS = 20
+
+
+class Clock:
+    """Per-call timing: queue (waiting for the engine thread), forward (engine time), total."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter_ns()
+        self.queue_ns = self.forward_ns = 0
+
+    def timing(self) -> common_pb2.Timing:
+        return common_pb2.Timing(
+            queue_ns=self.queue_ns, forward_ns=self.forward_ns, total_ns=time.perf_counter_ns() - self.start
+        )
+
+
+class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        *,
+        max_sessions: int = 256,
+        session_ttl_seconds: float = 600.0,
+        license: str = "",
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.license = license
+        self.sessions = SessionStore(
+            engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
+        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{engine.name}")
+
+    async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
+        submitted = time.perf_counter_ns()
+
+        def timed():
+            began = time.perf_counter_ns()
+            clock.queue_ns += began - submitted
+            try:
+                return fn(*args)
+            finally:
+                clock.forward_ns += time.perf_counter_ns() - began
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    def _check_model(self, name: str) -> None:
+        if name and name != self.engine.name:
+            raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
+
+    def _open_session(self, ref: common_pb2.SessionRef) -> tuple[Session, list[int]]:
+        new = list(ref.new_tokens)
+        self.engine.check_tokens(new, "session.new_tokens")
+        session = self.sessions.open(ref.session_id, new, ref.expected_length)
+        self.engine.check_room(session.length, len(new), "session.new_tokens")
+        return session, new
+
+    def _append(self, session: Session, new: list[int]) -> torch.Tensor:
+        """Forward new tokens into a session, returning the next-token logits [V]."""
+        logits = self.engine.prefill(session.seq, new)
+        session.tokens += new
+        return logits
+
+    def _model_info(self) -> common_pb2.ModelInfo:
+        cfg = self.engine.config
+        return common_pb2.ModelInfo(
+            name=self.engine.name,
+            family="llama",
+            vocab_size=cfg.vocab_size,
+            max_context=self.engine.max_context,
+            digest=self.engine.digest,
+            dtype=str(next(self.engine.model.parameters()).dtype).removeprefix("torch."),
+            parameters=self.engine.parameter_count(),
+            license=self.license,
+        )
+
+    async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
+        return self._model_info()
+
+    async def Prefill(self, request: target_pb2.PrefillRequest, context) -> target_pb2.PrefillResponse:
+        clock = Clock()
+        self._check_model(request.model)
+
+        def run() -> int:
+            session, new = self._open_session(request.session)
+            if new:
+                self._append(session, new)
+            return session.length
+
+        length = await self._on_engine(clock, run)
+        return target_pb2.PrefillResponse(session_length=length, timing=clock.timing())
+
+    async def Extend(self, request: target_pb2.ExtendRequest, context) -> target_pb2.ExtendResponse:
+        clock = Clock()
+        self._check_model(request.model)
+        cfg = sampling_config(request.sampling)
+        cfg.validate(self.engine.config.vocab_size)
+        if not request.session.new_tokens:
+            raise InvalidArgument("Extend needs at least one new token", "session.new_tokens")
+
+        def run() -> tuple[int, float, int]:
+            session, new = self._open_session(request.session)
+            logits = self._append(session, new)
+            token = next_token(logits, cfg, round_generator(request.random.seed, request.random.counter))
+            return token, float(logits.float().log_softmax(-1)[token]), session.length
+
+        token, logprob, length = await self._on_engine(clock, run)
+        return target_pb2.ExtendResponse(
+            next_token=token, next_logprob=logprob, session_length=length, timing=clock.timing()
+        )
+
+    async def Score(self, request: target_pb2.ScoreRequest, context) -> target_pb2.ScoreResponse:
+        clock = Clock()
+        self._check_model(request.model)
+        ids = prompt_ids(request.input, self.tokenizer, "input")
+        self.engine.check_tokens(ids, "input.token_ids.ids")
+        self.engine.check_room(0, len(ids), "input")
+        if len(ids) < 2:
+            raise InvalidArgument("needs at least 2 tokens to score (the first has no prediction)", "input")
+        start = request.start or 1
+        if not 1 <= start < len(ids):
+            raise OutOfRange(
+                f"must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {request.start}", "start"
+            )
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}", "top_logprobs"
+            )
+
+        def run():
+            seq = self.engine.new_sequence()
+            try:
+                logits = self.engine.extend(seq, ids)
+            finally:
+                seq.release()
+            return token_scores(logits[start - 1 : -1], torch.tensor(ids[start:]), request.top_logprobs)
+
+        s = await self._on_engine(clock, run)
+        scores = [
+            target_pb2.TokenScore(
+                token_id=ids[start + i],
+                logprob=float(s.logprob[i]),
+                rank=int(s.rank[i]),
+                entropy=float(s.entropy[i]),
+                top_ids=s.top_ids[i].tolist(),
+                top_logprobs=s.top_logprobs[i].tolist(),
+            )
+            for i in range(len(s.logprob))
+        ]
+        return target_pb2.ScoreResponse(
+            token_ids=ids, scores=scores, total_logprob=float(s.logprob.double().sum()), timing=clock.timing()
+        )
+
+    async def Generate(
+        self, request: target_pb2.GenerateRequest, context
+    ) -> AsyncIterator[target_pb2.GenerateResponse]:
+        clock = Clock()
+        self._check_model(request.model)
+        ids = prompt_ids(request.prompt, self.tokenizer)
+        self.engine.check_tokens(ids, "prompt.token_ids.ids")
+        params = generation_params(request.sampling, seed=random.SystemRandom().randrange(2**63))
+        params.validate(
+            vocab_size=self.engine.config.vocab_size, prompt_len=len(ids), max_context=self.engine.max_context
+        )
+
+        session: Session | None = None
+        if request.session_id:
+            existing = self.sessions.get(request.session_id)
+            have = existing.length if existing else 0
+            session = self.sessions.open(request.session_id, ids, have + len(ids))
+            seq = session.seq
+            params = _room_checked(params, have + len(ids), self.engine.max_context)
+        else:
+            seq = self.engine.new_sequence()
+        steps = generate(self.engine, self.tokenizer, seq, ids, params)
+        produced: list[int] = []
+        finished = False
+        try:
+            while True:
+                step = await self._on_engine(clock, next, steps, None)
+                if step is None:
+                    break
+                produced += step.token_ids
+                if step.finish is None:
+                    yield target_pb2.GenerateResponse(token_ids=step.token_ids, text=step.text)
+                    continue
+                if session is not None:  # commit the whole exchange, last token's KV included
+                    await self._on_engine(clock, self.engine.extend, seq, produced[-1:])
+                    session.tokens += ids + produced
+                finished = True
+                usage = common_pb2.Usage(
+                    prompt_tokens=len(ids), output_tokens=len(produced), seed=params.seed
+                )
+                yield target_pb2.GenerateResponse(
+                    token_ids=step.token_ids,
+                    text=step.text,
+                    finish_reason=FINISH_TO_PROTO[step.finish.value],
+                    usage=usage,
+                    timing=clock.timing(),
+                )
+        finally:
+            if session is None:
+                await self._on_engine(clock, seq.release)
+            elif not finished:  # cancelled or failed: keep the session as it was before this call
+                await self._on_engine(clock, seq.truncate, session.length)
+
+    async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id is empty", "session_id")
+        released = await self._on_engine(Clock(), self.sessions.release, request.session_id)
+        return common_pb2.ReleaseResponse(released=released)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _room_checked(params: GenerationParams, length: int, max_context: int) -> GenerationParams:
+    if length + params.max_new_tokens > max_context:
+        raise OutOfRange(
+            f"session holds {length} tokens; {params.max_new_tokens} more exceed the context {max_context}",
+            "sampling.max_new_tokens",
+        )
+    return params
