@@ -78,9 +78,10 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def _open_session(self, ref: common_pb2.SessionRef) -> tuple[Session, list[int]]:
         new = list(ref.new_tokens)
         self.engine.check_tokens(new, "session.new_tokens")
-        session = self.sessions.open(ref.session_id, new, ref.expected_length)
-        self.engine.check_room(session.length, len(new), "session.new_tokens")
-        return session, new
+        existing = self.sessions.get(ref.session_id)
+        # Check room before opening so a refused call never leaves a new session behind.
+        self.engine.check_room(existing.length if existing else 0, len(new), "session.new_tokens")
+        return self.sessions.open(ref.session_id, new, ref.expected_length), new
 
     def _append(self, session: Session, new: list[int]) -> torch.Tensor:
         """Forward new tokens into a session, returning the next-token logits [V]."""

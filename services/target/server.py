@@ -1,0 +1,41 @@
+"""Target service process: load a model, register the servicer on runtime.serve()."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.core.engine import Engine
+from services.core.model_store import resolve_model
+from services.core.tokenizer import Tokenizer
+from services.runtime.server import RunningServer, serve
+from services.runtime.settings import ServerSettings
+from services.target.servicer import TargetServicer
+from specmesh.v1 import target_pb2, target_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+def load_target(
+    model: str, *, threads: int | None = None, max_sessions: int = 256, max_kv_tokens: int = 65536
+) -> TargetServicer:
+    model_dir = resolve_model(model)
+    if threads:
+        torch.set_num_threads(threads)
+    engine = Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens)
+    license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
+    log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
+    return TargetServicer(engine, Tokenizer.from_dir(model_dir), max_sessions=max_sessions, license=license)
+
+
+async def start_target(servicer: TargetServicer, settings: ServerSettings) -> RunningServer:
+    def register(server: grpc.aio.Server) -> list[str]:
+        target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    return await serve(register, settings)

@@ -1,0 +1,44 @@
+"""`specmesh` command line: one entry point, one subcommand module per area.
+
+Heavy imports (torch, grpc) happen inside each subcommand so `specmesh --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module under specmesh.cli that defines add_parser(subparsers)
+SUBCOMMANDS = {
+    "quickstart": "quickstart",
+    "models": "models",
+    "serve": "serve",
+    "bench": "bench",
+    "protos": "protos",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specmesh",
+        description="specmesh: speculative generation served as gRPC microservices.",
+        epilog="Environment: SPECMESH_MODEL_DIR (model directory, default ~/.cache/specmesh/models), "
+        "SPECMESH_HOST / SPECMESH_PORT / ... (server settings), OTEL_* (telemetry).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(f"specmesh.cli.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`specmesh serve <service>`: run one service as a gRPC server until SIGTERM / Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one service as a gRPC server")
+    ssub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
+    t = ssub.add_parser(
+        "target",
+        help="the target (large) model: Prefill, Generate, Score, Extend, Release",
+        description="Serve a Llama-family model (a name in the model directory or an HF directory). "
+        "SIGTERM or Ctrl-C drains in-flight calls before exiting.",
+    )
+    t.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    t.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once (default: %(default)s)")
+    t.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens (default: %(default)s)")
+    from services.runtime.settings import add_server_args
+
+    add_server_args(t)
+    t.set_defaults(func=run_target)
+
+
+def run_target(args: argparse.Namespace) -> int:
+    from services.runtime.server import run_forever
+    from services.runtime.settings import ServerSettings
+    from services.runtime.telemetry import setup_telemetry
+    from services.target.server import load_target, start_target
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings.from_env_and_args(args)
+    setup_telemetry("specmesh-target")
+    servicer = load_target(
+        args.model, threads=args.threads, max_sessions=args.max_sessions, max_kv_tokens=args.max_kv_tokens
+    )
+
+    async def main() -> None:
+        server = await start_target(servicer, settings)
+        print(f"specmesh target serving {servicer.engine.name} on {server.address}", flush=True)
+        await run_forever(server)
+
+    asyncio.run(main())
+    servicer.close()
+    return 0

@@ -1,0 +1,213 @@
+"""The target service on real SmolLM2 weights, as a real gRPC server on loopback."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import ServerThread
+
+from services.runtime.errors import status_details
+from services.runtime.settings import ServerSettings
+from services.target.server import load_target, start_target
+from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_dir):
+    servicer = load_target(str(smollm2_dir), max_sessions=8)
+    with ServerThread(lambda: start_target(servicer, ServerSettings(host="127.0.0.1", port=0))) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        yield servicer, target_pb2_grpc.TargetServiceStub(channel), channel
+        channel.close()
+    servicer.close()
+
+
+def chat(text: str) -> common_pb2.Prompt:
+    return common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]))
+
+
+def ids_prompt(ids: list[int]) -> common_pb2.Prompt:
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=ids))
+
+
+def generate(stub, prompt, **sampling) -> tuple[list[int], str, target_pb2.GenerateResponse]:
+    chunks = list(stub.Generate(target_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(**sampling))))
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+
+def assert_healthy(channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_model_info(target) -> None:
+    _, stub, _ = target
+    info = stub.GetModelInfo(common_pb2.GetModelInfoRequest())
+    assert (info.name, info.vocab_size, info.max_context) == (MODEL, 49152, 8192)
+    assert len(info.digest) == 64 and info.parameters > 100_000_000
+
+
+def test_greedy_chat_answers_paris(target) -> None:
+    _, stub, _ = target
+    ids, text, last = generate(stub, chat("What is the capital of France?"), max_new_tokens=48)
+    assert "Paris" in text
+    assert last.finish_reason == common_pb2.FINISH_REASON_EOS
+    assert last.usage.output_tokens == len(ids) and last.usage.prompt_tokens > 10
+
+
+def test_greedy_stream_equals_in_process_greedy(target) -> None:
+    servicer, stub, _ = target
+    prompt = servicer.tokenizer.encode("def fibonacci(n):\n")
+    ids, _, last = generate(stub, ids_prompt(prompt), max_new_tokens=20, ignore_eos=True)
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and len(ids) == 20
+    engine, seq = servicer.engine, servicer.engine.new_sequence()
+    expected, logits = [], engine.prefill(seq, prompt)
+    for _ in range(20):
+        expected.append(int(logits.argmax()))
+        logits = engine.decode(seq, expected[-1])
+    seq.release()
+    assert ids == expected
+
+
+def test_seeded_sampling_is_reproducible(target) -> None:
+    _, stub, _ = target
+    kw = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
+    a, _, la = generate(stub, chat("Tell me a story."), **kw)
+    b, _, lb = generate(stub, chat("Tell me a story."), **kw)
+    assert a == b and la.usage.seed == 1234
+
+
+def test_stop_string_ends_and_is_removed(target) -> None:
+    _, stub, _ = target
+    _, text, last = generate(stub, chat("What is the capital of France?"), max_new_tokens=48, stop=["Paris"])
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP_STRING
+    assert "Paris" not in text
+
+
+def test_score_matches_engine_logprobs(target) -> None:
+    servicer, stub, _ = target
+    ids = servicer.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    resp = stub.Score(target_pb2.ScoreRequest(input=ids_prompt(ids), top_logprobs=3))
+    assert list(resp.token_ids) == ids and len(resp.scores) == len(ids) - 1
+    seq = servicer.engine.new_sequence()
+    logp = servicer.engine.extend(seq, ids).log_softmax(-1)
+    seq.release()
+    for i, s in enumerate(resp.scores):
+        assert s.token_id == ids[i + 1]
+        assert abs(s.logprob - float(logp[i, ids[i + 1]])) < 1e-4
+        assert s.rank >= 1 and len(s.top_ids) == 3 and s.top_logprobs[0] >= s.logprob - 1e-6
+    assert abs(resp.total_logprob - sum(s.logprob for s in resp.scores)) < 1e-3
+
+
+def test_session_prefill_extend_release(target) -> None:
+    servicer, stub, channel = target
+    tok = servicer.tokenizer
+    first = tok.encode("The capital of France is")
+    sid = "sess-1"
+    r = stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
+        session_id=sid, new_tokens=first, expected_length=len(first))))
+    assert r.session_length == len(first)
+    # A wrong expected_length is refused and leaves the session as it was.
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
+            session_id=sid, new_tokens=[5], expected_length=len(first) + 7)))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_details(e.value)[2][0].field == "session.expected_length"
+    more = tok.encode(" Paris")
+    ext = stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
+        session_id=sid, new_tokens=more, expected_length=len(first) + len(more))))
+    assert ext.session_length == len(first) + len(more)
+    seq = servicer.engine.new_sequence()
+    expected = int(servicer.engine.prefill(seq, first + more).argmax())
+    seq.release()
+    assert ext.next_token == expected
+    assert stub.Release(common_pb2.ReleaseRequest(session_id=sid)).released
+    assert not stub.Release(common_pb2.ReleaseRequest(session_id=sid)).released
+    assert_healthy(channel)
+
+
+def test_generate_keeps_a_session_for_the_next_turn(target) -> None:
+    servicer, stub, _ = target
+    prompt = servicer.tokenizer.encode("One, two, three,")
+    req = target_pb2.GenerateRequest(prompt=ids_prompt(prompt), session_id="turns",
+                                      sampling=common_pb2.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    out = [t for c in stub.Generate(req) for t in c.token_ids]
+    session = servicer.sessions.get("turns")
+    assert session.tokens == prompt + out and session.seq.length == len(prompt) + len(out)
+    stub.Release(common_pb2.ReleaseRequest(session_id="turns"))
+
+
+BAD_GENERATE = [
+    ("empty prompt", dict(prompt=common_pb2.Prompt()), "INVALID_ARGUMENT", "prompt"),
+    ("empty text", dict(prompt=common_pb2.Prompt(text="")), "INVALID_ARGUMENT", "prompt.text"),
+    ("id >= vocab", dict(prompt=ids_prompt([1, 49152])), "OUT_OF_RANGE", "prompt.token_ids.ids"),
+    ("negative id", dict(prompt=ids_prompt([-3])), "OUT_OF_RANGE", "prompt.token_ids.ids"),
+    ("max_new_tokens 0", dict(sampling=dict(max_new_tokens=0)), "INVALID_ARGUMENT", "sampling.max_new_tokens"),
+    ("max_new_tokens negative", dict(sampling=dict(max_new_tokens=-5)), "INVALID_ARGUMENT", "sampling.max_new_tokens"),
+    ("max_new_tokens huge", dict(sampling=dict(max_new_tokens=10**6)), "OUT_OF_RANGE", "sampling.max_new_tokens"),
+    ("unknown model", dict(model="gpt-17"), "INVALID_ARGUMENT", "model"),
+    ("negative temperature", dict(sampling=dict(temperature=-1, max_new_tokens=4)), "INVALID_ARGUMENT",
+     "sampling.temperature"),
+    ("top_p > 1", dict(sampling=dict(top_p=1.5, max_new_tokens=4)), "INVALID_ARGUMENT", "sampling.top_p"),
+    ("bad role", dict(prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(
+        messages=[common_pb2.ChatMessage(role="wizard", content="hi")]))), "INVALID_ARGUMENT", "prompt.chat.messages"),
+]
+
+
+@pytest.mark.parametrize("name,fields,code,field", BAD_GENERATE, ids=[b[0] for b in BAD_GENERATE])
+def test_generate_bad_input(target, name, fields, code, field) -> None:
+    _, stub, channel = target
+    sampling = fields.pop("sampling", dict(max_new_tokens=4)) if "sampling" in fields else dict(max_new_tokens=4)
+    req = target_pb2.GenerateRequest(prompt=fields.pop("prompt", ids_prompt([1, 2, 3])),
+                                      sampling=common_pb2.SamplingParams(**sampling), **fields)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(req))
+    got_code, message, violations = status_details(e.value)
+    assert got_code.name == code, message
+    assert [v.field for v in violations] == [field]
+    assert field in message
+    assert_healthy(channel)
+
+
+def test_bad_input_to_score_prefill_extend_release(target) -> None:
+    servicer, stub, channel = target
+    cases = [
+        (lambda: stub.Score(target_pb2.ScoreRequest(input=common_pb2.Prompt())), "INVALID_ARGUMENT", "input"),
+        (lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 99999]))), "OUT_OF_RANGE",
+         "input.token_ids.ids"),
+        (lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 2]), start=5)), "OUT_OF_RANGE", "start"),
+        (lambda: stub.Score(target_pb2.ScoreRequest(model="nope", input=ids_prompt([1, 2]))), "INVALID_ARGUMENT",
+         "model"),
+        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
+            session_id="", new_tokens=[1], expected_length=1))), "INVALID_ARGUMENT", "session.session_id"),
+        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
+            session_id="x", new_tokens=[1, 50000], expected_length=2))), "OUT_OF_RANGE", "session.new_tokens"),
+        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
+            session_id="x", new_tokens=[1] * 9000, expected_length=9000))), "OUT_OF_RANGE", "session.new_tokens"),
+        (lambda: stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
+            session_id="y", new_tokens=[1], expected_length=1), sampling=common_pb2.SamplingParams(top_k=-1))),
+         "INVALID_ARGUMENT", "sampling.top_k"),
+        (lambda: stub.Release(common_pb2.ReleaseRequest(session_id="")), "INVALID_ARGUMENT", "session_id"),
+    ]
+    for call, code, field in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        got, message, violations = status_details(e.value)
+        assert (got.name, [v.field for v in violations]) == (code, [field]), message
+    assert "x" not in servicer.sessions and "y" not in servicer.sessions
+    assert_healthy(channel)
+
+
+def test_engine_state_is_clean_after_errors(target) -> None:
+    servicer, _, _ = target
+    # Every failed or finished stateless call returned its KV blocks.
+    assert servicer.engine.pool.free_blocks == servicer.engine.pool.max_blocks - sum(
+        len(s.seq.blocks) for s in (servicer.sessions.get(k) for k in list(servicer.sessions._sessions))
+    )
+    assert torch.get_num_threads() >= 1
