@@ -1,0 +1,34 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast lint protos clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0 in pyproject.toml so pip takes the CPU wheel.
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/specmesh quickstart --prompt "$(PROMPT)"
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+protos: $(VENV)/.installed
+	$(BIN)/specmesh protos
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
