@@ -13,7 +13,7 @@ from services.core.engine import Engine
 from services.core.kv import SequenceKV
 from services.core.params import GenerationParams
 from services.core.sampling import next_token
-from services.core.tokenizer import Tokenizer
+from services.core.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, partial_stop_len
 
 
 class Finish(StrEnum):
@@ -30,37 +30,33 @@ class Step:
 
 
 class TextReleaser:
-    """Decides which generated text is final: trims stop strings and holds back
-    incomplete UTF-8 (U+FFFD at the tail) and any tail that may begin a stop string."""
+    """Decides which generated text is final: trims at a stop string, and holds back an
+    incomplete UTF-8 character and any tail that may still begin a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
+        self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = stop_strings
-        self.hold = max((len(s) for s in stop_strings), default=1) - 1
-        self.ids: list[int] = []
-        self.released = 0  # characters of the decoded text already released
+        self.text = ""  # everything decoded so far
+        self.released = 0  # characters of self.text already handed out
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (text to release now, whether a stop string matched)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        search_from = max(0, self.released - self.hold)
-        hits = [i for i in (text.find(s, search_from) for s in self.stops) if i >= 0]
-        if hits:
-            end = min(hits)
-            out, self.released = text[self.released : end], max(self.released, end)
-            return out, True
-        safe = len(text) - self.hold if self.stops else len(text)
-        while safe > self.released and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe <= self.released:
-            return "", False
-        out, self.released = text[self.released : safe], safe
+        before = len(self.text)
+        self.text += self.detok.feed(token)
+        safe = len(self.text)
+        if self.stops:
+            at = find_stop(self.text, self.stops, start=before)
+            if at is not None:
+                out, self.released = self.text[self.released : at], at
+                return out, True
+            safe -= partial_stop_len(self.text, self.stops)
+        out = self.text[self.released : safe]
+        self.released = max(self.released, safe)
         return out, False
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        out, self.released = text[self.released :], len(text)
+        self.text += self.detok.flush()
+        out, self.released = self.text[self.released :], len(self.text)
         return out
 
 
