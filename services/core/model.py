@@ -51,7 +51,9 @@ class Rotary:
         need = int(positions.max()) + 1
         if need > self.cos.shape[0]:
             size = max(need, 2 * self.cos.shape[0], 256)
-            freqs = torch.outer(torch.arange(size, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+            freqs = torch.outer(
+                torch.arange(size, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq
+            )
             emb = torch.cat([freqs, freqs], dim=-1)  # [size, head_dim], rotate_half layout
             self.cos, self.sin = emb.cos(), emb.sin()
         # [B, 1, T, head_dim] to broadcast over heads

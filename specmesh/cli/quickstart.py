@@ -19,7 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--prompt", default="What is the capital of France?", help="user message (default: %(default)s)")
+    p.add_argument(
+        "--prompt", default="What is the capital of France?", help="user message (default: %(default)s)"
+    )
     p.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -16,10 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve a Llama-family model (a name in the model directory or an HF directory). "
         "SIGTERM or Ctrl-C drains in-flight calls before exiting.",
     )
-    t.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory (default: %(default)s)")
+    t.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model name or directory (default: %(default)s)"
+    )
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    t.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once (default: %(default)s)")
-    t.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens (default: %(default)s)")
+    t.add_argument(
+        "--max-sessions", type=int, default=256, help="open sessions kept at once (default: %(default)s)"
+    )
+    t.add_argument(
+        "--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens (default: %(default)s)"
+    )
     from services.runtime.settings import add_server_args
 
     add_server_args(t)

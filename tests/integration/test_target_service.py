@@ -29,7 +29,9 @@ def target(smollm2_dir):
 
 
 def chat(text: str) -> common_pb2.Prompt:
-    return common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]))
+    return common_pb2.Prompt(
+        chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)])
+    )
 
 
 def ids_prompt(ids: list[int]) -> common_pb2.Prompt:
@@ -37,7 +39,11 @@ def ids_prompt(ids: list[int]) -> common_pb2.Prompt:
 
 
 def generate(stub, prompt, **sampling) -> tuple[list[int], str, target_pb2.GenerateResponse]:
-    chunks = list(stub.Generate(target_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(**sampling))))
+    chunks = list(
+        stub.Generate(
+            target_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(**sampling))
+        )
+    )
     return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
 
 
@@ -110,18 +116,29 @@ def test_session_prefill_extend_release(target) -> None:
     tok = servicer.tokenizer
     first = tok.encode("The capital of France is")
     sid = "sess-1"
-    r = stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
-        session_id=sid, new_tokens=first, expected_length=len(first))))
+    r = stub.Prefill(
+        target_pb2.PrefillRequest(
+            session=common_pb2.SessionRef(session_id=sid, new_tokens=first, expected_length=len(first))
+        )
+    )
     assert r.session_length == len(first)
     # A wrong expected_length is refused and leaves the session as it was.
     with pytest.raises(grpc.RpcError) as e:
-        stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
-            session_id=sid, new_tokens=[5], expected_length=len(first) + 7)))
+        stub.Extend(
+            target_pb2.ExtendRequest(
+                session=common_pb2.SessionRef(session_id=sid, new_tokens=[5], expected_length=len(first) + 7)
+            )
+        )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert status_details(e.value)[2][0].field == "session.expected_length"
     more = tok.encode(" Paris")
-    ext = stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
-        session_id=sid, new_tokens=more, expected_length=len(first) + len(more))))
+    ext = stub.Extend(
+        target_pb2.ExtendRequest(
+            session=common_pb2.SessionRef(
+                session_id=sid, new_tokens=more, expected_length=len(first) + len(more)
+            )
+        )
+    )
     assert ext.session_length == len(first) + len(more)
     seq = servicer.engine.new_sequence()
     expected = int(servicer.engine.prefill(seq, first + more).argmax())
@@ -135,8 +152,11 @@ def test_session_prefill_extend_release(target) -> None:
 def test_generate_keeps_a_session_for_the_next_turn(target) -> None:
     servicer, stub, _ = target
     prompt = servicer.tokenizer.encode("One, two, three,")
-    req = target_pb2.GenerateRequest(prompt=ids_prompt(prompt), session_id="turns",
-                                      sampling=common_pb2.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    req = target_pb2.GenerateRequest(
+        prompt=ids_prompt(prompt),
+        session_id="turns",
+        sampling=common_pb2.SamplingParams(max_new_tokens=5, ignore_eos=True),
+    )
     out = [t for c in stub.Generate(req) for t in c.token_ids]
     session = servicer.sessions.get("turns")
     assert session.tokens == prompt + out and session.seq.length == len(prompt) + len(out)
@@ -148,24 +168,56 @@ BAD_GENERATE = [
     ("empty text", dict(prompt=common_pb2.Prompt(text="")), "INVALID_ARGUMENT", "prompt.text"),
     ("id >= vocab", dict(prompt=ids_prompt([1, 49152])), "OUT_OF_RANGE", "prompt.token_ids.ids"),
     ("negative id", dict(prompt=ids_prompt([-3])), "OUT_OF_RANGE", "prompt.token_ids.ids"),
-    ("max_new_tokens 0", dict(sampling=dict(max_new_tokens=0)), "INVALID_ARGUMENT", "sampling.max_new_tokens"),
-    ("max_new_tokens negative", dict(sampling=dict(max_new_tokens=-5)), "INVALID_ARGUMENT", "sampling.max_new_tokens"),
-    ("max_new_tokens huge", dict(sampling=dict(max_new_tokens=10**6)), "OUT_OF_RANGE", "sampling.max_new_tokens"),
+    (
+        "max_new_tokens 0",
+        dict(sampling=dict(max_new_tokens=0)),
+        "INVALID_ARGUMENT",
+        "sampling.max_new_tokens",
+    ),
+    (
+        "max_new_tokens negative",
+        dict(sampling=dict(max_new_tokens=-5)),
+        "INVALID_ARGUMENT",
+        "sampling.max_new_tokens",
+    ),
+    (
+        "max_new_tokens huge",
+        dict(sampling=dict(max_new_tokens=10**6)),
+        "OUT_OF_RANGE",
+        "sampling.max_new_tokens",
+    ),
     ("unknown model", dict(model="gpt-17"), "INVALID_ARGUMENT", "model"),
-    ("negative temperature", dict(sampling=dict(temperature=-1, max_new_tokens=4)), "INVALID_ARGUMENT",
-     "sampling.temperature"),
+    (
+        "negative temperature",
+        dict(sampling=dict(temperature=-1, max_new_tokens=4)),
+        "INVALID_ARGUMENT",
+        "sampling.temperature",
+    ),
     ("top_p > 1", dict(sampling=dict(top_p=1.5, max_new_tokens=4)), "INVALID_ARGUMENT", "sampling.top_p"),
-    ("bad role", dict(prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(
-        messages=[common_pb2.ChatMessage(role="wizard", content="hi")]))), "INVALID_ARGUMENT", "prompt.chat.messages"),
+    (
+        "bad role",
+        dict(
+            prompt=common_pb2.Prompt(
+                chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="wizard", content="hi")])
+            )
+        ),
+        "INVALID_ARGUMENT",
+        "prompt.chat.messages",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,fields,code,field", BAD_GENERATE, ids=[b[0] for b in BAD_GENERATE])
 def test_generate_bad_input(target, name, fields, code, field) -> None:
     _, stub, channel = target
-    sampling = fields.pop("sampling", dict(max_new_tokens=4)) if "sampling" in fields else dict(max_new_tokens=4)
-    req = target_pb2.GenerateRequest(prompt=fields.pop("prompt", ids_prompt([1, 2, 3])),
-                                      sampling=common_pb2.SamplingParams(**sampling), **fields)
+    sampling = (
+        fields.pop("sampling", dict(max_new_tokens=4)) if "sampling" in fields else dict(max_new_tokens=4)
+    )
+    req = target_pb2.GenerateRequest(
+        prompt=fields.pop("prompt", ids_prompt([1, 2, 3])),
+        sampling=common_pb2.SamplingParams(**sampling),
+        **fields,
+    )
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(req))
     got_code, message, violations = status_details(e.value)
@@ -179,20 +231,58 @@ def test_bad_input_to_score_prefill_extend_release(target) -> None:
     servicer, stub, channel = target
     cases = [
         (lambda: stub.Score(target_pb2.ScoreRequest(input=common_pb2.Prompt())), "INVALID_ARGUMENT", "input"),
-        (lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 99999]))), "OUT_OF_RANGE",
-         "input.token_ids.ids"),
-        (lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 2]), start=5)), "OUT_OF_RANGE", "start"),
-        (lambda: stub.Score(target_pb2.ScoreRequest(model="nope", input=ids_prompt([1, 2]))), "INVALID_ARGUMENT",
-         "model"),
-        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
-            session_id="", new_tokens=[1], expected_length=1))), "INVALID_ARGUMENT", "session.session_id"),
-        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
-            session_id="x", new_tokens=[1, 50000], expected_length=2))), "OUT_OF_RANGE", "session.new_tokens"),
-        (lambda: stub.Prefill(target_pb2.PrefillRequest(session=common_pb2.SessionRef(
-            session_id="x", new_tokens=[1] * 9000, expected_length=9000))), "OUT_OF_RANGE", "session.new_tokens"),
-        (lambda: stub.Extend(target_pb2.ExtendRequest(session=common_pb2.SessionRef(
-            session_id="y", new_tokens=[1], expected_length=1), sampling=common_pb2.SamplingParams(top_k=-1))),
-         "INVALID_ARGUMENT", "sampling.top_k"),
+        (
+            lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 99999]))),
+            "OUT_OF_RANGE",
+            "input.token_ids.ids",
+        ),
+        (
+            lambda: stub.Score(target_pb2.ScoreRequest(input=ids_prompt([1, 2]), start=5)),
+            "OUT_OF_RANGE",
+            "start",
+        ),
+        (
+            lambda: stub.Score(target_pb2.ScoreRequest(model="nope", input=ids_prompt([1, 2]))),
+            "INVALID_ARGUMENT",
+            "model",
+        ),
+        (
+            lambda: stub.Prefill(
+                target_pb2.PrefillRequest(
+                    session=common_pb2.SessionRef(session_id="", new_tokens=[1], expected_length=1)
+                )
+            ),
+            "INVALID_ARGUMENT",
+            "session.session_id",
+        ),
+        (
+            lambda: stub.Prefill(
+                target_pb2.PrefillRequest(
+                    session=common_pb2.SessionRef(session_id="x", new_tokens=[1, 50000], expected_length=2)
+                )
+            ),
+            "OUT_OF_RANGE",
+            "session.new_tokens",
+        ),
+        (
+            lambda: stub.Prefill(
+                target_pb2.PrefillRequest(
+                    session=common_pb2.SessionRef(session_id="x", new_tokens=[1] * 9000, expected_length=9000)
+                )
+            ),
+            "OUT_OF_RANGE",
+            "session.new_tokens",
+        ),
+        (
+            lambda: stub.Extend(
+                target_pb2.ExtendRequest(
+                    session=common_pb2.SessionRef(session_id="y", new_tokens=[1], expected_length=1),
+                    sampling=common_pb2.SamplingParams(top_k=-1),
+                )
+            ),
+            "INVALID_ARGUMENT",
+            "sampling.top_k",
+        ),
         (lambda: stub.Release(common_pb2.ReleaseRequest(session_id="")), "INVALID_ARGUMENT", "session_id"),
     ]
     for call, code, field in cases:

@@ -1,4 +1,4 @@
-"""The committed gRPC stubs must equal a fresh generation from protos/ (generation works, stubs are not stale)."""
+"""The committed gRPC stubs equal a fresh generation from protos/ (generation works, stubs not stale)."""
 
 from specmesh import protogen
 

@@ -27,7 +27,13 @@ def release_all(tok: Tokenizer, text: str, stops: tuple[str, ...]) -> tuple[list
 
 
 @pytest.mark.parametrize(
-    "text", ["Plain English words.", "Ünïcödé ✓ and emoji 🎉🚀 mixed", "数字 12345 和 中文", "def f(x):\n    return x"]
+    "text",
+    [
+        "Plain English words.",
+        "Ünïcödé ✓ and emoji 🎉🚀 mixed",
+        "数字 12345 和 中文",
+        "def f(x):\n    return x",
+    ],
 )
 def test_pieces_add_up_to_decoded_text(tok: Tokenizer, text: str) -> None:
     pieces, stopped = release_all(tok, text, ())

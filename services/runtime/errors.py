@@ -1,0 +1,230 @@
+"""Mapping exceptions to gRPC status codes (server side) and reading them back (client side).
+
+Server side, :class:`ExceptionInterceptor` turns an exception escaping a handler into a
+canonical status with a clear message:
+
+=============================  =====================  ===========================================
+exception                      status                 message
+=============================  =====================  ===========================================
+``SpecmeshError`` subclasses   its ``.code``          ``"field: message"`` (+ BadRequest detail)
+``grpc.aio.AioRpcError``       the upstream code      ``"upstream call failed: <details>"``
+``ValueError``                 INVALID_ARGUMENT       ``str(exc)``
+``TimeoutError``               DEADLINE_EXCEEDED      ``str(exc)`` or "timed out"
+``MemoryError``                RESOURCE_EXHAUSTED     ``"out of memory: ..."``
+``NotImplementedError``        UNIMPLEMENTED          ``str(exc)``
+anything else                  INTERNAL               ``"TypeName: message"`` (traceback logged)
+=============================  =====================  ===========================================
+
+When a ``SpecmeshError`` names a ``field``, the status carries a ``google.rpc.Status`` in the
+``grpc-status-details-bin`` trailer with one ``google.rpc.BadRequest`` field violation.
+Aborts made by the handler itself (``await context.abort(...)``) pass through untouched.
+
+Client side, :func:`status_details` returns ``(code, message, field_violations)`` from any
+``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, NoReturn
+
+import grpc
+import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
+
+from services.core.errors import SpecmeshError
+
+from ._handlers import call_unary, iterate, rewrap
+
+logger = logging.getLogger("specmesh.runtime.errors")
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+MAX_MESSAGE_CHARS = 2000  # status messages travel in an HTTP/2 header; keep them well under 8 KiB
+
+
+class FieldViolation(NamedTuple):
+    field: str
+    description: str
+
+
+class MappedError(NamedTuple):
+    """What an exception becomes on the wire."""
+
+    code: grpc.StatusCode
+    message: str
+    field_violations: tuple[FieldViolation, ...] = ()
+    status_details: bytes | None = None  # a serialized google.rpc.Status to send as-is
+
+
+def _code_named(name: str) -> grpc.StatusCode:
+    try:
+        code = grpc.StatusCode[name]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode.INTERNAL if code is grpc.StatusCode.OK else code
+
+
+def _truncate(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 15] + " ...[truncated]"
+
+
+def map_exception(exc: BaseException) -> MappedError:
+    """The status an exception maps to (see the module docstring)."""
+    if isinstance(exc, SpecmeshError):
+        violations = ()
+        if exc.field:
+            violations = (FieldViolation(exc.field, exc.message),)
+        return MappedError(_code_named(exc.code), _truncate(str(exc)), violations)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code is grpc.StatusCode.OK:  # cannot happen for an error; be safe
+            code = grpc.StatusCode.UNKNOWN
+        details = _details_from_metadata(exc.trailing_metadata(), code)
+        return MappedError(code, _truncate(f"upstream call failed: {exc.details()}"), (), details)
+    if isinstance(exc, ValueError):
+        return MappedError(grpc.StatusCode.INVALID_ARGUMENT, _truncate(str(exc) or type(exc).__name__))
+    if isinstance(exc, TimeoutError):
+        return MappedError(grpc.StatusCode.DEADLINE_EXCEEDED, _truncate(str(exc) or "timed out"))
+    if isinstance(exc, MemoryError):
+        return MappedError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, _truncate(f"out of memory: {exc}".rstrip(": "))
+        )
+    if isinstance(exc, NotImplementedError):
+        return MappedError(grpc.StatusCode.UNIMPLEMENTED, _truncate(str(exc) or "not implemented"))
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return MappedError(grpc.StatusCode.INTERNAL, _truncate(message))
+
+
+def status_proto(
+    code: grpc.StatusCode, message: str, field_violations: Iterable[FieldViolation] = ()
+) -> status_pb2.Status:
+    """A ``google.rpc.Status``; field violations go into one ``google.rpc.BadRequest`` detail."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    violations = list(field_violations)
+    if violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in violations
+            ]
+        )
+        status.details.add().Pack(bad_request)
+    return status
+
+
+def rich_status_metadata(
+    code: grpc.StatusCode, message: str, field_violations: Iterable[FieldViolation] = ()
+) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying the status details; empty when there are no violations."""
+    violations = list(field_violations)
+    if not violations:
+        return ()
+    return ((STATUS_DETAILS_KEY, status_proto(code, message, violations).SerializeToString()),)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """Abort the RPC with the status `exc` maps to (for handlers that catch errors themselves)."""
+    mapped = map_exception(exc)
+    if mapped.status_details is not None:
+        trailing: Sequence[tuple[str, Any]] = ((STATUS_DETAILS_KEY, mapped.status_details),)
+    else:
+        trailing = rich_status_metadata(mapped.code, mapped.message, mapped.field_violations)
+    await context.abort(mapped.code, mapped.message, trailing_metadata=tuple(trailing))
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping grpc.aio handlers to canonical status codes.
+
+    Handles unary and streaming requests and responses, both yielding and
+    ``context.write`` style streams; an exception in the middle of a response stream ends
+    the stream with the mapped status after the messages already sent.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        async def handle(context, exc: Exception) -> NoReturn:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise exc  # the handler (or an inner interceptor) already chose the status
+            mapped = map_exception(exc)
+            if mapped.code is grpc.StatusCode.INTERNAL:
+                logger.error("%s failed: %s", method, mapped.message, exc_info=exc)
+            else:
+                logger.debug("%s -> %s: %s", method, mapped.code.name, mapped.message)
+            await abort_with(context, exc)
+
+        def coro(behavior):
+            async def wrapper(request, context):
+                try:
+                    return await call_unary(behavior, request, context)
+                except Exception as exc:
+                    await handle(context, exc)
+
+            return wrapper
+
+        def gen(behavior):
+            async def wrapper(request, context):
+                try:
+                    async for response in iterate(behavior, request, context):
+                        yield response
+                except Exception as exc:
+                    await handle(context, exc)
+
+            return wrapper
+
+        return rewrap(handler, coro, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# client side
+
+
+def _metadata_value(metadata: Iterable[Any] | None, key: str) -> Any:
+    for item in metadata or ():
+        k, v = (item.key, item.value) if hasattr(item, "key") else item
+        if k == key:
+            return v
+    return None
+
+
+def _details_from_metadata(metadata: Iterable[Any] | None, code: grpc.StatusCode) -> bytes | None:
+    raw = _metadata_value(metadata, STATUS_DETAILS_KEY)
+    if raw is None:
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except Exception:  # malformed details are dropped, not fatal
+        return None
+    return raw if status.code == code.value[0] else None
+
+
+def status_details(rpc_error: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[FieldViolation]]:
+    """``(code, message, field_violations)`` of a failed call (sync or aio).
+
+    Field violations come from a ``google.rpc.BadRequest`` in ``grpc-status-details-bin``;
+    details whose status code disagrees with the call's are ignored.
+    """
+    code = rpc_error.code()
+    message = rpc_error.details() or ""
+    violations: list[FieldViolation] = []
+    raw = _details_from_metadata(rpc_error.trailing_metadata(), code)
+    if raw is not None:
+        status = status_pb2.Status()
+        status.ParseFromString(raw)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                violations.extend(
+                    FieldViolation(v.field, v.description) for v in bad_request.field_violations
+                )
+    return code, message, violations

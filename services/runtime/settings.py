@@ -1,0 +1,296 @@
+"""Server settings: defaults < `SPECMESH_*` environment variables < command-line flags.
+
+Every field of :class:`ServerSettings` has an environment variable named
+``SPECMESH_<FIELD NAME IN UPPER CASE>`` (``SPECMESH_PORT``, ``SPECMESH_MAX_MESSAGE_BYTES``,
+``SPECMESH_GRACE_SECONDS`` ...) and a flag ``--<field-name-with-dashes>`` added by
+:func:`add_server_args`. A value that cannot be parsed raises :class:`SettingsError`
+naming the variable (or flag) and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "SPECMESH_"
+MIB = 1024 * 1024
+_GRPC_INT_MAX = 2**31 - 1
+
+
+# `--max-concurrent-rpcs 0` must override the environment, so "no limit" given on the command
+# line cannot be None (which means "flag not given").
+_EXPLICIT_NONE: Any = object()
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the variable or flag."""
+
+
+# ---------------------------------------------------------------------------------------------
+# value parsers (shared by the environment and argparse paths)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(|b|k|ki|kib|m|mi|mib|g|gi|gib)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": MIB, "g": 1024 * MIB}
+
+
+def parse_size(text: str) -> int:
+    """Bytes as an integer, optionally with a binary suffix: ``65536``, ``64MiB``, ``512Ki``, ``1G``."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError("expected a byte count such as 67108864, 64MiB or 512KiB")
+    number, unit = match.groups()
+    return int(number) * _SIZE_UNITS[unit[:1].lower()]
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number of seconds")
+    return value
+
+
+def parse_optional_int(text: str) -> int | None:
+    """Empty, ``none`` or ``0`` mean "no limit"."""
+    if text.strip().lower() in ("", "none", "0", "unlimited"):
+        return None
+    return parse_int(text)
+
+
+def parse_str(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _field(default: Any, parser: Callable[[str], Any], help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parser, "help": help})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a specmesh gRPC server binds, limits messages, keeps connections alive and shuts down."""
+
+    host: str = _field("127.0.0.1", parse_str, "address to bind (0.0.0.0 or :: for all interfaces)")
+    port: int = _field(0, parse_int, "TCP port; 0 picks a free ephemeral port")
+    max_message_bytes: int = _field(
+        64 * MIB, parse_size, "largest request or response message, in bytes (e.g. 64MiB)"
+    )
+    keepalive_time_ms: int = _field(
+        30_000, parse_int, "interval between keepalive pings on an idle connection, ms"
+    )
+    keepalive_timeout_ms: int = _field(
+        10_000, parse_int, "how long to wait for a ping ack before closing the connection, ms"
+    )
+    keepalive_permit_without_calls: bool = _field(
+        True, parse_bool, "allow keepalive pings on connections with no active RPC"
+    )
+    min_ping_interval_without_data_ms: int = _field(
+        10_000, parse_int, "shortest interval between client pings the server accepts, ms"
+    )
+    grace_seconds: float = _field(10.0, parse_float, "time in-flight RPCs get to finish on shutdown, s")
+    drain_delay_seconds: float = _field(
+        0.0, parse_float, "time between reporting NOT_SERVING and closing the listener on shutdown, s"
+    )
+    max_concurrent_rpcs: int | None = _field(
+        None, parse_optional_int, "RPCs served at once before RESOURCE_EXHAUSTED (0/none: no limit)"
+    )
+    service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
+
+    def __post_init__(self) -> None:
+        problems = _problems(dataclasses.asdict(self))
+        if problems:
+            raise SettingsError("invalid server settings: " + "; ".join(msg for _, msg in problems))
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def env_var(cls, field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **defaults: Any) -> ServerSettings:
+        return cls.from_env_and_args(None, env=env, **defaults)
+
+    @classmethod
+    def from_env_and_args(
+        cls,
+        args: argparse.Namespace | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ) -> ServerSettings:
+        """Build settings; precedence: flags in `args` > `SPECMESH_*` in `env` > `defaults` > built-in.
+
+        `env` defaults to ``os.environ``; `defaults` lets a service pick its own defaults
+        (``ServerSettings.from_env_and_args(args, service_name="draft", port=50052)``).
+        Flags left at ``None`` (not given) fall through to the environment.
+        """
+        env = os.environ if env is None else env
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(defaults) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
+        values: dict[str, Any] = dict(defaults)
+        sources: dict[str, str] = {}
+        for name, f in fields.items():
+            var = cls.env_var(name)
+            raw = env.get(var)
+            if raw is not None:
+                try:
+                    values[name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{var}={raw!r}: {exc}") from None
+                sources[name] = f"{var}={raw!r}"
+            if args is not None:
+                flag_value = getattr(args, name, None)
+                if flag_value is not None:
+                    values[name] = None if flag_value is _EXPLICIT_NONE else flag_value
+                    sources[name] = f"--{name.replace('_', '-')}={values[name]!r}"
+        merged = {name: values.get(name, f.default) for name, f in fields.items()}
+        problems = _problems(merged)
+        if problems:
+            raise SettingsError(
+                "; ".join(f"{sources[name]}: {msg}" if name in sources else msg for name, msg in problems)
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        return dataclasses.replace(self, **changes)
+
+    # -- gRPC channel arguments ------------------------------------------------------------------
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Channel arguments for ``grpc.aio.server(options=...)``."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
+            # Server side: accept client pings this often when no data flows (default 5 min).
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_without_data_ms),
+            # Linux gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
+            # silently share it; refuse instead.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """Channel arguments for a client channel talking to a server with these settings."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
+            # Keep pinging an idle connection (default: stop after 2 pings without data).
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) for every invalid value in `v` (all fields present)."""
+    out: list[tuple[str, str]] = []
+    if not isinstance(v["host"], str) or not v["host"].strip():
+        out.append(("host", "host must not be empty"))
+    if not 0 <= v["port"] <= 65535:
+        out.append(("port", f"port must be in 0..65535, got {v['port']}"))
+    if not 0 < v["max_message_bytes"] <= _GRPC_INT_MAX:
+        out.append(
+            (
+                "max_message_bytes",
+                f"max_message_bytes must be in 1..{_GRPC_INT_MAX}, got {v['max_message_bytes']}",
+            )
+        )
+    for name in ("keepalive_time_ms", "keepalive_timeout_ms", "min_ping_interval_without_data_ms"):
+        if not 0 < v[name] <= _GRPC_INT_MAX:
+            out.append((name, f"{name} must be a positive number of milliseconds, got {v[name]}"))
+    if v["keepalive_time_ms"] < v["min_ping_interval_without_data_ms"]:
+        # aio_channel() pings at keepalive_time_ms; a server that accepts pings less often
+        # answers with GOAWAY "too_many_pings" and drops the connection.
+        out.append(
+            (
+                "keepalive_time_ms",
+                f"keepalive_time_ms ({v['keepalive_time_ms']}) must be >= min_ping_interval_without_data_ms "
+                f"({v['min_ping_interval_without_data_ms']}), or clients using these settings are "
+                "disconnected for pinging too often",
+            )
+        )
+    for name in ("grace_seconds", "drain_delay_seconds"):
+        if v[name] < 0:
+            out.append((name, f"{name} must be >= 0, got {v[name]}"))
+    if v["max_concurrent_rpcs"] is not None and v["max_concurrent_rpcs"] <= 0:
+        out.append(
+            (
+                "max_concurrent_rpcs",
+                f"max_concurrent_rpcs must be positive or unset, got {v['max_concurrent_rpcs']}",
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse
+
+
+def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = parser(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return _EXPLICIT_NONE if value is None else value
+
+    convert.__name__ = name  # argparse shows it in "invalid <name> value" messages
+    return convert
+
+
+def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given)."""
+    group = parser
+    if isinstance(parser, argparse.ArgumentParser):
+        group = parser.add_argument_group("server", f"gRPC server (environment: {ENV_PREFIX}<NAME>)")
+    for f in dataclasses.fields(ServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {f.default!r}]"
+        if f.metadata["parse"] is parse_bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=_argparse_type(f.name, f.metadata["parse"]),
+                default=None,
+                metavar=f.name.upper(),
+                help=help_text,
+            )

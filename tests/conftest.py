@@ -1,0 +1,195 @@
+"""Shared fixtures.
+
+- `smollm2_dir`: the real default model in the user's model root, imported once and
+  cached across runs (slow only the first time).
+- `tmp_model_root`: an empty store root with SPECMESH_MODEL_DIR pointed at it.
+- `tmp_store_smollm2`: a real SmolLM2 import into a throwaway root, built lazily, once per session.
+- `tiny_gguf`: a factory writing small synthetic llama GGUF files (fast tests of the loaders
+  and the store without the real weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# --- real model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from services.core.model_store import ensure_default_model
+
+    return ensure_default_model(progress=False)
+
+
+@pytest.fixture
+def tmp_model_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECMESH_MODEL_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tmp_store_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.core.model_store import import_smollm2
+
+    return import_smollm2(root=tmp_path_factory.mktemp("store"), progress=False)
+
+
+# --- tiny synthetic GGUF -------------------------------------------------------------------------
+
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġ i", "Ġ in", "e r", "o n", "Ġ w"]
+TINY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+    """Specials + the 256 byte-level symbols + one token per merge: a complete byte-level BPE."""
+    from tokenizers import pre_tokenizers
+
+    tokens = TINY_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens += [m.replace(" ", "") for m in TINY_MERGES]
+    types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+    return tokens, types, list(TINY_MERGES)
+
+
+def _llamacpp_interleave(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reference of the converter's q/k row order, written as an explicit loop.
+
+    HF pairs dimension j with j + head_dim/2 (rotate_half); llama.cpp wants each pair in
+    adjacent rows 2j, 2j+1.
+    """
+    out = np.empty_like(w)
+    hd = w.shape[0] // n_head
+    for h in range(n_head):
+        for j in range(hd // 2):
+            for a in range(2):
+                out[h * hd + 2 * j + a] = w[h * hd + a * (hd // 2) + j]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab() -> dict[str, Any]:
+    """tokens / types / merges / chat_template of the tiny byte-level BPE used by `tiny_gguf`."""
+    tokens, types, merges = _tiny_vocab()
+    return {"tokens": tokens, "types": types, "merges": merges, "chat_template": TINY_TEMPLATE}
+
+
+@pytest.fixture(scope="session")
+def llamacpp_interleave() -> Callable[[np.ndarray, int], np.ndarray]:
+    """The loop reference of llama.cpp's q/k row order (see `_llamacpp_interleave`)."""
+    return _llamacpp_interleave
+
+
+@dataclass
+class TinyGGUF:
+    path: Path
+    # Expected fp32 HF-named weights after reading (quantized ones as dequantize(quantize(w))).
+    state_dict: dict[str, np.ndarray]
+    n_layers: int = 2
+    hidden: int = 64
+    n_head: int = 4
+    n_kv: int = 2
+    ffn: int = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyGGUF]:
+    """Factory: tiny_gguf(arch="llama", skip_keys=(), skip_tensors=(), untied=False) -> TinyGGUF."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    counter = iter(range(10**6))
+
+    def make(
+        arch: str = "llama",
+        skip_keys: tuple[str, ...] = (),
+        skip_tensors: tuple[str, ...] = (),
+        untied: bool = False,
+    ) -> TinyGGUF:
+        t = TinyGGUF(path=tmp_path_factory.mktemp("gguf") / f"tiny{next(counter)}.gguf", state_dict={})
+        rng = np.random.default_rng(0)
+        tokens, types, merges = _tiny_vocab()
+        hd = t.hidden // t.n_head
+        w = gguf.GGUFWriter(str(t.path), arch)
+        kv: dict[str, tuple[str, Any]] = {
+            f"{arch}.block_count": ("uint32", t.n_layers),
+            f"{arch}.context_length": ("uint32", 256),
+            f"{arch}.embedding_length": ("uint32", t.hidden),
+            f"{arch}.feed_forward_length": ("uint32", t.ffn),
+            f"{arch}.attention.head_count": ("uint32", t.n_head),
+            f"{arch}.attention.head_count_kv": ("uint32", t.n_kv),
+            f"{arch}.rope.freq_base": ("float32", 10000.0),
+            f"{arch}.attention.layer_norm_rms_epsilon": ("float32", 1e-5),
+            f"{arch}.vocab_size": ("uint32", len(tokens)),
+            "general.name": ("string", "tiny"),
+            "general.license": ("string", "apache-2.0"),
+            "tokenizer.ggml.model": ("string", "gpt2"),
+            "tokenizer.ggml.pre": ("string", "smollm"),
+            "tokenizer.ggml.tokens": ("array", tokens),
+            "tokenizer.ggml.token_type": ("array", types),
+            "tokenizer.ggml.merges": ("array", merges),
+            "tokenizer.ggml.bos_token_id": ("uint32", 1),
+            "tokenizer.ggml.eos_token_id": ("uint32", 2),
+            "tokenizer.ggml.unknown_token_id": ("uint32", 0),
+            "tokenizer.ggml.padding_token_id": ("uint32", 2),
+            "tokenizer.ggml.add_bos_token": ("bool", False),
+            "tokenizer.chat_template": ("string", TINY_TEMPLATE),
+        }
+        for key, (kind, val) in kv.items():
+            if key not in skip_keys:
+                getattr(w, f"add_{kind}")(key, val)
+
+        def add(gguf_name: str, hf_name: str, arr: np.ndarray, qtype: Q = Q.F32, n_rope: int = 0) -> None:
+            arr = arr.astype(np.float32)
+            if qtype == Q.F32:
+                t.state_dict[hf_name] = arr
+                stored = _llamacpp_interleave(arr, n_rope) if n_rope else arr
+                data = stored
+            else:  # quantized tensors are never q/k here, so no permutation to account for
+                data = quantize(arr, qtype)
+                t.state_dict[hf_name] = dequantize(data, qtype).reshape(arr.shape)
+            if gguf_name not in skip_tensors:
+                w.add_tensor(gguf_name, data, raw_dtype=None if qtype == Q.F32 else qtype)
+
+        v = len(tokens)
+        add("token_embd.weight", "model.embed_tokens.weight", rng.standard_normal((v, t.hidden)), Q.Q8_0)
+        add("output_norm.weight", "model.norm.weight", 1 + 0.1 * rng.standard_normal(t.hidden))
+        if untied:
+            add("output.weight", "lm_head.weight", rng.standard_normal((v, t.hidden)), Q.Q8_0)
+        for i in range(t.n_layers):
+            p, hp = f"blk.{i}.", f"model.layers.{i}."
+            norms = [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
+            for g, h in norms:
+                add(f"{p}{g}.weight", f"{hp}{h}.weight", 1 + 0.1 * rng.standard_normal(t.hidden))
+            # q/k stay F32 so the permutation is checked exactly; the rest go through quantization.
+            for g, h, rows in [("attn_q", "q_proj", t.n_head), ("attn_k", "k_proj", t.n_kv)]:
+                w_qk = rng.standard_normal((rows * hd, t.hidden))
+                add(f"{p}{g}.weight", f"{hp}self_attn.{h}.weight", w_qk, n_rope=rows)
+            quantized = [
+                ("attn_v", "self_attn.v_proj", (t.n_kv * hd, t.hidden), Q.Q4_1),
+                ("attn_output", "self_attn.o_proj", (t.hidden, t.hidden), Q.Q4_1),
+                ("ffn_gate", "mlp.gate_proj", (t.ffn, t.hidden), Q.Q4_1),
+                ("ffn_up", "mlp.up_proj", (t.ffn, t.hidden), Q.Q8_0),
+                ("ffn_down", "mlp.down_proj", (t.hidden, t.ffn), Q.Q4_1),
+            ]
+            for g, h, shape, qt in quantized:
+                add(f"{p}{g}.weight", f"{hp}{h}.weight", rng.standard_normal(shape), qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return t
+
+    return make
