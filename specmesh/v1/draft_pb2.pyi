@@ -46,13 +46,15 @@ class ProposeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., session: _Optional[_Union[_common_pb2.SessionRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.DraftStrategy, str]] = ..., budget: _Optional[_Union[_common_pb2.TreeBudget, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., random: _Optional[_Union[_common_pb2.RandomStream, _Mapping]] = ..., vocab_limit: _Optional[int] = ..., target_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., route: _Optional[bool] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("tree", "session_length", "divergence", "timing")
+    __slots__ = ("tree", "session_length", "divergence", "timing", "rule")
     TREE_FIELD_NUMBER: _ClassVar[int]
     SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     tree: _common_pb2.TokenTree
     session_length: int
     divergence: _containers.RepeatedScalarFieldContainer[float]
     timing: _common_pb2.Timing
-    def __init__(self, tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., session_length: _Optional[int] = ..., divergence: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    rule: _common_pb2.AcceptanceRule
+    def __init__(self, tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., session_length: _Optional[int] = ..., divergence: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., rule: _Optional[_Union[_common_pb2.AcceptanceRule, str]] = ...) -> None: ...

@@ -3,7 +3,7 @@ incomplete UTF-8 is held back, and the released pieces add up to the decoded tex
 
 import pytest
 
-from services.core.generation import TextReleaser
+from services.core.text_stream import TextReleaser
 from services.core.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
