@@ -86,13 +86,16 @@ class Engine:
         token_lists: list[list[int]],
         *,
         positions: list[list[int]] | None = None,
-        tree_masks: list[torch.Tensor] | None = None,
+        tree_masks: list[tuple[int, torch.Tensor] | None] | None = None,
+        logit_rows: list[list[int]] | None = None,
         last_only: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append token_lists[b] to seqs[b] in one batched forward.
 
-        Returns per-sequence logits ([n_b, V], or [1, V] with last_only) and final hidden
-        states [n_b, hidden]. Positions default to consecutive after each sequence.
+        Returns per-sequence logits and final hidden states [n_b, hidden]. Logits are [n_b, V],
+        or only the rows logit_rows[b] (indices into token_lists[b]; last_only = the last row),
+        which skips the vocabulary projection where nobody needs it. Positions default to
+        consecutive; given ones are relative to each sequence's current length.
         """
         n_new = [len(t) for t in token_lists]
         if min(n_new) < 1:
@@ -106,18 +109,20 @@ class Engine:
             rel = positions[b] if positions is not None else range(len(ids))
             pos[b, : len(ids)] = torch.tensor(list(rel)) + batch.past[b]
             pos[b, len(ids) :] = pos[b, len(ids) - 1]
-        rows = None
         if last_only:
-            rows = torch.tensor([b * T + n - 1 for b, n in enumerate(n_new)])
+            logit_rows = [[n - 1] for n in n_new]
+        flat = None
+        if logit_rows is not None:
+            flat = torch.tensor([b * T + r for b, rs in enumerate(logit_rows) for r in rs], dtype=torch.long)
         try:
-            logits, hidden = self.model(tokens, pos, batch, logit_rows=rows)
+            logits, hidden = self.model(tokens, pos, batch, logit_rows=flat)
         except BaseException:
             for s in seqs:  # nothing was committed: return the blocks reserved for this forward
                 s.truncate(s.length)
             raise
         batch.commit()
-        if last_only:
-            per_seq = [logits[b : b + 1] for b in range(len(seqs))]
+        if logit_rows is not None:
+            per_seq = list(logits.split([len(rs) for rs in logit_rows]))
         else:
             per_seq = [logits[b, :n] for b, n in enumerate(n_new)]
         return per_seq, [hidden[b, :n] for b, n in enumerate(n_new)]
@@ -133,17 +138,43 @@ class Engine:
     def decode(self, seq: SequenceKV, token: int) -> torch.Tensor:
         return self.forward([seq], [[token]])[0][0][0]
 
-    def forward_tree(self, seq: SequenceKV, tokens: list[int], parents: list[int]) -> torch.Tensor:
-        """One forward over a token tree after the committed prefix: logits [n, V].
+    def forward_tree(
+        self,
+        seq: SequenceKV,
+        tokens: list[int],
+        parents: list[int],
+        *,
+        tree_start: int | None = None,
+        logit_rows: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward new tree nodes after the committed prefix: (logits, hidden) of the new nodes.
 
-        Node i sits at position prefix + depth(i) and attends to the prefix, its ancestors
-        and itself. Its KV is written at cache slot prefix + i; the caller keeps a path
-        with `accept_path` (which compacts it) or drops the tree with seq.truncate(prefix).
+        `parents` describes the whole tree whose nodes live in the cache from `tree_start`
+        (default: the current length, i.e. a fresh tree); the new nodes are its last
+        len(tokens) entries, so a tree can grow level by level. Node i sits at position
+        tree_start + depth(i) and attends to the prefix, its ancestors and itself; its KV lands
+        at slot tree_start + i. Keep a path with `accept_path` (which compacts it) or drop the
+        tree with seq.truncate(tree_start). logit_rows: indices among the new nodes (default all).
         """
         validate_tree(parents)
-        return self.forward(
-            [seq], [tokens], positions=[tree_depths(parents)], tree_masks=[ancestor_mask(parents)]
-        )[0][0]
+        start = seq.length if tree_start is None else tree_start
+        n_old = seq.length - start
+        if n_old + len(tokens) != len(parents) or n_old < 0:
+            raise InvalidArgument(
+                f"tree has {len(parents)} nodes but {n_old} are cached and {len(tokens)} are new",
+                "tree.parents",
+            )
+        depths = tree_depths(parents)[n_old:]
+        mask = ancestor_mask(parents)[n_old:]  # [new, all tree nodes]
+        rel_positions = [start - seq.length + d for d in depths]
+        logits, hidden = self.forward(
+            [seq],
+            [tokens],
+            positions=[rel_positions],
+            tree_masks=[(start, mask)],
+            logit_rows=None if logit_rows is None else [logit_rows],
+        )
+        return logits[0], hidden[0]
 
     def accept_path(self, seq: SequenceKV, prefix_len: int, path: list[int]) -> None:
         """Keep tree nodes `path` (root-to-node indices) as committed tokens after prefix_len."""

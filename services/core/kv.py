@@ -139,12 +139,14 @@ class AttentionBatch:
         cls,
         seqs: list[SequenceKV],
         n_new: list[int],
-        tree_masks: list[torch.Tensor] | None = None,
+        tree_masks: list[tuple[int, torch.Tensor] | None] | None = None,
     ) -> AttentionBatch:
         """Reserve cache room and lay out a forward over n_new[b] tokens after each sequence.
 
-        tree_masks[b]: [n_new[b], n_new[b]] bool, node i may attend to node j (its ancestors
-        and itself). Without it the new tokens attend causally.
+        tree_masks[b] = (start, mask): the cache from position `start` on holds tree nodes
+        (earlier ones already cached, then the n_new[b] new ones); mask [n_new[b], past + n_new[b]
+        - start] says which of them each new token may attend to (its ancestors and itself).
+        Keys before `start` are always visible. Without a tree mask new tokens attend causally.
         """
         T = max(n_new)
         past = [s.length for s in seqs]
@@ -165,16 +167,18 @@ class AttentionBatch:
             ]
         )
         mask = None
-        if T > 1 or len(set(total)) > 1 or tree_masks is not None:
+        trees = tree_masks or [None] * len(seqs)
+        if T > 1 or len(set(total)) > 1 or any(t is not None for t in trees):
             key = torch.arange(K)
             mask = torch.zeros(len(seqs), 1, T, K, dtype=torch.bool)
             for b, (p, n) in enumerate(zip(past, n_new, strict=True)):
-                q = torch.arange(T)
-                allowed = key[None, :] <= (p + q)[:, None]  # causal over past + new
-                if tree_masks is not None:
-                    allowed = key[None, :] < p
-                    allowed = allowed.expand(T, K).clone()
-                    allowed[:n, p : p + n] = tree_masks[b]
+                tree = trees[b]
+                if tree is None:
+                    allowed = key[None, :] <= (p + torch.arange(T))[:, None]  # causal over past + new
+                else:
+                    start, tree_mask = tree
+                    allowed = (key[None, :] < start).expand(T, K).clone()
+                    allowed[:n, start : p + n] = tree_mask
                 allowed[n:] = key[None, :] < max(p, 1)  # padded queries: any valid key (output unused)
                 mask[b, 0] = allowed
         return cls(seqs, past, n_new, torch.cat(rows), torch.cat(blks), torch.cat(offs), gather, K, mask)

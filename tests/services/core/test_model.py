@@ -88,7 +88,7 @@ def test_tree_forward_matches_each_path(engine: Engine) -> None:
     tokens = random_ids(len(parents), vocab, 3)
     seq = engine.new_sequence()
     engine.extend(seq, prefix)
-    tree_logits = engine.forward_tree(seq, tokens, parents)
+    tree_logits, _ = engine.forward_tree(seq, tokens, parents)
     for node in range(len(parents)):
         path = []
         i = node
@@ -160,3 +160,28 @@ def test_matches_transformers_on_random_weights(engine: Engine) -> None:
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert (full_logits(engine, ids) - ref).abs().max() <= TOL
+
+
+def test_tree_grown_level_by_level_matches_one_shot(engine: Engine) -> None:
+    vocab = engine.config.vocab_size
+    prefix = random_ids(6, vocab, 8)
+    parents = [-1, -1, 0, 0, 1, 2, 4, 4]
+    tokens = random_ids(len(parents), vocab, 9)
+    seq = engine.new_sequence()
+    engine.extend(seq, prefix)
+    one_shot, _ = engine.forward_tree(seq, tokens, parents)
+    seq.truncate(len(prefix))
+    levels = [(0, 2), (2, 5), (5, 8)]  # node ranges added per forward
+    grown = []
+    for a, b in levels:
+        logits, _ = engine.forward_tree(seq, tokens[a:b], parents[:b], tree_start=len(prefix))
+        grown.append(logits)
+    assert (torch.cat(grown) - one_shot).abs().max() <= TOL
+
+
+def test_logit_rows_select_rows(engine: Engine) -> None:
+    ids = random_ids(9, engine.config.vocab_size, 10)
+    ref = full_logits(engine, ids)
+    seq = engine.new_sequence()
+    (rows,), _ = engine.forward([seq], [ids], logit_rows=[[0, 4, 8]])
+    assert (rows - ref[[0, 4, 8]]).abs().max() <= TOL

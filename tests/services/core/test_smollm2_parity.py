@@ -155,7 +155,7 @@ def test_tree_forward_matches_full_forward(engine, tokenizer) -> None:
     seq = engine.new_sequence()
     try:
         engine.extend(seq, prefix)
-        tree = engine.forward_tree(seq, tokens, parents)
+        tree, _ = engine.forward_tree(seq, tokens, parents)
     finally:
         seq.release()
     worst = 0.0
