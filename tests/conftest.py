@@ -193,3 +193,10 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyGGU
         return t
 
     return make
+
+
+@pytest.fixture(scope="session")
+def draft_dir(smollm2_dir: Path) -> Path:
+    """A draft for integration tests of losslessness: any draft will do, so the target
+    itself serves until the trained-draft tooling provides a cheap untrained slice."""
+    return smollm2_dir

@@ -185,9 +185,7 @@ class Engine:
         seq.truncate(prefix_len + len(path))
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p is not self.model.lm_head.weight) + (
-            0 if self.config.tie_word_embeddings else self.model.lm_head.weight.numel()
-        )
+        return sum(p.numel() for p in self.model.parameters())  # shared (tied) tensors count once
 
 
 def weights_digest(model_dir: Path) -> str:

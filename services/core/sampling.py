@@ -50,8 +50,9 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     return int(sample(probabilities(logits, cfg), generator))
 
 
-def round_generator(seed: int, counter: int) -> torch.Generator:
+def round_generator(seed: int, counter: int, domain: str = "sample") -> torch.Generator:
     """Counter-based random stream: the same (seed, counter) draws the same numbers on any replica,
-    so a retried round reproduces its tokens."""
-    digest = hashlib.sha256(f"specmesh-round:{seed}:{counter}".encode()).digest()
+    so a retried round reproduces its tokens. `domain` separates the streams of different
+    consumers of the same round (draft sampling vs target verification)."""
+    digest = hashlib.sha256(f"specmesh-{domain}:{seed}:{counter}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.core.kv import SequenceKV
@@ -21,6 +22,11 @@ class Session:
     seq: SequenceKV
     tokens: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
+    # (request fingerprint, reply) of the last state-changing call, so an identical retry
+    # (e.g. after a lost response) gets the same reply instead of FAILED_PRECONDITION.
+    last_reply: tuple[bytes, Any] | None = None
+    # Next-token logits after the last token in the KV cache (drafts reuse them as the root).
+    last_logits: Any = None
 
     @property
     def length(self) -> int:

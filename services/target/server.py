@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -33,9 +34,13 @@ def load_target(
     return TargetServicer(engine, Tokenizer.from_dir(model_dir), max_sessions=max_sessions, license=license)
 
 
-async def start_target(servicer: TargetServicer, settings: ServerSettings) -> RunningServer:
+def registrar(servicer: TargetServicer) -> Callable[[grpc.aio.Server], list[str]]:
     def register(server: grpc.aio.Server) -> list[str]:
         target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    return await serve(register, settings)
+    return register
+
+
+async def start_target(servicer: TargetServicer, settings: ServerSettings) -> RunningServer:
+    return await serve(registrar(servicer), settings)

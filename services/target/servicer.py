@@ -3,11 +3,9 @@ engine thread so the event loop (health checks, other RPCs) stays responsive."""
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import random
-import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -19,25 +17,16 @@ from services.core.params import GenerationParams
 from services.core.sampling import next_token, round_generator
 from services.core.scoring import token_scores
 from services.core.sessions import Session, SessionStore
+from services.core.spec import Rule
 from services.core.tokenizer import Tokenizer
+from services.core.verification import check_draft_tree, verify_round
 from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
+from services.runtime.worker import Clock, EngineWorker
+from services.target.convert import draft_distributions, rule_from_proto
 from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
 
 T = TypeVar("T")
 MAX_TOP_LOGPROBS = 20
-
-
-class Clock:
-    """Per-call timing: queue (waiting for the engine thread), forward (engine time), total."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter_ns()
-        self.queue_ns = self.forward_ns = 0
-
-    def timing(self) -> common_pb2.Timing:
-        return common_pb2.Timing(
-            queue_ns=self.queue_ns, forward_ns=self.forward_ns, total_ns=time.perf_counter_ns() - self.start
-        )
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
@@ -49,27 +38,19 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         max_sessions: int = 256,
         session_ttl_seconds: float = 600.0,
         license: str = "",
+        max_tree_nodes: int = 256,
     ) -> None:
         self.engine = engine
+        self.max_tree_nodes = max_tree_nodes
         self.tokenizer = tokenizer
         self.license = license
         self.sessions = SessionStore(
             engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
         )
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{engine.name}")
+        self._worker = EngineWorker(engine.name)
 
     async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        submitted = time.perf_counter_ns()
-
-        def timed():
-            began = time.perf_counter_ns()
-            clock.queue_ns += began - submitted
-            try:
-                return fn(*args)
-            finally:
-                clock.forward_ns += time.perf_counter_ns() - began
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        return await self._worker.run(clock, fn, *args)
 
     def _check_model(self, name: str) -> None:
         if name and name != self.engine.name:
@@ -117,6 +98,48 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
         length = await self._on_engine(clock, run)
         return target_pb2.PrefillResponse(session_length=length, timing=clock.timing())
+
+    async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
+        clock = Clock()
+        self._check_model(request.model)
+        cfg = sampling_config(request.sampling)
+        vocab = self.engine.config.vocab_size
+        cfg.validate(vocab)
+        rule = rule_from_proto(request.rule, cfg.greedy)
+        tokens, parents = list(request.tree.tokens), list(request.tree.parents)
+        dists = {} if rule is Rule.GREEDY else draft_distributions(request.tree, vocab)
+        check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes)
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+
+        def run() -> target_pb2.VerifyResponse:
+            existing = self.sessions.get(request.session.session_id)
+            if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
+                return existing.last_reply[1]  # an identical retry: same tokens, nothing re-run
+            session, new = self._open_session(request.session)
+            self.engine.check_room(session.length, len(new) + len(tokens) + 1, "tree.tokens")
+            gen = round_generator(request.random.seed, request.random.counter, domain="verify")
+            result = verify_round(self.engine, session.seq, new, tokens, parents, dists, cfg, rule, gen)
+            path = result.acceptance.path
+            session.tokens += new + [tokens[i] for i in path]
+            reply = target_pb2.VerifyResponse(
+                accepted_nodes=path,
+                accepted_tokens=[tokens[i] for i in path],
+                next_token=result.acceptance.next_token,
+                session_length=session.length,
+            )
+            if request.return_hidden_states:
+                h = result.hidden.to(torch.float16).contiguous()
+                reply.hidden_states.CopyFrom(
+                    common_pb2.Tensor(dtype="float16", shape=list(h.shape), data=h.numpy().tobytes())
+                )
+            session.last_reply = (fingerprint, reply)
+            return reply
+
+        reply = await self._on_engine(clock, run)
+        out = target_pb2.VerifyResponse()
+        out.CopyFrom(reply)
+        out.timing.CopyFrom(clock.timing())
+        return out
 
     async def Extend(self, request: target_pb2.ExtendRequest, context) -> target_pb2.ExtendResponse:
         clock = Clock()
@@ -239,7 +262,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return common_pb2.ReleaseResponse(released=released)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._worker.close()
 
 
 def _room_checked(params: GenerationParams, length: int, max_context: int) -> GenerationParams:

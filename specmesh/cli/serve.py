@@ -31,12 +31,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_server_args(t)
     t.set_defaults(func=run_target)
 
+    d = ssub.add_parser(
+        "draft",
+        help="the draft (small) model: Prefill, Propose, Release",
+        description="Serve a draft model that proposes token trees (chain, static tree, dynamic tree, "
+        "multi-candidate, prompt lookup) for the target to verify.",
+    )
+    d.add_argument("--model", default="smollm2-135m-instruct-draft", help="draft model name or directory")
+    d.add_argument(
+        "--default-strategy",
+        default="chain",
+        choices=["chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup"],
+        help="strategy when a request leaves it unspecified (default: %(default)s)",
+    )
+    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    d.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once")
+    d.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
+    add_server_args(d)
+    d.set_defaults(func=run_draft)
+
 
 def run_target(args: argparse.Namespace) -> int:
     from services.runtime.server import run_forever
     from services.runtime.settings import ServerSettings
     from services.runtime.telemetry import setup_telemetry
-    from services.target.server import load_target, start_target
+    from services.target.server import load_target, registrar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings.from_env_and_args(args)
@@ -45,10 +64,40 @@ def run_target(args: argparse.Namespace) -> int:
         args.model, threads=args.threads, max_sessions=args.max_sessions, max_kv_tokens=args.max_kv_tokens
     )
 
-    async def main() -> None:
-        server = await start_target(servicer, settings)
+    def announce(server) -> None:
         print(f"specmesh target serving {servicer.engine.name} on {server.address}", flush=True)
-        await run_forever(server)
+
+    async def main() -> None:
+        await run_forever(registrar(servicer), settings, on_start=announce)
+
+    asyncio.run(main())
+    servicer.close()
+    return 0
+
+
+def run_draft(args: argparse.Namespace) -> int:
+    from services.core.drafting import Strategy
+    from services.draft.server import load_draft, registrar
+    from services.runtime.server import run_forever
+    from services.runtime.settings import ServerSettings
+    from services.runtime.telemetry import setup_telemetry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings.from_env_and_args(args)
+    setup_telemetry("specmesh-draft")
+    servicer = load_draft(
+        args.model,
+        threads=args.threads,
+        default_strategy=Strategy(args.default_strategy),
+        max_sessions=args.max_sessions,
+        max_kv_tokens=args.max_kv_tokens,
+    )
+
+    def announce(server) -> None:
+        print(f"specmesh draft serving {servicer.engine.name} on {server.address}", flush=True)
+
+    async def main() -> None:
+        await run_forever(registrar(servicer), settings, on_start=announce)
 
     asyncio.run(main())
     servicer.close()

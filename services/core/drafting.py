@@ -1,0 +1,226 @@
+"""Draft proposals: chains, static trees, dynamic trees, multi-candidate (SpecTr) and
+model-free prompt lookup, each recording the draft distribution q its children were drawn
+from and the acceptance rule that matches the way they were drawn.
+
+The draft samples from its own top-DRAFT_TOP_K truncation of the requested distribution.
+That keeps q sparse on the wire and stays lossless: verification uses exactly this q.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from services.core.engine import Engine
+from services.core.kv import SequenceKV
+from services.core.params import SamplingConfig
+from services.core.sampling import probabilities
+from services.core.spec import Rule
+
+DRAFT_TOP_K = 64
+
+
+class Strategy(StrEnum):
+    CHAIN = "chain"
+    STATIC_TREE = "static_tree"
+    DYNAMIC_TREE = "dynamic_tree"
+    MULTI_CANDIDATE = "multi_candidate"
+    PROMPT_LOOKUP = "prompt_lookup"
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_nodes: int = 16
+    max_depth: int = 6
+    branching: int = 2  # children per expanded node (static / dynamic trees)
+    num_candidates: int = 3  # k for multi-candidate drafting
+
+    @staticmethod
+    def default(strategy: Strategy) -> Budget:
+        return {
+            Strategy.CHAIN: Budget(max_nodes=6, max_depth=6, branching=1, num_candidates=1),
+            Strategy.STATIC_TREE: Budget(max_nodes=14, max_depth=4, branching=2),
+            Strategy.DYNAMIC_TREE: Budget(max_nodes=16, max_depth=6, branching=3),
+            Strategy.MULTI_CANDIDATE: Budget(max_nodes=12, max_depth=4, num_candidates=3),
+            Strategy.PROMPT_LOOKUP: Budget(max_nodes=8, max_depth=8, branching=1),
+        }[strategy]
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log q(token | path) per node
+    # expanded node (-1 = root) -> (ids, probs): the distribution its children were drawn from
+    dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    rule: Rule = Rule.GREEDY
+
+    def add(self, token: int, parent: int, logprob: float) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.logprobs.append(logprob)
+        return len(self.tokens) - 1
+
+
+def rule_for(strategy: Strategy, sampling: SamplingConfig) -> Rule:
+    if sampling.greedy:
+        return Rule.GREEDY
+    return {
+        Strategy.CHAIN: Rule.CHAIN,
+        Strategy.PROMPT_LOOKUP: Rule.CHAIN,
+        Strategy.STATIC_TREE: Rule.TREE_WITHOUT_REPLACEMENT,
+        Strategy.DYNAMIC_TREE: Rule.TREE_WITHOUT_REPLACEMENT,
+        Strategy.MULTI_CANDIDATE: Rule.SPECTR_KSEQ,
+    }[strategy]
+
+
+def draft_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse q = the requested distribution restricted to its top DRAFT_TOP_K, renormalised.
+    Greedy drafting ranks by the T=1 distribution (q is then only used for scores)."""
+    probs = probabilities(logits, SamplingConfig(temperature=1.0) if sampling.greedy else sampling)
+    top = probs.topk(min(DRAFT_TOP_K, probs.shape[-1]))
+    keep = top.values > 0
+    ids, p = top.indices[keep], top.values[keep]
+    return ids, p / p.sum()
+
+
+def draw_children(
+    ids: torch.Tensor,
+    q: torch.Tensor,
+    count: int,
+    replacement: bool,
+    greedy: bool,
+    gen: torch.Generator | None,
+) -> list[int]:
+    """Positions into ids, in draw order: the top `count` when greedy, otherwise `count` draws
+    from q (i.i.d., or sequentially without replacement)."""
+    if greedy:
+        return list(range(min(count, len(ids))))
+    if not replacement:
+        count = min(count, len(ids))
+    return torch.multinomial(q, count, replacement=replacement, generator=gen).tolist()
+
+
+class Drafter:
+    """Proposes trees from a draft model; leaves the draft sequence as it found it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def propose(
+        self,
+        seq: SequenceKV,
+        root_logits: torch.Tensor,
+        strategy: Strategy,
+        budget: Budget,
+        sampling: SamplingConfig,
+        gen: torch.Generator | None,
+    ) -> DraftTree:
+        tree = DraftTree(rule=rule_for(strategy, sampling))
+        start = seq.length
+        # frontier: (node, logits after it, log path probability)
+        frontier = [(-1, root_logits, 0.0)]
+        try:
+            for depth in range(budget.max_depth):
+                room = budget.max_nodes - len(tree.tokens)
+                if room <= 0 or not frontier:
+                    break
+                added = self._expand(tree, frontier, strategy, budget, sampling, gen, depth, room)
+                if not added or depth == budget.max_depth - 1 or len(tree.tokens) >= budget.max_nodes:
+                    break
+                logits, _ = self.engine.forward_tree(
+                    seq, [tree.tokens[i] for i in added], tree.parents, tree_start=start
+                )
+                frontier = [(i, logits[j], self._path_logprob(tree, i)) for j, i in enumerate(added)]
+        finally:
+            seq.truncate(start)  # drafted KV is scratch: the next call commits what was accepted
+        return tree
+
+    @staticmethod
+    def _path_logprob(tree: DraftTree, node: int) -> float:
+        total = 0.0
+        while node >= 0:
+            total += tree.logprobs[node]
+            node = tree.parents[node]
+        return total
+
+    def _expand(self, tree, frontier, strategy, budget, sampling, gen, depth, room) -> list[int]:
+        greedy = sampling.greedy
+        if strategy is Strategy.DYNAMIC_TREE:
+            return self._expand_dynamic(tree, frontier, budget, sampling, gen, room)
+        if strategy is Strategy.CHAIN:
+            per_node, replacement = 1, True
+        elif strategy is Strategy.STATIC_TREE:
+            per_node, replacement = budget.branching, False
+        elif strategy is Strategy.MULTI_CANDIDATE:
+            # k i.i.d. candidates at the root, then each candidate continues as a chain.
+            per_node, replacement = (budget.num_candidates if depth == 0 else 1), True
+        else:
+            raise ValueError(f"{strategy} is not a model strategy")
+        added = []
+        for node, logits, _ in frontier:
+            ids, q = draft_distribution(logits, sampling)
+            picks = draw_children(ids, q, min(per_node, room - len(added)), replacement, greedy, gen)
+            if not picks:
+                break
+            tree.dists[node] = (ids.tolist(), q.tolist())
+            for j in picks:
+                added.append(tree.add(int(ids[j]), node, math.log(float(q[j]))))
+            if len(added) >= room:
+                break
+        return added
+
+    def _expand_dynamic(self, tree, frontier, budget, sampling, gen, room) -> list[int]:
+        """Grow by path probability: every frontier node offers up to `branching` children in
+        draw order; the best (path log-prob) are taken, a child only after its earlier siblings
+        so each node's children remain a prefix of its draw sequence."""
+        candidates = []  # (score, node, rank in draw order, token, logq)
+        offered: dict[int, tuple[list[int], list[float]]] = {}
+        for node, logits, path in frontier:
+            ids, q = draft_distribution(logits, sampling)
+            picks = draw_children(ids, q, budget.branching, False, sampling.greedy, gen)
+            offered[node] = (ids.tolist(), q.tolist())
+            for rank, j in enumerate(picks):
+                logq = math.log(float(q[j]))
+                candidates.append((path + logq, node, rank, int(ids[j]), logq))
+        width = min(room, max(budget.branching, 1) * 2)
+        taken: dict[int, int] = {}  # node -> how many of its children are taken
+        chosen = []
+        for _score, node, rank, token, logq in sorted(candidates, key=lambda c: -c[0]):
+            if len(chosen) >= width:
+                break
+            if rank == taken.get(node, 0):
+                taken[node] = rank + 1
+                chosen.append((node, rank, token, logq))
+        added = []
+        for node, _, token, logq in sorted(chosen, key=lambda c: (c[0], c[1])):
+            tree.dists[node] = offered[node]
+            added.append(tree.add(token, node, logq))
+        return added
+
+
+def prompt_lookup(history: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Model-free drafting: find the latest earlier occurrence of the longest suffix n-gram
+    of `history` and propose the tokens that followed it."""
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        suffix = history[-n:]
+        for i in range(len(history) - n - 1, -1, -1):
+            if history[i : i + n] == suffix:
+                follow = history[i + n : i + n + max_tokens]
+                if follow:
+                    return follow
+    return []
+
+
+def prompt_lookup_tree(history: list[int], budget: Budget, sampling: SamplingConfig) -> DraftTree:
+    """A chain whose draft distribution is deterministic (q = one-hot on the proposed token),
+    so the chain rule stays exact for sampling too."""
+    tree = DraftTree(rule=rule_for(Strategy.PROMPT_LOOKUP, sampling))
+    parent = -1
+    for token in prompt_lookup(history, min(budget.max_nodes, budget.max_depth)):
+        tree.dists[parent] = ([token], [1.0])
+        parent = tree.add(token, parent, 0.0)
+    return tree

@@ -1,0 +1,113 @@
+"""One verification round on the target: a single forward over the newly committed tokens
+and every tree node, then the acceptance walk, then KV compaction to the accepted path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.core.engine import Engine
+from services.core.errors import InvalidArgument
+from services.core.kv import SequenceKV
+from services.core.params import SamplingConfig
+from services.core.sampling import probabilities
+from services.core.spec import Acceptance, Rule, children_of, validate_tree, verify
+
+PROB_TOLERANCE = 1e-3
+
+
+@dataclass
+class RoundResult:
+    acceptance: Acceptance
+    hidden: torch.Tensor  # [len(path) + 1, hidden]: at the root and at each accepted node
+
+
+def check_draft_tree(
+    tokens: list[int],
+    parents: list[int],
+    dists: dict[int, torch.Tensor],
+    rule: Rule,
+    vocab_size: int,
+    max_nodes: int,
+) -> None:
+    """Reject trees verification could not treat losslessly, naming the field at fault."""
+    if len(tokens) > max_nodes:
+        raise InvalidArgument(f"{len(tokens)} nodes exceed the node budget of {max_nodes}", "tree.tokens")
+    if len(parents) != len(tokens):
+        raise InvalidArgument(f"{len(parents)} parents for {len(tokens)} tokens", "tree.parents")
+    validate_tree(parents)
+    for i, t in enumerate(tokens):
+        if not 0 <= t < vocab_size:
+            raise InvalidArgument(f"token {t} of node {i} is outside [0, {vocab_size})", "tree.tokens")
+    kids = children_of(parents)
+    if rule is Rule.CHAIN and any(len(c) > 1 for c in kids.values()):
+        raise InvalidArgument("rule CHAIN needs a chain (at most one child per node)", "rule")
+    if rule is Rule.GREEDY:
+        return
+    for node, children in kids.items():
+        if not children:
+            continue
+        q = dists.get(node)
+        if q is None:
+            raise InvalidArgument(
+                f"node {node} has children but no draft distribution (needed when sampling)", "tree.expanded"
+            )
+        child_tokens = [tokens[c] for c in children]
+        if rule is Rule.TREE_WITHOUT_REPLACEMENT and len(set(child_tokens)) != len(child_tokens):
+            raise InvalidArgument(
+                f"node {node} repeats a child token, impossible without replacement", "tree"
+            )
+        zero = [t for t in child_tokens if q[t] <= 0]
+        if zero:
+            raise InvalidArgument(f"children {zero} of node {node} have draft probability 0", "tree.expanded")
+
+
+def normalise_draft_distribution(q: torch.Tensor, node: int) -> torch.Tensor:
+    """Validate a draft distribution [V] (finite, non-negative, sums to 1) and renormalise."""
+    if not torch.isfinite(q).all():
+        raise InvalidArgument(
+            f"draft distribution of node {node} has NaN or infinite values", "tree.expanded"
+        )
+    if (q < 0).any():
+        raise InvalidArgument(f"draft distribution of node {node} has negative values", "tree.expanded")
+    total = float(q.sum())
+    if abs(total - 1.0) > PROB_TOLERANCE:
+        raise InvalidArgument(
+            f"draft distribution of node {node} sums to {total:.6f}, not 1", "tree.expanded"
+        )
+    return q / total
+
+
+def verify_round(
+    engine: Engine,
+    seq: SequenceKV,
+    new_tokens: list[int],
+    tree_tokens: list[int],
+    tree_parents: list[int],
+    draft_dists: dict[int, torch.Tensor],
+    sampling: SamplingConfig,
+    rule: Rule,
+    gen: torch.Generator | None,
+) -> RoundResult:
+    """Commit new_tokens, score the tree in the same forward, accept a path and keep its KV.
+
+    new_tokens (>= 1) become a chain after the committed prefix; tree roots hang off the
+    last of them, so the target's distribution at the root comes from this same forward.
+    """
+    if not new_tokens:
+        raise InvalidArgument(
+            "needs at least one new token (the previous round's next_token)", "session.new_tokens"
+        )
+    m, start = len(new_tokens), seq.length
+    parents = list(range(-1, m - 1)) + [m - 1 if p < 0 else m + p for p in tree_parents]
+    rows = list(range(m - 1, m + len(tree_tokens)))  # root, then every node
+    logits, hidden = engine.forward_tree(seq, new_tokens + tree_tokens, parents, logit_rows=rows)
+    try:
+        target = probabilities(logits, sampling)  # [n + 1, V]
+        acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen)
+    except BaseException:
+        seq.truncate(start)
+        raise
+    engine.accept_path(seq, start + m, acc.path)
+    return RoundResult(acc, hidden[[m - 1] + [m + i for i in acc.path]])

@@ -1,0 +1,56 @@
+"""Draft-side conversions: request enums/budgets -> domain, DraftTree -> TokenTree."""
+
+from __future__ import annotations
+
+from services.core.drafting import Budget, DraftTree, Strategy
+from services.core.errors import InvalidArgument
+from services.core.spec import Rule
+from specmesh.v1 import common_pb2
+
+STRATEGIES = {
+    common_pb2.DRAFT_STRATEGY_CHAIN: Strategy.CHAIN,
+    common_pb2.DRAFT_STRATEGY_STATIC_TREE: Strategy.STATIC_TREE,
+    common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE: Strategy.DYNAMIC_TREE,
+    common_pb2.DRAFT_STRATEGY_MULTI_CANDIDATE: Strategy.MULTI_CANDIDATE,
+    common_pb2.DRAFT_STRATEGY_PROMPT_LOOKUP: Strategy.PROMPT_LOOKUP,
+}
+RULES = {
+    Rule.GREEDY: common_pb2.ACCEPTANCE_RULE_GREEDY,
+    Rule.CHAIN: common_pb2.ACCEPTANCE_RULE_CHAIN,
+    Rule.TREE_IID: common_pb2.ACCEPTANCE_RULE_TREE_IID,
+    Rule.TREE_WITHOUT_REPLACEMENT: common_pb2.ACCEPTANCE_RULE_TREE_WITHOUT_REPLACEMENT,
+    Rule.SPECTR_KSEQ: common_pb2.ACCEPTANCE_RULE_SPECTR_KSEQ,
+}
+# Upper bounds a single Propose may ask for (a tree is verified in one target forward).
+LIMITS = Budget(max_nodes=128, max_depth=32, branching=16, num_candidates=16)
+
+
+def strategy_from_proto(value: int, default: Strategy) -> Strategy:
+    if value == common_pb2.DRAFT_STRATEGY_UNSPECIFIED:
+        return default
+    if value not in STRATEGIES:
+        raise InvalidArgument(f"unknown draft strategy {value}", "strategy")
+    return STRATEGIES[value]
+
+
+def budget_from_proto(pb: common_pb2.TreeBudget, strategy: Strategy) -> Budget:
+    """Unset (0) fields take the strategy's defaults; the rest must be within LIMITS."""
+    base = Budget.default(strategy)
+    values = {}
+    for name in ("max_nodes", "max_depth", "branching", "num_candidates"):
+        v = getattr(pb, name)
+        limit = getattr(LIMITS, name)
+        if not 0 <= v <= limit:
+            raise InvalidArgument(f"must be in [1, {limit}] (0 = default), got {v}", f"budget.{name}")
+        values[name] = v or getattr(base, name)
+    return Budget(**values)
+
+
+def tree_to_proto(tree: DraftTree) -> common_pb2.TokenTree:
+    pb = common_pb2.TokenTree(tokens=tree.tokens, parents=tree.parents, draft_logprobs=tree.logprobs)
+    for node, (ids, probs) in sorted(tree.dists.items()):
+        pb.expanded.add(
+            node=node,
+            distribution=common_pb2.Distribution(sparse=common_pb2.SparseDistribution(ids=ids, probs=probs)),
+        )
+    return pb

@@ -1,0 +1,53 @@
+"""Draft service process: load a draft model, register the servicer on runtime.serve()."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.core.drafting import Strategy
+from services.core.engine import Engine
+from services.core.model_store import resolve_model
+from services.draft.servicer import DraftServicer
+from services.runtime.server import RunningServer, serve
+from services.runtime.settings import ServerSettings
+from specmesh.v1 import draft_pb2, draft_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
+def load_draft(
+    model: str,
+    *,
+    threads: int | None = None,
+    default_strategy: Strategy = Strategy.CHAIN,
+    max_sessions: int = 256,
+    max_kv_tokens: int = 65536,
+) -> DraftServicer:
+    model_dir = resolve_model(model)
+    if threads:
+        torch.set_num_threads(threads)
+    engine = Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens)
+    license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
+    log.info("loaded draft %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
+    return DraftServicer(
+        engine, default_strategy=default_strategy, max_sessions=max_sessions, license=license
+    )
+
+
+def registrar(servicer: DraftServicer) -> Callable[[grpc.aio.Server], list[str]]:
+    def register(server: grpc.aio.Server) -> list[str]:
+        draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    return register
+
+
+async def start_draft(servicer: DraftServicer, settings: ServerSettings) -> RunningServer:
+    return await serve(registrar(servicer), settings)

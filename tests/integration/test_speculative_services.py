@@ -1,0 +1,235 @@
+"""Draft and target services on real SmolLM2 weights, driven round by round over gRPC.
+
+Greedy speculative output equals target-only greedy output token for token (every draft
+strategy); bad trees and sessions get INVALID_ARGUMENT / FAILED_PRECONDITION naming the
+field; sessions survive; an identical retried round gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+import pytest
+from servers import ServerThread
+
+from services.draft.server import load_draft, start_draft
+from services.runtime.errors import status_details
+from services.runtime.settings import ServerSettings
+from services.target.server import load_target, start_target
+from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+STRATEGIES = {
+    "chain": common_pb2.DRAFT_STRATEGY_CHAIN,
+    "static_tree": common_pb2.DRAFT_STRATEGY_STATIC_TREE,
+    "dynamic_tree": common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE,
+    "multi_candidate": common_pb2.DRAFT_STRATEGY_MULTI_CANDIDATE,
+    "prompt_lookup": common_pb2.DRAFT_STRATEGY_PROMPT_LOOKUP,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(smollm2_dir, draft_dir):
+    target = load_target(str(smollm2_dir), max_sessions=16)
+    draft = load_draft(str(draft_dir), max_sessions=16)
+    settings = ServerSettings(host="127.0.0.1", port=0)
+    with (
+        ServerThread(lambda: start_target(target, settings)) as t_srv,
+        ServerThread(lambda: start_draft(draft, settings)) as d_srv,
+    ):
+        t_ch, d_ch = grpc.insecure_channel(t_srv.address), grpc.insecure_channel(d_srv.address)
+        yield target, target_pb2_grpc.TargetServiceStub(t_ch), draft_pb2_grpc.DraftServiceStub(d_ch)
+        t_ch.close()
+        d_ch.close()
+    target.close()
+    draft.close()
+
+
+def ref(sid: str, new: list[int], length: int) -> common_pb2.SessionRef:
+    return common_pb2.SessionRef(session_id=sid, new_tokens=new, expected_length=length)
+
+
+def speculate(t_stub, d_stub, prompt, n, strategy, sid, temperature=0.0, seed=0):
+    sampling = common_pb2.SamplingParams(temperature=temperature)
+    out, t_new, d_new, t_len, d_len, rnd, drafted, accepted = [], list(prompt), list(prompt), 0, 0, 0, 0, 0
+    while len(out) < n:
+        random = common_pb2.RandomStream(seed=seed, counter=rnd)
+        p = d_stub.Propose(
+            draft_pb2.ProposeRequest(
+                session=ref(sid, d_new, d_len + len(d_new)),
+                strategy=strategy,
+                sampling=sampling,
+                random=random,
+            )
+        )
+        v = t_stub.Verify(
+            target_pb2.VerifyRequest(
+                session=ref(sid, t_new, t_len + len(t_new)),
+                tree=p.tree,
+                sampling=sampling,
+                rule=p.rule,
+                random=random,
+            )
+        )
+        emitted = list(v.accepted_tokens) + [v.next_token]
+        drafted, accepted = drafted + len(p.tree.tokens), accepted + len(v.accepted_tokens)
+        out += emitted
+        d_len, t_len = p.session_length, v.session_length
+        d_new, t_new, rnd = emitted, [v.next_token], rnd + 1
+    for stub in (t_stub, d_stub):
+        stub.Release(common_pb2.ReleaseRequest(session_id=sid))
+    return out[:n], rnd, drafted, accepted
+
+
+def target_greedy(t_stub, prompt, n):
+    req = target_pb2.GenerateRequest(
+        prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
+        sampling=common_pb2.SamplingParams(max_new_tokens=n, ignore_eos=True),
+    )
+    return [t for c in t_stub.Generate(req) for t in c.token_ids]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES), ids=list(STRATEGIES))
+def test_greedy_speculative_equals_target_only(stack, strategy) -> None:
+    servicer, t_stub, d_stub = stack
+    tok = servicer.tokenizer
+    for i, text in enumerate(["def add(a, b):\n    return", "What is the capital of France?"]):
+        prompt = tok.encode_chat([{"role": "user", "content": text}]) if "?" in text else tok.encode(text)
+        expected = target_greedy(t_stub, prompt, 24)
+        got, rounds, drafted, accepted = speculate(
+            t_stub, d_stub, prompt, 24, STRATEGIES[strategy], f"{strategy}-{i}"
+        )
+        assert got == expected
+        assert rounds <= 24 and accepted <= drafted
+
+
+def first_round(t_stub, d_stub, sid, prompt, temperature=1.0):
+    sampling = common_pb2.SamplingParams(temperature=temperature)
+    p = d_stub.Propose(
+        draft_pb2.ProposeRequest(
+            session=ref(sid, prompt, len(prompt)),
+            strategy=common_pb2.DRAFT_STRATEGY_STATIC_TREE,
+            sampling=sampling,
+        )
+    )
+    return p, target_pb2.VerifyRequest(
+        session=ref(sid, prompt, len(prompt)),
+        tree=p.tree,
+        sampling=sampling,
+        rule=p.rule,
+        random=common_pb2.RandomStream(seed=3, counter=0),
+    )
+
+
+def expect_error(call, code: str, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    got, message, violations = status_details(e.value)
+    assert (got.name, [v.field for v in violations]) == (code, [field]), message
+
+
+def test_bad_trees_are_refused_and_the_session_survives(stack) -> None:
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("The quick brown fox")
+    p, good = first_round(t_stub, d_stub, "bad-trees", prompt)
+    assert p.rule == common_pb2.ACCEPTANCE_RULE_TREE_WITHOUT_REPLACEMENT and len(p.tree.expanded) > 0
+
+    def mutated(fn):
+        req = target_pb2.VerifyRequest()
+        req.CopyFrom(good)
+        fn(req)
+        return lambda: t_stub.Verify(req)
+
+    def set_parents(values):
+        def f(req):
+            del req.tree.parents[:]
+            req.tree.parents.extend(values)
+
+        return f
+
+    n = len(good.tree.tokens)
+    expect_error(
+        mutated(set_parents([0] * n)), "INVALID_ARGUMENT", "tree.parents"
+    )  # node 0 is its own parent
+    expect_error(mutated(set_parents([-1] + [n + 5] * (n - 1))), "INVALID_ARGUMENT", "tree.parents")
+    expect_error(mutated(set_parents([1, 0] + [-1] * (n - 2))), "INVALID_ARGUMENT", "tree.parents")  # cycle
+    expect_error(mutated(lambda r: r.tree.tokens.__setitem__(0, 10**6)), "INVALID_ARGUMENT", "tree.tokens")
+
+    def set_prob(value):
+        def f(req):
+            req.tree.expanded[0].distribution.sparse.probs[0] = value
+
+        return f
+
+    expect_error(mutated(set_prob(math.nan)), "INVALID_ARGUMENT", "tree.expanded")
+    expect_error(mutated(set_prob(-0.5)), "INVALID_ARGUMENT", "tree.expanded")
+    expect_error(mutated(set_prob(5.0)), "INVALID_ARGUMENT", "tree.expanded")  # no longer sums to 1
+    expect_error(mutated(lambda r: r.tree.ClearField("expanded")), "INVALID_ARGUMENT", "tree.expanded")
+
+    def dense_wrong_size(req):
+        req.tree.expanded[0].distribution.dense.CopyFrom(
+            common_pb2.Tensor(dtype="float16", shape=[3], data=np.ones(3, np.float16).tobytes())
+        )
+
+    expect_error(mutated(dense_wrong_size), "INVALID_ARGUMENT", "tree.expanded")
+
+    def huge_tree(req):
+        del req.tree.tokens[:], req.tree.parents[:]
+        req.tree.tokens.extend([5] * 300)
+        req.tree.parents.extend(range(-1, 299))
+        req.rule = common_pb2.ACCEPTANCE_RULE_GREEDY
+
+    expect_error(mutated(huge_tree), "INVALID_ARGUMENT", "tree.tokens")
+    expect_error(
+        lambda: d_stub.Propose(
+            draft_pb2.ProposeRequest(
+                session=ref("bad-trees", [], len(prompt)), budget=common_pb2.TreeBudget(max_nodes=100000)
+            )
+        ),
+        "INVALID_ARGUMENT",
+        "budget.max_nodes",
+    )
+    # None of that touched the session: the good request still works.
+    reply = t_stub.Verify(good)
+    assert reply.session_length == len(prompt) + len(reply.accepted_tokens)
+
+
+def test_session_mismatch_retry_and_unknown_session(stack) -> None:
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("Once upon a time")
+    _, good = first_round(t_stub, d_stub, "retry", prompt)
+    first = t_stub.Verify(good)
+    again = t_stub.Verify(good)  # the response was "lost": an identical retry
+    assert (list(again.accepted_tokens), again.next_token, again.session_length) == (
+        list(first.accepted_tokens),
+        first.next_token,
+        first.session_length,
+    )
+    # A different request that disagrees with the session's length.
+    stale = target_pb2.VerifyRequest()
+    stale.CopyFrom(good)
+    stale.random.counter = 1
+    expect_error(lambda: t_stub.Verify(stale), "FAILED_PRECONDITION", "session.expected_length")
+    # Unknown (or expired) session on a replica that never saw it: asks for the full prefix.
+    expect_error(
+        lambda: t_stub.Verify(target_pb2.VerifyRequest(session=ref("never-seen", [first.next_token], 40))),
+        "FAILED_PRECONDITION",
+        "session.expected_length",
+    )
+    expect_error(
+        lambda: d_stub.Propose(draft_pb2.ProposeRequest(session=ref("never-seen", [5], 40))),
+        "FAILED_PRECONDITION",
+        "session.expected_length",
+    )
+    # The session continues correctly after all of that.
+    nxt = t_stub.Verify(
+        target_pb2.VerifyRequest(
+            session=ref("retry", [first.next_token], first.session_length + 1), tree=common_pb2.TokenTree()
+        )
+    )
+    assert nxt.session_length == first.session_length + 1
+    for stub in (t_stub, d_stub):
+        stub.Release(common_pb2.ReleaseRequest(session_id="retry"))
