@@ -12,6 +12,8 @@ import sys
 # name -> module under specmesh.cli that defines add_parser(subparsers)
 SUBCOMMANDS = {
     "quickstart": "quickstart",
+    "up": "up",
+    "generate": "generate",
     "models": "models",
     "serve": "serve",
     "bench": "bench",

@@ -50,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_server_args(d)
     d.set_defaults(func=run_draft)
 
+    from specmesh.cli import serve_gateway
+
+    serve_gateway.add_parser(ssub)
+
 
 def run_target(args: argparse.Namespace) -> int:
     from services.runtime.server import run_forever

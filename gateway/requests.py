@@ -1,0 +1,145 @@
+"""Validating a GatewayGenerateRequest into a :class:`Plan` the orchestrator runs.
+
+Every problem raises a ``services.core.errors`` exception naming the field, which the runtime's
+exception interceptor turns into INVALID_ARGUMENT / OUT_OF_RANGE / FAILED_PRECONDITION with a
+``google.rpc.BadRequest`` detail.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from services.core.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from services.core.params import GenerationParams
+from services.core.tokenizer import Tokenizer
+from services.runtime.protocol import generation_params, prompt_ids
+from specmesh.v1 import common_pb2, gateway_pb2
+
+from .budget import STRATEGY_BY_VALUE, Budget, resolve_budget
+from .config import POLICY_BY_VALUE, GatewayConfig, policy_name
+
+SEED_BITS = 63  # seeds the gateway draws itself (any uint64 given by a client is accepted)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request."""
+
+    policy: int
+    model: str  # the target model's name
+    prompt_ids: tuple[int, ...]
+    operation: str  # "chat" or "text_completion" (gen_ai.operation.name)
+    params: GenerationParams  # seed always set
+    sampling: common_pb2.SamplingParams  # the request's, with the seed filled in
+    strategy: int = common_pb2.DRAFT_STRATEGY_UNSPECIFIED
+    budget: Budget | None = None
+    adaptive: bool = False
+    vocab_limit: int = 0
+
+    @property
+    def seed(self) -> int:
+        assert self.params.seed is not None
+        return self.params.seed
+
+
+def validate(
+    request: gateway_pb2.GatewayGenerateRequest,
+    *,
+    tokenizer: Tokenizer,
+    target_info: common_pb2.ModelInfo,
+    draft_info: common_pb2.ModelInfo | None,
+    config: GatewayConfig,
+    has_draft: bool,
+) -> Plan:
+    """Check a request against the served models; `draft_info` is needed for draft policies only."""
+    if request.session_id:
+        raise InvalidArgument(
+            "session resume is not supported yet; leave session_id empty (each request is a new session)",
+            "session_id",
+        )
+    if request.model and request.model != target_info.name:
+        raise InvalidArgument(
+            f"unknown model {request.model!r}; this gateway serves {target_info.name!r} (or leave it empty)",
+            "model",
+        )
+    policy = request.policy or config.default_policy
+    if policy not in POLICY_BY_VALUE:
+        known = ", ".join(f"{gateway_pb2.Policy.Name(v)}" for v in POLICY_BY_VALUE)
+        if policy in gateway_pb2.Policy.values():
+            raise InvalidArgument(f"policy {policy_name(policy)} is not available yet; use {known}", "policy")
+        raise InvalidArgument(f"unknown policy {policy}; use {known}", "policy")
+    if request.quality not in gateway_pb2.Quality.values():
+        raise InvalidArgument(f"unknown quality {request.quality}", "quality")
+    uses_draft = policy != gateway_pb2.POLICY_TARGET
+    if uses_draft and not has_draft:
+        raise FailedPrecondition(
+            f"policy {policy_name(policy)} needs a draft service and this gateway has none "
+            "(start it with --draft ADDR); use policy target",
+            "policy",
+        )
+
+    ids = prompt_ids(request.prompt, tokenizer)
+    field = "prompt.token_ids.ids"
+    ids = tokenizer.check_ids(ids, field)
+    vocab = target_info.vocab_size or tokenizer.vocab_size
+    for i, t in enumerate(ids):
+        if t >= vocab:
+            raise InvalidArgument(
+                f"token id {t} at index {i} is outside the model vocabulary [0, {vocab})", field
+            )
+    operation = "chat" if request.prompt.WhichOneof("kind") == "chat" else "text_completion"
+
+    sampling = common_pb2.SamplingParams()
+    sampling.CopyFrom(request.sampling)
+    if not sampling.HasField("seed"):
+        sampling.seed = random.SystemRandom().randrange(1 << SEED_BITS)
+    params = generation_params(sampling)
+    max_context = target_info.max_context
+    if uses_draft and draft_info is not None and draft_info.max_context:
+        max_context = min(max_context, draft_info.max_context)
+    params.validate(vocab_size=vocab, prompt_len=len(ids), max_context=max_context)
+    if len(ids) >= max_context:
+        raise OutOfRange(f"{len(ids)} prompt tokens fill the model context of {max_context}", "prompt")
+
+    plan = Plan(
+        policy=policy,
+        model=target_info.name,
+        prompt_ids=tuple(ids),
+        operation=operation,
+        params=params,
+        sampling=sampling,
+    )
+    if policy == gateway_pb2.POLICY_TARGET:
+        return plan
+
+    spec = request.spec
+    vocab_limit = spec.vocab_limit
+    if not 0 <= vocab_limit <= vocab:
+        raise OutOfRange(
+            f"must be in [0, {vocab}] (0 = full vocabulary), got {vocab_limit}", "spec.vocab_limit"
+        )
+    if policy == gateway_pb2.POLICY_DRAFT:
+        chunk = max(1, config.draft_chunk)
+        return replace(plan, budget=Budget(max_nodes=chunk, max_depth=chunk), vocab_limit=vocab_limit)
+
+    strategy = spec.strategy or config.default_strategy
+    if strategy not in STRATEGY_BY_VALUE:
+        raise InvalidArgument(
+            f"unknown strategy {strategy}; use one of "
+            + ", ".join(common_pb2.DraftStrategy.Name(v) for v in STRATEGY_BY_VALUE),
+            "spec.strategy",
+        )
+    budget = resolve_budget(
+        strategy,
+        spec.budget if spec.HasField("budget") else None,
+        defaults=config.default_budgets,
+        limits=config.limits,
+    )
+    return replace(
+        plan,
+        strategy=strategy,
+        budget=budget,
+        adaptive=spec.adaptive or config.adaptive,
+        vocab_limit=vocab_limit,
+    )

@@ -1,0 +1,131 @@
+"""Gateway process: channels to the target and draft services, the servicer, runtime.serve().
+
+This is the gateway's entry module and stays free of torch (its container image is small):
+it imports the runtime, the generated stubs and, from services.core, only the tokenizer,
+text streaming, params, errors and model-store lookup modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from services.runtime.server import RunningServer, aio_channel, run_forever, serve
+from services.runtime.settings import ServerSettings
+from services.runtime.telemetry import Telemetry
+from specmesh.v1 import draft_pb2_grpc, gateway_pb2_grpc, target_pb2_grpc
+
+from .config import GatewayConfig
+from .servicer import SERVICE_NAME, GatewayServicer
+
+DEFAULT_PORT = 50050
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    target: str  # host:port of the target service
+    draft: str | None = None  # host:port of the draft service (None: target policy only)
+    tokenizer_dir: str | Path | None = None  # default: the target model's directory in the store
+    config: GatewayConfig = GatewayConfig()
+
+
+class GatewayApp:
+    """Builds the servicer inside the serving event loop (channels belong to one loop)."""
+
+    def __init__(
+        self, options: GatewayOptions, settings: ServerSettings, telemetry: Telemetry | None = None
+    ) -> None:
+        self.options = options
+        self.settings = settings
+        self.telemetry = telemetry
+        self.channels: list[grpc.aio.Channel] = []
+        self.servicer: GatewayServicer | None = None
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        o = self.options
+        target_channel = aio_channel(o.target, self.settings, telemetry=self.telemetry)
+        self.channels.append(target_channel)
+        draft_stub = None
+        if o.draft:
+            draft_channel = aio_channel(o.draft, self.settings, telemetry=self.telemetry)
+            self.channels.append(draft_channel)
+            draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
+        self.servicer = GatewayServicer(
+            target_pb2_grpc.TargetServiceStub(target_channel),
+            draft_stub,
+            config=o.config,
+            tokenizer_dir=o.tokenizer_dir,
+            telemetry=self.telemetry,
+        )
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
+        return [SERVICE_NAME]
+
+    async def close(self) -> None:
+        """Finish background releases and close the upstream channels (after the server stopped)."""
+        if self.servicer is not None:
+            await self.servicer.close()
+        for channel in self.channels:
+            await channel.close()
+        self.channels.clear()
+
+
+class GatewayServer:
+    """A started gateway; ``stop()`` drains the server, then closes its upstream channels."""
+
+    def __init__(self, running: RunningServer, app: GatewayApp) -> None:
+        self.running = running
+        self.app = app
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def servicer(self) -> GatewayServicer:
+        assert self.app.servicer is not None
+        return self.app.servicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.running.stop(grace)
+        await self.app.close()
+
+    async def __aenter__(self) -> GatewayServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def start_gateway(
+    options: GatewayOptions, settings: ServerSettings, *, telemetry: Telemetry | None = None
+) -> GatewayServer:
+    """Start a gateway server (returns once it accepts connections)."""
+    app = GatewayApp(options, settings, telemetry)
+    running = await serve(app.register, settings, telemetry=telemetry)
+    return GatewayServer(running, app)
+
+
+async def run_gateway(
+    options: GatewayOptions, settings: ServerSettings, *, telemetry: Telemetry | None = None
+) -> None:
+    """Serve until SIGTERM / SIGINT, then drain (the process main of `specmesh serve gateway`)."""
+    app = GatewayApp(options, settings, telemetry)
+
+    def announce(running: RunningServer) -> None:
+        draft = options.draft or "none"
+        print(
+            f"specmesh gateway serving on {running.address} (target {options.target}, draft {draft})",
+            flush=True,
+        )
+
+    try:
+        await run_forever(app.register, settings, telemetry=telemetry, on_start=announce)
+    finally:
+        await app.close()

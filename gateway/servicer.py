@@ -1,0 +1,282 @@
+"""Gateway servicer: validate, pick the loop for the policy, stream chunks, report usage and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from opentelemetry import trace
+
+from services.core.errors import FailedPrecondition, SpecmeshError
+from services.core.model_store import resolve_model
+from services.core.tokenizer import Tokenizer
+from specmesh.v1 import common_pb2, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc, target_pb2_grpc
+
+from . import metrics as m
+from .budget import strategy_name
+from .config import GatewayConfig, policy_name
+from .orchestrator import Orchestrator, RequestResult, new_session_id
+from .requests import Plan, validate
+
+log = logging.getLogger("specmesh.gateway")
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+RELEASE_TIMEOUT_S = 10.0
+_NEEDS_DRAFT = (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_SPECULATIVE)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """`Gateway` service over a target stub and (optionally) a draft stub.
+
+    The tokenizer is `tokenizer`, else loaded from `tokenizer_dir`, else from the model
+    directory of the target's model name (``resolve_model(GetModelInfo().name)``) on first use.
+    """
+
+    def __init__(
+        self,
+        target: target_pb2_grpc.TargetServiceStub,
+        draft: draft_pb2_grpc.DraftServiceStub | None = None,
+        *,
+        config: GatewayConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        tokenizer_dir: str | Path | None = None,
+        telemetry=None,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.config = config or GatewayConfig()
+        self._tokenizer = tokenizer
+        self._tokenizer_dir = tokenizer_dir
+        self.ins = m.instruments(telemetry)
+        self._infos: dict[str, common_pb2.ModelInfo] = {}
+        self._load_lock = asyncio.Lock()
+        self._releases: set[asyncio.Task] = set()
+        self._orchestrator: Orchestrator | None = None
+
+    # -- upstream facts, fetched once ---------------------------------------------------------
+
+    async def model_info(self, service: str) -> common_pb2.ModelInfo:
+        info = self._infos.get(service)
+        if info is None:
+            stub = self.target if service == "target" else self.draft
+            assert stub is not None
+            info = await stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
+            self._infos[service] = info
+        return info
+
+    async def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            async with self._load_lock:
+                if self._tokenizer is None:
+                    source = self._tokenizer_dir
+                    if source is None:
+                        name = (await self.model_info("target")).name
+                        try:
+                            source = resolve_model(name)
+                        except SpecmeshError as exc:
+                            raise FailedPrecondition(
+                                f"the gateway cannot find the tokenizer of the target model {name!r} "
+                                f"({exc.message}); start it with --tokenizer DIR",
+                                "model",
+                            ) from exc
+                    self._tokenizer = await asyncio.to_thread(Tokenizer.from_dir, source)
+        return self._tokenizer
+
+    async def orchestrator(self) -> Orchestrator:
+        if self._orchestrator is None:
+            self._orchestrator = Orchestrator(
+                self.target,
+                self.draft,
+                tokenizer=await self.tokenizer(),
+                config=self.config,
+                instruments=self.ins,
+                release=self.schedule_release,
+            )
+        return self._orchestrator
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def schedule_release(self, service: str, session_id: str) -> None:
+        """Release an upstream session in the background (also runs when the request was cancelled)."""
+        stub = self.target if service == "target" else self.draft
+        if stub is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(stub, service, session_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, stub, service: str, session_id: str) -> None:
+        try:
+            await stub.Release(common_pb2.ReleaseRequest(session_id=session_id), timeout=RELEASE_TIMEOUT_S)
+        except grpc.RpcError as exc:  # the session expires on its own; nothing else to do
+            log.warning("releasing %s session %s failed: %s", service, session_id, exc)
+
+    async def drain(self) -> None:
+        """Wait for the background releases still in flight."""
+        while self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
+        models = [await self.model_info("target")]
+        if self.draft is not None:
+            models.append(await self.model_info("draft"))
+        return gateway_pb2.ListModelsResponse(models=models)
+
+    async def GenerateStream(
+        self, request: gateway_pb2.GatewayGenerateRequest, context
+    ) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        async for chunk in self._generate(request, context):
+            yield chunk
+
+    async def Generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, context
+    ) -> gateway_pb2.GatewayGenerateResponse:
+        response = gateway_pb2.GatewayGenerateResponse()
+        texts: list[str] = []
+        async for chunk in self._generate(request, context):
+            response.token_ids.extend(chunk.token_ids)
+            texts.append(chunk.text)
+            if chunk.finish_reason:
+                response.finish_reason = chunk.finish_reason
+                response.usage.CopyFrom(chunk.usage)
+                response.spec_stats.CopyFrom(chunk.spec_stats)
+                response.session_id = chunk.session_id
+        response.text = "".join(texts)
+        return response
+
+    # -- one request -------------------------------------------------------------------------------
+
+    async def _plan(self, request: gateway_pb2.GatewayGenerateRequest) -> tuple[Plan, int]:
+        tokenizer = await self.tokenizer()
+        target_info = await self.model_info("target")
+        policy = request.policy or self.config.default_policy
+        draft_info = None
+        if policy in _NEEDS_DRAFT and self.draft is not None:
+            draft_info = await self.model_info("draft")
+        plan = validate(
+            request,
+            tokenizer=tokenizer,
+            target_info=target_info,
+            draft_info=draft_info,
+            config=self.config,
+            has_draft=self.draft is not None,
+        )
+        max_context = target_info.max_context
+        if draft_info is not None and draft_info.max_context:
+            max_context = min(max_context, draft_info.max_context)
+        return plan, max_context
+
+    async def _generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, context
+    ) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        start = time.perf_counter()
+        session_id = new_session_id()
+        span = self.ins.tracer.start_span(m.REQUEST_SPAN, attributes={m.SESSION_ID: session_id})
+        result = RequestResult(tokens=[])
+        plan: Plan | None = None
+
+        def deadline() -> float | None:
+            return context.time_remaining() if context is not None else None
+
+        def timeout() -> float | None:
+            remaining = deadline()
+            return remaining if remaining is not None else self.config.upstream_timeout_s
+
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                plan, max_context = await self._plan(request)
+                orchestrator = await self.orchestrator()
+            span.set_attributes(_request_attributes(plan))
+            chunks = orchestrator.run(
+                plan,
+                result,
+                session_id=session_id,
+                max_context=max_context,
+                span=span,
+                timeout=timeout,
+                deadline=deadline,
+            )
+            try:
+                async for chunk in chunks:
+                    chunk.session_id = session_id
+                    if chunk.finish_reason:
+                        chunk.usage.CopyFrom(
+                            common_pb2.Usage(
+                                prompt_tokens=len(plan.prompt_ids),
+                                output_tokens=len(result.tokens),
+                                seed=plan.seed,
+                            )
+                        )
+                        chunk.spec_stats.CopyFrom(result.stats.to_proto())
+                        result.finish = chunk.finish_reason
+                    yield chunk
+            finally:
+                await chunks.aclose()  # runs the loop's cleanup (session releases) now
+        except BaseException as exc:
+            if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                span.set_attribute("specmesh.cancelled", True)
+            else:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self._finish(span, plan, result, start)
+
+    def _finish(self, span: trace.Span, plan: Plan | None, result: RequestResult, start: float) -> None:
+        end = time.perf_counter()
+        if plan is not None:
+            stats = result.stats
+            span.set_attributes(
+                {
+                    m.USAGE_INPUT_TOKENS: len(plan.prompt_ids),
+                    m.USAGE_OUTPUT_TOKENS: len(result.tokens),
+                    m.ROUNDS: stats.rounds,
+                    m.TAU: stats.tau,
+                    m.ACCEPTANCE_RATE: stats.acceptance_rate,
+                }
+            )
+            if result.finish:
+                reason = common_pb2.FinishReason.Name(result.finish).removeprefix("FINISH_REASON_").lower()
+                span.set_attribute(m.RESPONSE_FINISH_REASONS, [reason])
+            attrs = {
+                m.REQUEST_MODEL: plan.model,
+                m.OPERATION: plan.operation,
+                m.POLICY: policy_name(plan.policy),
+            }
+            self.ins.request_duration.record(end - start, attrs)
+            if result.first_token_at is not None:
+                self.ins.time_to_first_token.record(result.first_token_at - start, attrs)
+                if len(result.tokens) > 1:
+                    self.ins.time_per_output_token.record(
+                        (end - result.first_token_at) / (len(result.tokens) - 1), attrs
+                    )
+        span.end()
+
+    async def close(self) -> None:
+        await self.drain()
+
+
+def _request_attributes(plan: Plan) -> dict:
+    attrs = {
+        m.OPERATION: plan.operation,
+        m.REQUEST_MODEL: plan.model,
+        m.REQUEST_MAX_TOKENS: plan.params.max_new_tokens,
+        m.REQUEST_TEMPERATURE: plan.params.sampling.temperature,
+        m.REQUEST_TOP_P: plan.params.sampling.top_p,
+        m.REQUEST_TOP_K: plan.params.sampling.top_k,
+        # an OpenTelemetry int is an int64; a client's uint64 seed may not fit
+        m.REQUEST_SEED: plan.seed if plan.seed < 1 << 63 else str(plan.seed),
+        m.POLICY: policy_name(plan.policy),
+    }
+    if plan.policy == gateway_pb2.POLICY_SPECULATIVE and plan.budget is not None:
+        attrs[m.STRATEGY] = strategy_name(plan.strategy)
+        attrs[m.BUDGET_NODES] = plan.budget.max_nodes
+        attrs[m.BUDGET_DEPTH] = plan.budget.max_depth
+        attrs["specmesh.spec.adaptive"] = plan.adaptive
+    return attrs

@@ -1,0 +1,200 @@
+"""`specmesh generate`: ask the gateway for a completion, stream it to stdout, report speed.
+
+Prints the answer as it is accepted, then on stderr: tokens, tokens/s, time to first token,
+and for the speculative policy the mean accepted length (tau, counting the bonus token), the
+acceptance rate and the number of verification rounds. `--json` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ENV_GATEWAY = "SPECMESH_GATEWAY_ADDRESS"
+DEFAULT_GATEWAY = "127.0.0.1:50050"
+POLICIES = ("target", "draft", "speculative")
+STRATEGIES = ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate through the gateway (see `specmesh up`) and report tokens/s and acceptance",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--prompt",
+        default="What is the capital of France?",
+        help="the prompt, a user message with --chat (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send the prompt as a chat user message through the model's chat template (default: yes)",
+    )
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument(
+        "--gateway",
+        default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY),
+        metavar="ADDR",
+        help=f"gateway host:port [{ENV_GATEWAY}, default %(default)s]",
+    )
+    p.add_argument("--model", default="", help="target model name (default: the gateway's)")
+    p.add_argument("--policy", choices=POLICIES, default=None, help="default: the gateway's (speculative)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the gateway's")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random stream (default: fresh)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    b = p.add_argument_group("speculative budget (0 = the gateway's default)")
+    b.add_argument("--max-nodes", type=int, default=0)
+    b.add_argument("--max-depth", type=int, default=0)
+    b.add_argument("--branching", type=int, default=0)
+    b.add_argument("--num-candidates", type=int, default=0)
+    b.add_argument("--adaptive", action="store_true", help="grow/shrink the tree from recent acceptance")
+    b.add_argument("--vocab-limit", type=int, default=0, help="draft vocabulary limit (0 = full)")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the output and stats")
+    p.set_defaults(func=run)
+
+
+def build_request(args: argparse.Namespace):
+    from gateway.budget import strategy_value
+    from gateway.config import POLICY_NAMES
+    from specmesh.v1 import common_pb2, gateway_pb2
+
+    if args.chat:
+        messages = []
+        if args.system:
+            messages.append(common_pb2.ChatMessage(role="system", content=args.system))
+        messages.append(common_pb2.ChatMessage(role="user", content=args.prompt))
+        prompt = common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=messages))
+    else:
+        prompt = common_pb2.Prompt(text=args.prompt)
+    sampling = common_pb2.SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    spec = gateway_pb2.SpecOptions(
+        strategy=strategy_value(args.strategy) if args.strategy else 0,
+        budget=common_pb2.TreeBudget(
+            max_nodes=args.max_nodes,
+            max_depth=args.max_depth,
+            branching=args.branching,
+            num_candidates=args.num_candidates,
+        ),
+        adaptive=args.adaptive,
+        vocab_limit=args.vocab_limit,
+    )
+    return gateway_pb2.GatewayGenerateRequest(
+        model=args.model,
+        prompt=prompt,
+        sampling=sampling,
+        policy=POLICY_NAMES[args.policy] if args.policy else 0,
+        spec=spec,
+    )
+
+
+def summary(last, n_tokens: int, elapsed: float, first: float | None, start: float) -> dict:
+    from specmesh.v1 import common_pb2
+
+    s = last.spec_stats
+    return {
+        "output_tokens": n_tokens,
+        "prompt_tokens": last.usage.prompt_tokens,
+        "seconds": elapsed,
+        "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0,
+        "time_to_first_token_s": (first - start) if first is not None else None,
+        "finish_reason": common_pb2.FinishReason.Name(last.finish_reason)
+        .removeprefix("FINISH_REASON_")
+        .lower(),
+        "seed": last.usage.seed,
+        "rounds": s.rounds,
+        "drafted_tokens": s.drafted_tokens,
+        "accepted_tokens": s.accepted_tokens,
+        "mean_accepted_length": s.mean_accepted_length,
+        "acceptance_rate": s.acceptance_rate,
+        "session_id": last.session_id,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.core.errors import SpecmeshError
+    from services.runtime.errors import status_details
+    from specmesh.v1 import gateway_pb2_grpc
+
+    try:
+        request = build_request(args)
+    except SpecmeshError as exc:
+        print(f"specmesh generate: {exc}", file=sys.stderr)
+        return 2
+    text: list[str] = []
+    tokens: list[int] = []
+    last = None
+    start = time.perf_counter()
+    first = None
+    with grpc.insecure_channel(args.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        try:
+            for chunk in stub.GenerateStream(request, timeout=args.timeout):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter()
+                tokens.extend(chunk.token_ids)
+                text.append(chunk.text)
+                if not args.json and chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                if chunk.finish_reason:
+                    last = chunk
+        except grpc.RpcError as exc:
+            code, message, violations = status_details(exc)
+            if not args.json and text:
+                print()
+            print(f"specmesh generate: {code.name}: {message}", file=sys.stderr)
+            for v in violations:
+                print(f"  field {v.field}: {v.description}", file=sys.stderr)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                print(
+                    f"  is a gateway running on {args.gateway}? start one with `specmesh up`", file=sys.stderr
+                )
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    elapsed = time.perf_counter() - start
+    if last is None:
+        print("specmesh generate: the stream ended without a final chunk", file=sys.stderr)
+        return 1
+    info = summary(last, len(tokens), elapsed, first, start)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": tokens, **info}))
+        return 0
+    print()
+    line = f"[{info['output_tokens']} tokens in {elapsed:.2f}s: {info['tokens_per_second']:.1f} tokens/s" + (
+        f", first token after {info['time_to_first_token_s'] * 1000:.0f} ms" if first is not None else ""
+    )
+    if info["drafted_tokens"] and info["rounds"]:
+        line += (
+            f"; tau {info['mean_accepted_length']:.2f} tokens/round, acceptance "
+            f"{info['acceptance_rate']:.1%} ({info['accepted_tokens']}/{info['drafted_tokens']} drafted) "
+            f"over {info['rounds']} rounds"
+        )
+    elif info["drafted_tokens"]:
+        line += f"; {info['drafted_tokens']} tokens drafted, none verified (draft policy)"
+    line += f"; finish={info['finish_reason']}, seed={info['seed']}]"
+    print(line, file=sys.stderr)
+    return 0

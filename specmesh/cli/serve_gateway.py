@@ -1,0 +1,152 @@
+"""`specmesh serve gateway`: the public Gateway API in front of a target and a draft service.
+
+Wire it into `specmesh serve` with ``serve_gateway.add_parser(service_subparsers)``; it also
+runs alone as ``python -m specmesh.cli.serve_gateway --target ADDR --draft ADDR``. Never
+imports torch (the gateway's image has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50050
+ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
+ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
+POLICIES = ("target", "draft", "speculative")
+STRATEGIES = ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default=os.environ.get(ENV_TARGET, DEFAULT_TARGET),
+        metavar="ADDR",
+        help=f"target service host:port [{ENV_TARGET}, default %(default)s]",
+    )
+    p.add_argument(
+        "--draft",
+        default=os.environ.get(ENV_DRAFT),
+        metavar="ADDR",
+        help=f"draft service host:port; without one only the target policy works [{ENV_DRAFT}]",
+    )
+    p.add_argument(
+        "--model",
+        "--tokenizer",
+        dest="model",
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="model (name in the model directory, or HF directory) whose tokenizer the gateway uses "
+        "(default: the target's model, looked up by the name it reports)",
+    )
+    d = p.add_argument_group("request defaults", "used when a request leaves the field unset")
+    d.add_argument("--policy", choices=POLICIES, default="speculative", help="default: %(default)s")
+    d.add_argument("--strategy", choices=STRATEGIES, default="chain", help="default: %(default)s")
+    d.add_argument("--max-nodes", type=int, default=None, help="tree nodes per round (default strategy)")
+    d.add_argument("--max-depth", type=int, default=None, help="draft depth per round (default strategy)")
+    d.add_argument("--branching", type=int, default=None, help="children per node (static tree)")
+    d.add_argument("--num-candidates", type=int, default=None, help="k candidates (multi-candidate)")
+    d.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="adapt every speculative request's tree to recent acceptance (default: only on request)",
+    )
+    d.add_argument(
+        "--draft-chunk", type=int, default=8, help="tokens per draft call under the draft policy (default 8)"
+    )
+    from services.runtime.settings import add_server_args
+
+    add_server_args(p)
+    p.set_defaults(func=run)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``gateway`` to the subcommands of ``specmesh serve``."""
+    p = sub.add_parser(
+        "gateway",
+        help="the public Gateway API over a target and a draft service",
+        description="Serve specmesh.v1.Gateway: tokenizes prompts, routes every token between the draft "
+        "and the target (policies target | draft | speculative), streams the output with usage and "
+        "speculative statistics. Listens on port 50050 unless --port / SPECMESH_PORT says otherwise. "
+        "SIGTERM or Ctrl-C drains in-flight requests before exiting.",
+    )
+    _add_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specmesh serve gateway", description=__doc__)
+    _add_arguments(p)
+    return p
+
+
+def options_from_args(args: argparse.Namespace):
+    """GatewayOptions from parsed flags (raises SpecmeshError / ValueError on bad values)."""
+    from dataclasses import replace
+
+    from gateway.budget import DEFAULT_BUDGETS, BudgetLimits, strategy_value
+    from gateway.config import POLICY_NAMES, GatewayConfig
+    from gateway.server import GatewayOptions
+    from services.core.model_store import resolve_model
+
+    strategy = strategy_value(args.strategy)
+    budgets = dict(DEFAULT_BUDGETS)
+    limits = BudgetLimits()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("max_nodes", "max_depth", "branching", "num_candidates")
+        if getattr(args, name) is not None
+    }
+    for name, value in overrides.items():
+        if not 1 <= value <= getattr(limits, name):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be in [1, {getattr(limits, name)}], got {value}"
+            )
+    budgets[strategy] = replace(budgets[strategy], **overrides)
+    if args.draft_chunk < 1:
+        raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
+    config = GatewayConfig(
+        default_policy=POLICY_NAMES[args.policy],
+        default_strategy=strategy,
+        default_budgets=budgets,
+        adaptive=args.adaptive,
+        draft_chunk=args.draft_chunk,
+    )
+    draft = args.draft if args.draft and args.draft.lower() != "none" else None
+    tokenizer_dir = resolve_model(args.model) if args.model else None
+    return GatewayOptions(target=args.target, draft=draft, tokenizer_dir=tokenizer_dir, config=config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from gateway.server import run_gateway
+    from services.core.errors import SpecmeshError
+    from services.runtime.settings import ServerSettings, SettingsError
+    from services.runtime.telemetry import setup_telemetry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServerSettings.from_env_and_args(args, port=DEFAULT_PORT, service_name="specmesh-gateway")
+        options = options_from_args(args)
+    except (SpecmeshError, SettingsError, ValueError) as exc:
+        print(f"specmesh serve gateway: {exc}", file=sys.stderr)
+        return 2
+    telemetry = setup_telemetry(settings.service_name)
+    asyncio.run(run_gateway(options, settings, telemetry=telemetry))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The gateway's container has no torch: nothing on its import path may pull it in."""
+
+import subprocess
+import sys
+
+
+def test_gateway_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import gateway.server, gateway.servicer, gateway.orchestrator, specmesh.cli.serve_gateway\n"
+        "from specmesh.cli import serve_gateway\n"
+        "serve_gateway.build_parser()\n"
+        "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not leaked, f'torch imported: {leaked[:5]}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,339 @@
+"""Gateway pieces without servers: stop rules, statistics, budgets, the adaptive budget, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.budget import (
+    CHAIN,
+    DEFAULT_BUDGETS,
+    DYNAMIC_TREE,
+    MULTI_CANDIDATE,
+    STATIC_TREE,
+    AdaptiveBudget,
+    Budget,
+    cap_budget,
+    resolve_budget,
+    strategy_name,
+    strategy_value,
+)
+from gateway.config import GatewayConfig
+from gateway.orchestrator import _chain_tokens, _checked_path, draft_seed
+from gateway.requests import validate
+from gateway.stats import SpecCounter, tree_depth
+from gateway.stops import OutputState
+from services.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, SpecmeshError
+from services.core.params import GenerationParams
+from specmesh.v1 import common_pb2, gateway_pb2, target_pb2
+
+# --- stop rules ------------------------------------------------------------------------------
+
+
+def words(tok, *ids: int) -> str:
+    return tok.decode(list(ids))
+
+
+def test_max_new_tokens_truncates_a_round(toy) -> None:
+    out = OutputState(toy.tokenizer, GenerationParams(max_new_tokens=5))
+    kept, text = out.feed([2, 3, 4])
+    assert kept == [2, 3, 4] and out.finish is None and out.remaining == 2
+    kept2, text2 = out.feed([5, 6, 7, 8])
+    assert kept2 == [5, 6] and out.finish == "length"
+    assert out.tokens == [2, 3, 4, 5, 6]
+    assert text + text2 == out.text == words(toy.tokenizer, 2, 3, 4, 5, 6)
+    assert out.feed([9]) == ([], "")  # nothing after the end
+
+
+def test_eos_is_emitted_and_ends_the_output(toy) -> None:
+    out = OutputState(toy.tokenizer, GenerationParams(max_new_tokens=50))
+    kept, text = out.feed([2, 3, toy.EOS, 4, 5])
+    assert kept == [2, 3, toy.EOS] and out.finish == "eos"
+    assert text == "w2 w3"
+
+
+def test_ignore_eos_and_stop_ids(toy) -> None:
+    out = OutputState(
+        toy.tokenizer, GenerationParams(max_new_tokens=50, ignore_eos=True, stop_token_ids=(7,))
+    )
+    kept, _ = out.feed([2, toy.EOS, 3, 7, 8])
+    assert kept == [2, toy.EOS, 3, 7] and out.finish == "eos"
+
+
+def test_stop_string_is_cut_from_the_text(toy) -> None:
+    out = OutputState(toy.tokenizer, GenerationParams(max_new_tokens=50, stop_strings=("w5 w6",)))
+    pieces = []
+    for round_tokens in ([2, 3, 4, 5], [6, 7, 8]):
+        kept, text = out.feed(round_tokens)
+        pieces.append(text)
+    assert out.finish == "stop_string"
+    assert out.tokens == [2, 3, 4, 5, 6]  # the token completing the stop string is reported, the rest dropped
+    assert "".join(pieces) == "w2 w3 w4 "
+    assert "w5" not in out.text
+
+
+def test_text_is_held_back_while_it_may_start_a_stop_string(toy) -> None:
+    out = OutputState(toy.tokenizer, GenerationParams(max_new_tokens=3, stop_strings=("w4 w9",)))
+    _, text = out.feed([2, 4])
+    assert text == "w2 "  # " w4" could still begin the stop string
+    _, text = out.feed([5])
+    assert out.finish == "length" and out.text == "w2 w4 w5"
+
+
+# --- stats ---------------------------------------------------------------------------------------
+
+
+def test_spec_counter() -> None:
+    c = SpecCounter()
+    assert c.tau == 0.0 and c.acceptance_rate == 0.0
+    c.add_round(drafted=4, accepted=4)
+    c.add_round(drafted=4, accepted=1)
+    c.add_round(drafted=4, accepted=0)
+    assert c.rounds == 3 and c.drafted == 12 and c.accepted == 5
+    assert c.tau == pytest.approx((5 + 3) / 3)
+    assert c.acceptance_rate == pytest.approx(5 / 12)
+    p = c.to_proto()
+    assert (p.rounds, p.drafted_tokens, p.accepted_tokens) == (3, 12, 5)
+    assert p.mean_accepted_length == pytest.approx(8 / 3) and p.acceptance_rate == pytest.approx(5 / 12)
+    with pytest.raises(ValueError):
+        c.add_round(drafted=1, accepted=2)
+    assert SpecCounter(rounds=7).tau == 1.0  # plain decoding
+
+
+def test_tree_depth() -> None:
+    assert tree_depth([]) == 0
+    assert tree_depth([-1, 0, 1, 2]) == 4
+    assert tree_depth([-1, -1, 0, 0, 2]) == 3
+    assert tree_depth([-1, 0, 1, -1, 3, 4, 5]) == 4  # two candidates, the second longer
+
+
+def test_chain_tokens_and_checked_path() -> None:
+    chain = common_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, 0, 1])
+    assert _chain_tokens(chain) == [5, 6, 7]
+    assert _chain_tokens(common_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, -1, 0])) == [5]
+    tree = common_pb2.TokenTree(tokens=[5, 6, 7, 8], parents=[-1, -1, 1, 2])
+    ok = target_pb2.VerifyResponse(accepted_nodes=[1, 2], accepted_tokens=[6, 7], next_token=3)
+    assert _checked_path(tree, ok) == [6, 7]
+    for nodes, tokens in (([0, 2], [5, 7]), ([1, 2], [6, 9]), ([4], [1]), ([1], [6, 7])):
+        bad = target_pb2.VerifyResponse(accepted_nodes=nodes, accepted_tokens=tokens)
+        with pytest.raises(SpecmeshError):
+            _checked_path(tree, bad)
+
+
+def test_draft_seed_is_deterministic_and_distinct() -> None:
+    assert draft_seed(1) == draft_seed(1) != draft_seed(2)
+    assert draft_seed(1) != 1 and 0 <= draft_seed(2**64 - 1) < 2**63
+
+
+# --- budgets -------------------------------------------------------------------------------------
+
+
+def test_strategy_names_roundtrip() -> None:
+    for name in ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup"):
+        assert strategy_name(strategy_value(name)) == name
+    assert strategy_value("DYNAMIC_TREE") == DYNAMIC_TREE
+    with pytest.raises(InvalidArgument):
+        strategy_value("beam")
+
+
+def test_resolve_budget_defaults_and_overrides() -> None:
+    assert resolve_budget(CHAIN, None) == DEFAULT_BUDGETS[CHAIN]
+    b = resolve_budget(STATIC_TREE, common_pb2.TreeBudget(max_depth=5))
+    assert b == Budget(DEFAULT_BUDGETS[STATIC_TREE].max_nodes, 5, DEFAULT_BUDGETS[STATIC_TREE].branching)
+    b = resolve_budget(MULTI_CANDIDATE, common_pb2.TreeBudget(max_nodes=20, num_candidates=4))
+    assert (b.max_nodes, b.num_candidates) == (20, 4)
+
+
+@pytest.mark.parametrize(
+    "budget, error, field",
+    [
+        (common_pb2.TreeBudget(max_nodes=-1), InvalidArgument, "spec.budget.max_nodes"),
+        (common_pb2.TreeBudget(max_depth=1000), OutOfRange, "spec.budget.max_depth"),
+        (common_pb2.TreeBudget(branching=17), OutOfRange, "spec.budget.branching"),
+        (common_pb2.TreeBudget(num_candidates=-2), InvalidArgument, "spec.budget.num_candidates"),
+        (common_pb2.TreeBudget(max_nodes=300), OutOfRange, "spec.budget.max_nodes"),
+    ],
+)
+def test_resolve_budget_rejects(budget, error, field) -> None:
+    with pytest.raises(error) as info:
+        resolve_budget(DYNAMIC_TREE, budget)
+    assert info.value.field == field
+
+
+def test_multi_candidate_needs_a_node_per_candidate() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve_budget(MULTI_CANDIDATE, common_pb2.TreeBudget(max_nodes=2, num_candidates=3))
+    assert info.value.field == "spec.budget.num_candidates"
+
+
+def test_cap_budget() -> None:
+    b = Budget(max_nodes=16, max_depth=6, branching=2)
+    assert cap_budget(b, remaining_tokens=100, context_room=100) is b
+    assert cap_budget(b, remaining_tokens=4, context_room=100) == Budget(16, 3, 2)  # 3 drafted + 1 bonus
+    assert cap_budget(b, remaining_tokens=1, context_room=100).max_depth == 1
+    assert cap_budget(b, remaining_tokens=100, context_room=5) == Budget(5, 5, 2)
+    assert cap_budget(b, remaining_tokens=100, context_room=0) == Budget(1, 1, 2)
+
+
+def test_adaptive_budget_grows_on_full_acceptance() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=4, max_depth=4), max_depth=7, max_nodes=64)
+    depths = []
+    for _ in range(6):
+        b = a.current()
+        a.update(accepted=b.max_depth, drafted_depth=b.max_depth)
+        depths.append(a.depth)
+    assert depths == [5, 6, 7, 7, 7, 7]
+    assert a.current() == Budget(max_nodes=7, max_depth=7)  # a chain keeps nodes == depth
+
+
+def test_adaptive_budget_shrinks_when_rejected_and_keeps_tree_width() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=12, max_depth=4, num_candidates=3))
+    for _ in range(8):
+        a.update(accepted=0, drafted_depth=a.current().max_depth)
+    assert a.depth == 1 and a.current() == Budget(max_nodes=3, max_depth=1, num_candidates=3)
+    # recovers once the draft is accepted again
+    for _ in range(3):
+        a.update(accepted=a.current().max_depth, drafted_depth=a.current().max_depth)
+    assert a.depth == 4 and a.current().max_nodes == 12
+
+
+def test_adaptive_budget_tracks_partial_acceptance() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=8, max_depth=8), max_depth=16)
+    for _ in range(10):
+        a.update(accepted=2, drafted_depth=a.current().max_depth)
+    assert a.depth == 3  # floor(EMA 2) + 1: one more than is usually accepted
+
+
+def test_adaptive_budget_does_not_grow_on_a_capped_round() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=6, max_depth=6))
+    a.update(accepted=2, drafted_depth=2)  # the tree was cut to 2 by max_new_tokens; all accepted
+    assert a.depth == 6
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+TARGET = common_pb2.ModelInfo(name="toy-target", vocab_size=64, max_context=256)
+DRAFT = common_pb2.ModelInfo(name="toy-draft", vocab_size=64, max_context=128)
+
+
+def request(**kw) -> gateway_pb2.GatewayGenerateRequest:
+    kw.setdefault("prompt", common_pb2.Prompt(text="w3 w4 w5"))
+    kw.setdefault("sampling", common_pb2.SamplingParams(max_new_tokens=8))
+    return gateway_pb2.GatewayGenerateRequest(**kw)
+
+
+def plan_of(toy, req, config=None, has_draft=True):
+    config = config or GatewayConfig()
+    return validate(
+        req, tokenizer=toy.tokenizer, target_info=TARGET, draft_info=DRAFT, config=config, has_draft=has_draft
+    )
+
+
+def test_validate_defaults(toy) -> None:
+    p = plan_of(toy, request())
+    assert p.policy == gateway_pb2.POLICY_SPECULATIVE and p.strategy == CHAIN
+    assert p.prompt_ids == (3, 4, 5) and p.model == "toy-target" and p.operation == "text_completion"
+    assert p.budget == DEFAULT_BUDGETS[CHAIN] and not p.adaptive
+    assert p.sampling.HasField("seed") and p.seed == p.sampling.seed == p.params.seed
+    seeded = plan_of(toy, request(sampling=common_pb2.SamplingParams(max_new_tokens=4, seed=2**64 - 1)))
+    assert seeded.seed == 2**64 - 1
+    chat = common_pb2.Prompt(
+        chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content="w9")])
+    )
+    p = plan_of(toy, request(prompt=chat, policy=gateway_pb2.POLICY_TARGET))
+    assert p.operation == "chat" and p.prompt_ids == tuple(toy.tokenizer.encode("user w9 w2"))
+    config = GatewayConfig(default_policy=gateway_pb2.POLICY_TARGET, default_strategy=DYNAMIC_TREE)
+    assert plan_of(toy, request(), config).policy == gateway_pb2.POLICY_TARGET
+    p = plan_of(toy, request(policy=gateway_pb2.POLICY_SPECULATIVE), config)
+    assert p.strategy == DYNAMIC_TREE and p.budget == DEFAULT_BUDGETS[DYNAMIC_TREE]
+
+
+def ids(*tokens: int) -> common_pb2.Prompt:
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(tokens)))
+
+
+@pytest.mark.parametrize(
+    "kw, error, field",
+    [
+        (dict(session_id="abc"), InvalidArgument, "session_id"),
+        (dict(model="llama-70b"), InvalidArgument, "model"),
+        (dict(policy=gateway_pb2.POLICY_R2R), InvalidArgument, "policy"),
+        (dict(policy=17), InvalidArgument, "policy"),
+        (dict(quality=9), InvalidArgument, "quality"),
+        (dict(prompt=common_pb2.Prompt()), InvalidArgument, "prompt"),
+        (dict(prompt=common_pb2.Prompt(text="")), InvalidArgument, "prompt.text"),
+        (dict(prompt=ids()), InvalidArgument, "prompt.token_ids.ids"),
+        (dict(prompt=ids(3, 64)), InvalidArgument, "prompt.token_ids.ids"),
+        (dict(prompt=ids(3, -1)), InvalidArgument, "prompt.token_ids.ids"),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=0)),
+            InvalidArgument,
+            "sampling.max_new_tokens",
+        ),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=-3)),
+            InvalidArgument,
+            "sampling.max_new_tokens",
+        ),
+        # the draft's context (128) bounds speculative requests
+        (dict(sampling=common_pb2.SamplingParams(max_new_tokens=126)), OutOfRange, "sampling.max_new_tokens"),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=8, temperature=-1)),
+            InvalidArgument,
+            "sampling.temperature",
+        ),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=8, top_p=1.5)),
+            InvalidArgument,
+            "sampling.top_p",
+        ),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=8, stop_token_ids=[99])),
+            OutOfRange,
+            "sampling.stop_token_ids",
+        ),
+        (
+            dict(sampling=common_pb2.SamplingParams(max_new_tokens=8, stop=[""])),
+            InvalidArgument,
+            "sampling.stop",
+        ),
+        (dict(spec=gateway_pb2.SpecOptions(strategy=42)), InvalidArgument, "spec.strategy"),
+        (
+            dict(spec=gateway_pb2.SpecOptions(budget=common_pb2.TreeBudget(max_depth=99))),
+            OutOfRange,
+            "spec.budget.max_depth",
+        ),
+        (dict(spec=gateway_pb2.SpecOptions(vocab_limit=65)), OutOfRange, "spec.vocab_limit"),
+    ],
+)
+def test_validate_rejects(toy, kw, error, field) -> None:
+    with pytest.raises(error) as info:
+        plan_of(toy, request(**kw))
+    assert info.value.field == field
+
+
+def test_target_policy_uses_the_target_context_only(toy) -> None:
+    req = request(policy=gateway_pb2.POLICY_TARGET, sampling=common_pb2.SamplingParams(max_new_tokens=200))
+    assert plan_of(toy, req).params.max_new_tokens == 200
+    with pytest.raises(OutOfRange):
+        plan_of(
+            toy,
+            request(policy=gateway_pb2.POLICY_TARGET, sampling=common_pb2.SamplingParams(max_new_tokens=254)),
+        )
+
+
+def test_draft_policies_need_a_draft(toy) -> None:
+    for policy in (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_SPECULATIVE):
+        with pytest.raises(FailedPrecondition) as info:
+            plan_of(toy, request(policy=policy), has_draft=False)
+        assert info.value.field == "policy"
+    assert plan_of(toy, request(policy=gateway_pb2.POLICY_TARGET), has_draft=False).budget is None
+
+
+def test_draft_policy_plan(toy) -> None:
+    p = plan_of(toy, request(policy=gateway_pb2.POLICY_DRAFT), GatewayConfig(draft_chunk=6))
+    assert p.budget == Budget(6, 6)
+
+
+def test_adaptive_from_request_or_config(toy) -> None:
+    assert plan_of(toy, request(spec=gateway_pb2.SpecOptions(adaptive=True))).adaptive
+    assert plan_of(toy, request(), GatewayConfig(adaptive=True)).adaptive
