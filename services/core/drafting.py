@@ -77,14 +77,17 @@ def rule_for(strategy: Strategy, sampling: SamplingConfig) -> Rule:
     }[strategy]
 
 
-def draft_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_distribution(
+    logits: torch.Tensor, sampling: SamplingConfig, vocab_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse q = the requested distribution restricted to its top DRAFT_TOP_K, renormalised.
-    Greedy drafting ranks by the T=1 distribution (q is then only used for scores)."""
+    Greedy drafting ranks by the T=1 distribution (q is then only used for scores).
+    vocab_ids maps logits columns to token ids when the draft's vocabulary is truncated."""
     probs = probabilities(logits, SamplingConfig(temperature=1.0) if sampling.greedy else sampling)
     top = probs.topk(min(DRAFT_TOP_K, probs.shape[-1]))
     keep = top.values > 0
-    ids, p = top.indices[keep], top.values[keep]
-    return ids, p / p.sum()
+    cols, p = top.indices[keep], top.values[keep]
+    return (cols if vocab_ids is None else vocab_ids[cols]), p / p.sum()
 
 
 def draw_children(
@@ -109,6 +112,7 @@ class Drafter:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._limit = 0
 
     def propose(
         self,
@@ -118,8 +122,12 @@ class Drafter:
         budget: Budget,
         sampling: SamplingConfig,
         gen: torch.Generator | None,
+        vocab_limit: int = 0,
     ) -> DraftTree:
+        """vocab_limit > 0 drafts only from the first vocab_limit logits columns (the most
+        frequent tokens when the engine's vocabulary is a frequency-ordered truncation)."""
         tree = DraftTree(rule=rule_for(strategy, sampling))
+        self._limit = vocab_limit
         start = seq.length
         # frontier: (node, logits after it, log path probability)
         frontier = [(-1, root_logits, 0.0)]
@@ -138,6 +146,12 @@ class Drafter:
         finally:
             seq.truncate(start)  # drafted KV is scratch: the next call commits what was accepted
         return tree
+
+    def _limited(self, logits: torch.Tensor) -> torch.Tensor:
+        if 0 < self._limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., self._limit :] = float("-inf")
+        return logits
 
     @staticmethod
     def _path_logprob(tree: DraftTree, node: int) -> float:
@@ -162,7 +176,7 @@ class Drafter:
             raise ValueError(f"{strategy} is not a model strategy")
         added = []
         for node, logits, _ in frontier:
-            ids, q = draft_distribution(logits, sampling)
+            ids, q = draft_distribution(self._limited(logits), sampling, self.engine.vocab_ids)
             picks = draw_children(ids, q, min(per_node, room - len(added)), replacement, greedy, gen)
             if not picks:
                 break
@@ -180,7 +194,7 @@ class Drafter:
         candidates = []  # (score, node, rank in draw order, token, logq)
         offered: dict[int, tuple[list[int], list[float]]] = {}
         for node, logits, path in frontier:
-            ids, q = draft_distribution(logits, sampling)
+            ids, q = draft_distribution(self._limited(logits), sampling, self.engine.vocab_ids)
             picks = draw_children(ids, q, budget.branching, False, sampling.greedy, gen)
             offered[node] = (ids.tolist(), q.tolist())
             for rank, j in enumerate(picks):

@@ -33,6 +33,7 @@ class Engine:
         self.config = model.config
         self.name = name
         self.digest = digest
+        self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab: logits column -> token id
         dtype = next(model.parameters()).dtype
         self.pool = BlockPool(
             self.config, block_size=block_size, max_blocks=max(1, max_kv_tokens // block_size), dtype=dtype
@@ -59,6 +60,20 @@ class Engine:
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
         return cls(model, **kw)
+
+    def restrict_vocab(self, token_ids: list[int]) -> None:
+        """Compute logits only for `token_ids` (a draft's truncated vocabulary): every logits
+        tensor this engine returns is then [..., len(token_ids)], column j meaning token_ids[j].
+        Drafts stay lossless: they sample from, and report, the distribution over this subset."""
+        if not token_ids or len(set(token_ids)) != len(token_ids):
+            raise InvalidArgument("needs distinct token ids", "vocab")
+        self.check_tokens(token_ids, "vocab")
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        weight = self.model.lm_head.weight.detach()[ids].clone()
+        head = torch.nn.Linear(weight.shape[1], len(token_ids), bias=False)
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.model.lm_head = head
+        self.vocab_ids = ids
 
     @property
     def max_context(self) -> int:

@@ -29,11 +29,18 @@ def load_draft(
     default_strategy: Strategy = Strategy.CHAIN,
     max_sessions: int = 256,
     max_kv_tokens: int = 65536,
+    vocab_limit: int | None = None,
 ) -> DraftServicer:
+    """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
+    (None = all of them, 0 = the full vocabulary)."""
     model_dir = resolve_model(model)
     if threads:
         torch.set_num_threads(threads)
     engine = Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens)
+    vocab = _draft_vocab(Path(model_dir))
+    if vocab and vocab_limit != 0:
+        engine.restrict_vocab(vocab[:vocab_limit] if vocab_limit else vocab)
+        log.info("draft head restricted to %d of %d tokens", len(engine.vocab_ids), engine.config.vocab_size)
     license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
     log.info("loaded draft %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
     return DraftServicer(
@@ -47,6 +54,12 @@ def registrar(servicer: DraftServicer) -> Callable[[grpc.aio.Server], list[str]]
         return [SERVICE_NAME]
 
     return register
+
+
+def _draft_vocab(model_dir: Path) -> list[int] | None:
+    """Frequency-ordered truncated vocabulary shipped with a trained draft (draft_vocab.json)."""
+    path = model_dir / "draft_vocab.json"
+    return json.loads(path.read_text())["token_ids"] if path.is_file() else None
 
 
 async def start_draft(servicer: DraftServicer, settings: ServerSettings) -> RunningServer:

@@ -99,9 +99,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         budget = budget_from_proto(request.budget, strategy)
         sampling = sampling_config(request.sampling)
         sampling.validate(self.engine.config.vocab_size)
-        if request.vocab_limit:
+        columns = (
+            len(self.engine.vocab_ids) if self.engine.vocab_ids is not None else self.engine.config.vocab_size
+        )
+        if not 0 <= request.vocab_limit <= columns:
             raise InvalidArgument(
-                "this draft has no truncated vocabulary; leave vocab_limit at 0", "vocab_limit"
+                f"must be in [0, {columns}] (the draft's vocabulary; 0 = all), got {request.vocab_limit}",
+                "vocab_limit",
             )
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 

@@ -47,6 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     d.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once")
     d.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
+    d.add_argument(
+        "--vocab-limit",
+        type=int,
+        default=None,
+        help="draft from the first N tokens of the model's draft_vocab.json (default: all of it; "
+        "0 = the full vocabulary)",
+    )
     add_server_args(d)
     d.set_defaults(func=run_draft)
 
@@ -95,6 +102,7 @@ def run_draft(args: argparse.Namespace) -> int:
         default_strategy=Strategy(args.default_strategy),
         max_sessions=args.max_sessions,
         max_kv_tokens=args.max_kv_tokens,
+        vocab_limit=args.vocab_limit,
     )
 
     def announce(server) -> None:

@@ -194,3 +194,26 @@ def test_sampled_pipeline_is_lossless(strategy: Strategy, budget: Budget) -> Non
     crit = dof * (1 - 2 / (9 * dof) + 3.29 * math.sqrt(2 / (9 * dof))) ** 3  # 99.95% quantile
     assert chi2 < crit, (chi2, crit)
 
+
+def test_truncated_draft_vocabulary_stays_lossless() -> None:
+    target, draft = engines()
+    subset = list(range(0, 97, 2))  # the draft only knows even token ids
+    draft.restrict_vocab(subset)
+    prompt = [5, 17, 33, 5, 17]
+    for strategy in (Strategy.CHAIN, Strategy.DYNAMIC_TREE):
+        got = speculative(
+            target, draft, prompt, 20, strategy, SamplingConfig(), torch.Generator().manual_seed(0)
+        )
+        assert got == greedy_reference(target, prompt, 20)
+    seq = draft.new_sequence()
+    tree = Drafter(draft).propose(
+        seq,
+        draft.prefill(seq, prompt),
+        Strategy.STATIC_TREE,
+        Budget(max_nodes=8, max_depth=2, branching=4),
+        SamplingConfig(temperature=1.0),
+        torch.Generator().manual_seed(2),
+        vocab_limit=10,
+    )
+    assert set(tree.tokens) <= set(subset[:10])
+    assert all(set(ids) <= set(subset[:10]) for ids, _ in tree.dists.values())
