@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "up": "up",
     "generate": "generate",
     "models": "models",
+    "train": "train",
     "serve": "serve",
     "bench": "bench",
     "protos": "protos",

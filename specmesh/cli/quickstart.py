@@ -1,81 +1,111 @@
 """`specmesh quickstart`: the main job on embedded defaults.
 
-Builds the default model if missing, starts the target service on a loopback port, asks
-it a question through the chat template over gRPC, streams the answer and reports speed.
+Builds what is missing (the SmolLM2 target model; a draft for it, trained briefly on CPU),
+brings the local stack up as processes (Redis-compatible server, target, draft, gateway on
+loopback), asks the question through the gateway twice (target alone, then speculative),
+streams the speculative answer and reports tokens/s, the speedup, the mean accepted length
+(tau) and the acceptance rate. Everything stops on exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import subprocess
 import sys
 import time
+
+DRAFT = "smollm2-135m-instruct-draft"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="import the default model, serve it locally and answer a prompt",
+        help="build the default models, start the local stack and answer a prompt through the gateway",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--prompt", default="What is the capital of France?", help="user message (default: %(default)s)"
     )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--strategy",
+        default="dynamic_tree",
+        choices=["chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup"],
+        help="draft strategy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--draft-minutes",
+        type=float,
+        default=5.0,
+        help="CPU minutes to train the default draft when it is missing (default: %(default)s; "
+        "`specmesh train draft` trains a stronger one)",
+    )
     p.set_defaults(func=run)
 
 
+def ensure_draft(minutes: float) -> None:
+    from services.core.errors import NotFound
+    from services.core.model_store import ensure_default_model, resolve_model
+
+    ensure_default_model()
+    try:
+        resolve_model(DRAFT)
+    except NotFound:
+        print(f"[building the default draft {DRAFT}: {minutes:g} CPU minutes, once]", file=sys.stderr)
+        cmd = [sys.executable, "-m", "specmesh.cli.main", "train", "draft", "--minutes", str(minutes)]
+        subprocess.run(cmd, check=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from services.core.model_store import ensure_default_model
+    import grpc
 
-    if args.model == "smollm2-135m-instruct":
-        ensure_default_model()
-    return asyncio.run(_ask(args))
+    from specmesh.cli.up import LocalStack, StackConfig
+    from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-
-async def _ask(args: argparse.Namespace) -> int:
-    from services.runtime.server import aio_channel
-    from services.runtime.settings import ServerSettings
-    from services.target.server import load_target, start_target
-    from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
-
-    servicer = load_target(args.model)
-    settings = ServerSettings(host="127.0.0.1", port=0)
-    server = await start_target(servicer, settings)
-    print(f"[target {servicer.engine.name} on {server.address}]", file=sys.stderr)
-    print(f"user> {args.prompt}\nassistant> ", end="", flush=True)
+    ensure_draft(args.draft_minutes)
+    strategy = getattr(common_pb2, f"DRAFT_STRATEGY_{args.strategy.upper()}")
     sampling = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if args.seed is not None:
         sampling.seed = args.seed
-    request = target_pb2.GenerateRequest(
-        prompt=common_pb2.Prompt(
-            chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=args.prompt)])
-        ),
-        sampling=sampling,
-    )
-    try:
-        async with aio_channel(server.address, settings) as channel:
-            stub = target_pb2_grpc.TargetServiceStub(channel)
-            start = time.perf_counter()
-            first = None
-            async for chunk in stub.Generate(request):
-                first = first or time.perf_counter()
-                print(chunk.text, end="", flush=True)
-                if chunk.finish_reason:
-                    final = chunk
-        elapsed = time.perf_counter() - start
-        n = final.usage.output_tokens
-        print(
-            f"\n[{n} tokens in {elapsed:.2f}s: {n / elapsed:.1f} tokens/s, first token after "
-            f"{(first - start) * 1000:.0f} ms, prompt {final.usage.prompt_tokens} tokens, "
-            f"finish={common_pb2.FinishReason.Name(final.finish_reason)}]",
-            file=sys.stderr,
+
+    def request(policy: int) -> gateway_pb2.GatewayGenerateRequest:
+        chat = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=args.prompt)])
+        return gateway_pb2.GatewayGenerateRequest(
+            prompt=common_pb2.Prompt(chat=chat),
+            sampling=sampling,
+            policy=policy,
+            spec=gateway_pb2.SpecOptions(strategy=strategy),
         )
-    finally:
-        await server.stop(grace=1)
-        servicer.close()
+
+    with LocalStack(StackConfig(gateway_port=0)) as stack, grpc.insecure_channel(stack.gateway) as channel:
+        gateway = gateway_pb2_grpc.GatewayStub(channel)
+        start = time.perf_counter()
+        baseline = gateway.Generate(request(gateway_pb2.POLICY_TARGET))
+        target_s = time.perf_counter() - start
+
+        print(f"\nuser> {args.prompt}\nassistant> ", end="", flush=True)
+        start, first, last, ids = time.perf_counter(), None, None, []
+        for chunk in gateway.GenerateStream(request(gateway_pb2.POLICY_SPECULATIVE)):
+            first = first or time.perf_counter()
+            print(chunk.text, end="", flush=True)
+            ids += chunk.token_ids
+            last = chunk
+        spec_s = time.perf_counter() - start
+    n, stats = last.usage.output_tokens, last.spec_stats
+    if args.temperature == 0:
+        same = "identical to" if ids == list(baseline.token_ids) else "DIFFERENT FROM"
+    else:
+        same = "sampled independently of"
+    base_rate = baseline.usage.output_tokens / target_s
+    print(
+        f"\n[speculative ({args.strategy}): {n} tokens in {spec_s:.2f}s = {n / spec_s:.1f} tokens/s, "
+        f"first token {1000 * (first - start):.0f} ms, tau {stats.mean_accepted_length:.2f}, "
+        f"acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds]\n"
+        f"[target alone: {baseline.usage.output_tokens} tokens in {target_s:.2f}s = {base_rate:.1f} tok/s; "
+        f"speculative output {same} the target's; tokens/s ratio {n / spec_s / base_rate:.2f}x]",
+        file=sys.stderr,
+    )
     return 0
