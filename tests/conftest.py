@@ -196,7 +196,12 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyGGU
 
 
 @pytest.fixture(scope="session")
-def draft_dir(smollm2_dir: Path) -> Path:
-    """A draft for integration tests of losslessness: any draft will do, so the target
-    itself serves until the trained-draft tooling provides a cheap untrained slice."""
-    return smollm2_dir
+def draft_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 4-layer slice of the target (about a second to build): losslessness must
+    hold for any draft, and a weak one exercises rejections and residual sampling."""
+    from services.core.training.draft import train_draft
+
+    root = tmp_path_factory.mktemp("drafts")
+    return train_draft(
+        smollm2_dir, "slice-draft", untrained=True, root=root, progress=False, log=lambda _: None
+    )
