@@ -189,10 +189,19 @@ class AttentionBatch:
         """Store this layer's new K/V ([B, kv_heads, T, D]) and return all keys/values [B, kv_heads, K, D]."""
         pool = self.seqs[0].pool
         B, H, T, D = k_new.shape
-        k_rows = k_new.transpose(1, 2).reshape(B * T, H, D)[self.write_rows]
-        v_rows = v_new.transpose(1, 2).reshape(B * T, H, D)[self.write_rows]
+        k_rows = k_new.transpose(1, 2).reshape(B * T, H, D)
+        v_rows = v_new.transpose(1, 2).reshape(B * T, H, D)
+        if len(self.write_rows) != B * T:  # padded batch: only the real rows
+            k_rows, v_rows = k_rows[self.write_rows], v_rows[self.write_rows]
         pool.k[layer][self.write_blk, :, self.write_off, :] = k_rows
         pool.v[layer][self.write_blk, :, self.write_off, :] = v_rows
+        if B == 1:
+            # index_select on the contiguous block dim, then one transposing copy (cheaper than
+            # advanced indexing; selecting from a transposed view would copy the whole layer).
+            idx = self.gather_idx[0]
+            k = pool.k[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
+            v = pool.v[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
+            return k, v
         # [B, nb, H, bs, D] -> [B, H, nb*bs, D] -> first K positions
         k = pool.k[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
         v = pool.v[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]

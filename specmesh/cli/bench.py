@@ -1,0 +1,110 @@
+"""`specmesh bench ...`: benchmarks that print a summary and write JSON (+ PNG).
+
+Subcommands:
+  decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
+  spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark (decode) and write JSON + PNG",
+        description="Benchmarks. Each prints a summary table and writes JSON (and a PNG chart next to it "
+        "when matplotlib is installed). Numbers are ratios against a baseline measured in the same run.",
+    )
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    _add_decode(bench_sub)
+    try:  # `bench spec` lives in its own module
+        from specmesh.cli.bench_spec import add_spec_parser
+    except ModuleNotFoundError as e:
+        if e.name != "specmesh.cli.bench_spec":
+            raise
+    else:
+        add_spec_parser(bench_sub)
+
+
+def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
+    d = bench_sub.add_parser(
+        "decode",
+        help="greedy decode tokens/s: specmesh engine vs transformers LlamaForCausalLM.generate",
+        description="Greedy decode throughput of the specmesh engine against transformers' "
+        "LlamaForCausalLM.generate (eager, no torch.compile) on the same weights and chat-templated "
+        "prompts, in one process with the same torch thread count. Runs are interleaved per prompt "
+        "after a warm-up; both sides generate exactly --max-new-tokens tokens (EOS does not stop "
+        "either). Reports decode-only and end-to-end tokens/s, time to first token, the speedup and "
+        "whether the greedy tokens are identical (exit status 1 if they are not).",
+        epilog="Example: specmesh bench decode --model smollm2-135m-instruct --out decode.json",
+    )
+    d.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="model name in the model store or a path to an HF-format model directory (default: %(default)s)",
+    )
+    d.add_argument("--out", type=Path, required=True, help="JSON output path; the PNG goes next to it (.png)")
+    d.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: %(default)s)"
+    )
+    d.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each prompt per engine (default: %(default)s)"
+    )
+    d.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads for both engines (default: torch's)"
+    )
+    d.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help='prompts, one per line: a JSON string or {"prompt": "..."} (default: 8 built-in prompts)',
+    )
+    d.add_argument(
+        "--hf-attn",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="transformers attention implementation (default: %(default)s)",
+    )
+    d.add_argument("--no-png", action="store_true", help="skip the PNG chart")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=run_decode)
+
+
+def _import_bench_decode():
+    try:
+        from bench import decode
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.decode"):
+            raise
+        # bench/ sits at the repository root and is not part of the installed packages:
+        # fall back to the source checkout this CLI was loaded from.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from bench import decode
+    return decode
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    decode = _import_bench_decode()
+
+    prompts = decode.load_prompts_file(args.prompts) if args.prompts else None
+    result = decode.run_decode_bench(
+        args.model,
+        prompts,
+        args.max_new_tokens,
+        args.repeats,
+        args.out,
+        args.threads,
+        hf_attn_implementation=args.hf_attn,
+        progress=not args.no_progress,
+        png=not args.no_png,
+    )
+    print(decode.format_summary(result))
+    print(f"wrote {result['json']}" + (f" and {result['png']}" if result["png"] else ""))
+    if result["png_note"] and not args.no_png:
+        print(f"note: {result['png_note']}")
+    return 0 if result["greedy_identical"] else 1
