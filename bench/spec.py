@@ -732,6 +732,8 @@ def run_spec_bench(
     out.parent.mkdir(parents=True, exist_ok=True)
     loadavg_start = _loadavg()
     started = time.time()
+    repo = Path(__file__).resolve().parents[1]
+    git_start = git_info(repo)  # the code the stack is started from
 
     paths = [Path(p) for p in prompt_files]
     sets = [load_prompt_set(p, limit, n) for p, n in zip(paths, _unique_names(paths), strict=True)]
@@ -984,8 +986,12 @@ def run_spec_bench(
         "loadavg_start": loadavg_start,
         "loadavg_end": _loadavg(),
         "threads": threads_info,
-        **git_info(Path(__file__).resolve().parents[1]),
+        **git_start,
     }
+    git_end = git_info(repo)
+    if git_end != git_start:
+        machine["git_at_end"] = git_end
+        notes.append("the checkout changed while the benchmark ran (see machine.git_at_end)")
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "spec",
