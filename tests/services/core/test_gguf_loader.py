@@ -193,7 +193,7 @@ def test_load_hf_dir_missing_files(tmp_path) -> None:
 def test_real_gguf_config() -> None:
     from services.core.model_store import find_smollm2_gguf
 
-    m = read_gguf(find_smollm2_gguf(install=False), progress=False)
+    m = read_gguf(find_smollm2_gguf(), progress=False)
     c = m.config
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (30, 576, 1536)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (9, 3, 64)
