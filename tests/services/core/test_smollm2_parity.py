@@ -3,7 +3,9 @@
 - Full-forward logits of our engine vs transformers' LlamaForCausalLM loaded from the same
   model directory: max |delta logit| <= 1e-3 on varied prompts.
 - KV equivalence: incremental decode, chunked prefill and the tree-masked forward give the
-  logits of one full causal forward (<= 1e-4).
+  logits of one full causal forward (<= 1e-4). The reference forward runs in float64: it is the
+  value every fp32 path approximates, and an fp32 full forward is itself up to ~9e-5 away from
+  it, so two fp32 paths can differ by more than either differs from the exact result.
 
 Each test prints the measured maximum (run with -s to see it).
 """
@@ -57,6 +59,14 @@ def engine(smollm2_dir):
     from services.core.engine import Engine
 
     return Engine.from_dir(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def exact(smollm2_dir):
+    """The same weights in float64: the reference of the KV-equivalence tests."""
+    from services.core.engine import Engine
+
+    return Engine.from_dir(smollm2_dir, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +127,9 @@ def kv_ids(tokenizer) -> list[int]:
     return prompt_ids(tokenizer, "chat") + prompt_ids(tokenizer, "code") + prompt_ids(tokenizer, "digits")
 
 
-def test_incremental_decode_matches_full_forward(engine, tokenizer) -> None:
+def test_incremental_decode_matches_full_forward(engine, exact, tokenizer) -> None:
     ids = kv_ids(tokenizer)
-    ref = full_logits(engine, ids)
+    ref = full_logits(exact, ids).float()
     seq = engine.new_sequence()
     try:
         first = engine.extend(seq, ids[:5])
@@ -132,9 +142,9 @@ def test_incremental_decode_matches_full_forward(engine, tokenizer) -> None:
     assert err <= KV_TOL
 
 
-def test_chunked_prefill_matches_full_forward(engine, tokenizer) -> None:
+def test_chunked_prefill_matches_full_forward(engine, exact, tokenizer) -> None:
     ids = kv_ids(tokenizer)
-    ref = full_logits(engine, ids)
+    ref = full_logits(exact, ids).float()
     cuts = [0, 3, 16, 17, 40, 64, len(ids)]
     seq = engine.new_sequence()
     try:
@@ -146,7 +156,7 @@ def test_chunked_prefill_matches_full_forward(engine, tokenizer) -> None:
     assert err <= KV_TOL
 
 
-def test_tree_forward_matches_full_forward(engine, tokenizer) -> None:
+def test_tree_forward_matches_full_forward(engine, exact, tokenizer) -> None:
     prefix = prompt_ids(tokenizer, "chat")
     #          0   1  2  3  4  5  6  7  8
     parents = [-1, -1, 0, 0, 1, 2, 5, 3, 7]
@@ -164,7 +174,7 @@ def test_tree_forward_matches_full_forward(engine, tokenizer) -> None:
         while i >= 0:
             path.append(i)
             i = parents[i]
-        ref = full_logits(engine, prefix + [tokens[j] for j in reversed(path)])[-1]
+        ref = full_logits(exact, prefix + [tokens[j] for j in reversed(path)])[-1].float()
         worst = max(worst, (tree[node] - ref).abs().max().item())
     print(f"\n[smollm2 kv] tree forward ({len(parents)} nodes): max |delta| = {worst:.3e}")
     assert worst <= KV_TOL
