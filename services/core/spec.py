@@ -176,6 +176,23 @@ def children_of(parents: list[int]) -> dict[int, list[int]]:
     return kids
 
 
+def greedy_walk(tokens: list[int], parents: list[int], argmax: list[int]) -> Acceptance:
+    """Greedy acceptance from the target's argmax alone (no [V] tensors): argmax[0] is the
+    target's token after the committed prefix, argmax[i + 1] its token after node i. Follow the
+    child whose token is the argmax (the first such sibling) until none is; the argmax there
+    is the next token."""
+    kids = children_of(parents)
+    path: list[int] = []
+    node = -1
+    while True:
+        want = argmax[node + 1]
+        match = next((c for c in kids[node] if tokens[c] == want), None)
+        if match is None:
+            return Acceptance(path, want)
+        path.append(match)
+        node = match
+
+
 def verify(
     rule: Rule,
     tokens: list[int],
@@ -189,6 +206,8 @@ def verify(
     target_probs: [n + 1, V]; row 0 is p after the last committed token, row i + 1 is p after
     node i. draft_probs: node index (-1 = root) -> q [V] its children were drawn from.
     """
+    if rule is Rule.GREEDY:
+        return greedy_walk(tokens, parents, target_probs.argmax(-1).tolist())
     kids = children_of(parents)
     path: list[int] = []
     node = -1
@@ -205,6 +224,6 @@ def verify(
             path.append(node)
             continue
         residual = outcome.residual
-        if rule is Rule.GREEDY or residual.sum() <= 0:
+        if residual.sum() <= 0:
             residual = p
         return Acceptance(path, int(torch.multinomial(residual.float(), 1, generator=generator)))

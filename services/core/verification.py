@@ -12,7 +12,7 @@ from services.core.errors import InvalidArgument
 from services.core.kv import SequenceKV
 from services.core.params import SamplingConfig
 from services.core.sampling import probabilities
-from services.core.spec import Acceptance, Rule, children_of, validate_tree, verify
+from services.core.spec import Acceptance, Rule, children_of, greedy_walk, validate_tree, verify
 
 PROB_TOLERANCE = 1e-3
 
@@ -104,8 +104,11 @@ def verify_round(
     rows = list(range(m - 1, m + len(tree_tokens)))  # root, then every node
     logits, hidden = engine.forward_tree(seq, new_tokens + tree_tokens, parents, logit_rows=rows)
     try:
-        target = probabilities(logits, sampling)  # [n + 1, V]
-        acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen)
+        if rule is Rule.GREEDY:  # argmax matching needs no distributions
+            acc = greedy_walk(tree_tokens, tree_parents, logits.argmax(-1).tolist())
+        else:
+            target = probabilities(logits, sampling)  # [n + 1, V]
+            acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen)
     except BaseException:
         seq.truncate(start)
         raise

@@ -29,6 +29,10 @@ def rule_from_proto(value: int, greedy: bool) -> Rule:
         return Rule.TREE_IID
     if value not in RULES:
         raise InvalidArgument(f"unknown acceptance rule {value}", "rule")
+    if RULES[value] is Rule.GREEDY:
+        raise InvalidArgument(
+            "rule GREEDY (argmax matching) is only lossless with greedy sampling (temperature 0)", "rule"
+        )
     return RULES[value]
 
 

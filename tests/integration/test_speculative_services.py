@@ -180,9 +180,13 @@ def test_bad_trees_are_refused_and_the_session_survives(stack) -> None:
         del req.tree.tokens[:], req.tree.parents[:]
         req.tree.tokens.extend([5] * 300)
         req.tree.parents.extend(range(-1, 299))
-        req.rule = common_pb2.ACCEPTANCE_RULE_GREEDY
+        req.rule = common_pb2.ACCEPTANCE_RULE_CHAIN
 
     expect_error(mutated(huge_tree), "INVALID_ARGUMENT", "tree.tokens")
+    # argmax matching would not reproduce the target's sampled distribution
+    expect_error(
+        mutated(lambda r: setattr(r, "rule", common_pb2.ACCEPTANCE_RULE_GREEDY)), "INVALID_ARGUMENT", "rule"
+    )
     expect_error(
         lambda: d_stub.Propose(
             draft_pb2.ProposeRequest(
