@@ -142,49 +142,133 @@ def cap_budget(budget: Budget, *, remaining_tokens: int, context_room: int) -> B
 
 
 class AdaptiveBudget:
-    """Grows or shrinks a request's tree from recent acceptance.
+    """Picks each round's draft depth to maximise expected tokens per second of wall time.
 
-    Tracks an exponential moving average (EMA) of the draft tokens accepted per round. A round in
-    which the whole drafted depth was accepted grows the depth by one (the draft is doing well;
-    try longer); otherwise the depth falls to ``floor(EMA) + 1`` when that is lower (stop paying
-    for tokens that are rarely accepted). ``max_nodes`` follows the depth with the nodes-per-depth
-    ratio of the initial budget (1 for a chain, k for k candidates, the tree's width otherwise).
+    Acceptance follows a geometric model: each drafted level is accepted with probability
+    ``a``, so a tree ``d`` levels deep yields ``E(d) = 1 + a + ... + a^d`` tokens per round (the
+    1 is the target's own correction/bonus token). ``a`` is a discounted success ratio: a round
+    that accepted ``k`` of ``d`` levels adds ``k`` successes and, if ``k < d``, one failure.
+
+    Costs are what the gateway measured, in seconds: the draft's time per level (Propose wall
+    time / depth) and the target's time by the number of tokens it verified (Verify wall time;
+    Extend for a round without a draft). Unmeasured verification sizes are estimated from
+    measured ones: interpolated between them, the smallest measured cost below them (optimistic,
+    so smaller trees get tried) and proportionally more above them (pessimistic, so a tree only
+    grows by the exploration rule). Each round takes the depth ``d`` in ``[0, max_depth]`` with the
+    best ``E(d) / cost(d)``; depth 0 means no draft (the target decodes one token), which keeps
+    a weak draft from making generation slower than the target alone. Exploration: a round that
+    accepted every level allows one level more next round, and after ``probe_every`` rounds
+    without a draft one round drafts a single level to refresh ``a``.
+
+    ``max_nodes`` follows the depth with the nodes-per-depth ratio of the initial budget (1 for a
+    chain, k for k candidates, the tree's width otherwise).
     """
 
     def __init__(
         self,
         initial: Budget,
         *,
-        min_depth: int = 1,
+        min_depth: int = 0,
         max_depth: int = 12,
         max_nodes: int = 64,
-        smoothing: float = 0.5,
+        discount: float = 0.9,
+        probe_every: int = 8,
     ) -> None:
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
         self.initial = initial
-        self.min_depth = max(1, min_depth)
-        self.max_depth = max(self.min_depth, max_depth)
+        self.min_depth = max(0, min_depth)
+        self.max_depth = max(self.min_depth, 1, max_depth)
         self.max_nodes = max(1, max_nodes)
-        self.smoothing = smoothing
-        self.depth = min(max(initial.depth, self.min_depth), self.max_depth)
+        self.discount = discount
+        self.probe_every = max(1, probe_every)
+        self.depth = min(max(initial.depth, self.min_depth, 1), self.max_depth)
         self.nodes_per_depth = max(1.0, initial.max_nodes / initial.depth)
-        self.ema: float | None = None
+        # discounted counts, with a weak prior of one success and one failure (a = 0.5)
+        self.successes = 1.0
+        self.failures = 1.0
+        self.draft_level_s: float | None = None  # EMA of draft seconds per level
+        self.verify_s: dict[int, float] = {}  # tokens verified -> EMA seconds
+        self.rounds_without_draft = 0
 
-    def current(self) -> Budget:
-        nodes = min(self.max_nodes, max(self.depth, math.ceil(self.depth * self.nodes_per_depth)))
+    @property
+    def acceptance(self) -> float:
+        return self.successes / (self.successes + self.failures)
+
+    def nodes(self, depth: int) -> int:
+        return min(self.max_nodes, max(depth, math.ceil(depth * self.nodes_per_depth)))
+
+    def current(self) -> Budget | None:
+        """This round's budget; None = do not draft (let the target decode one token)."""
+        if self.depth == 0:
+            return None
+        nodes = self.nodes(self.depth)
         return replace(self.initial, max_nodes=nodes, max_depth=min(self.depth, nodes))
 
-    def update(self, accepted: int, drafted_depth: int) -> None:
-        """Record a round: `accepted` draft tokens were accepted out of a tree `drafted_depth` deep."""
-        if self.ema is None:
-            self.ema = float(accepted)
-        else:
-            self.ema = self.smoothing * self.ema + (1.0 - self.smoothing) * accepted
-        if accepted >= drafted_depth:  # everything drafted was accepted
-            if drafted_depth >= self.depth:  # ... and the tree was not cut short by a cap
-                self.depth = min(self.depth + 1, self.max_depth)
+    def expected_tokens(self, depth: int) -> float:
+        a = self.acceptance
+        return float(sum(a**i for i in range(depth + 1)))
+
+    def verify_cost(self, tokens: int) -> float | None:
+        known = sorted(self.verify_s)
+        if not known:
+            return None
+        below = [n for n in known if n <= tokens]
+        above = [n for n in known if n >= tokens]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            if lo == hi:
+                return self.verify_s[lo]
+            w = (tokens - lo) / (hi - lo)
+            return (1 - w) * self.verify_s[lo] + w * self.verify_s[hi]
+        if above:  # smaller than anything measured
+            return self.verify_s[above[0]]
+        return self.verify_s[below[-1]] * tokens / below[-1]
+
+    def round_cost(self, depth: int, new_tokens: int = 1) -> float | None:
+        verify = self.verify_cost(new_tokens + (self.nodes(depth) if depth else 0))
+        if verify is None or (depth and self.draft_level_s is None):
+            return None
+        return verify + (depth * self.draft_level_s if depth else 0.0)
+
+    def best_depth(self) -> int:
+        """The depth with the most expected tokens per second (the current one until costs are known)."""
+        best, best_rate = self.depth, -1.0
+        for d in range(self.min_depth, self.max_depth + 1):
+            cost = self.round_cost(d)
+            if cost is None or cost <= 0:
+                continue
+            rate = self.expected_tokens(d) / cost
+            if rate > best_rate:
+                best, best_rate = d, rate
+        return best
+
+    def update(
+        self,
+        accepted: int,
+        drafted_depth: int,
+        *,
+        draft_s: float | None = None,
+        verify_s: float | None = None,
+        verified_tokens: int = 0,
+    ) -> None:
+        """Record a round: `accepted` levels of a tree `drafted_depth` deep (0: no draft), the wall
+        seconds the draft and the target took, and how many tokens the target verified."""
+        if verify_s is not None and verified_tokens > 0:
+            old = self.verify_s.get(verified_tokens)
+            self.verify_s[verified_tokens] = verify_s if old is None else 0.7 * old + 0.3 * verify_s
+        if draft_s is not None and drafted_depth > 0:
+            per_level = draft_s / drafted_depth
+            old = self.draft_level_s
+            self.draft_level_s = per_level if old is None else 0.7 * old + 0.3 * per_level
+        if drafted_depth == 0:
+            self.rounds_without_draft += 1
+            self.depth = 1 if self.rounds_without_draft >= self.probe_every else self.best_depth()
             return
-        desired = max(self.min_depth, math.floor(self.ema) + 1)
-        if desired < self.depth:
-            self.depth = desired
+        self.rounds_without_draft = 0
+        self.successes = self.discount * self.successes + accepted
+        self.failures = self.discount * self.failures + (1 if accepted < drafted_depth else 0)
+        if accepted >= drafted_depth and drafted_depth >= self.depth:  # all accepted, not capped
+            self.depth = min(self.depth + 1, self.max_depth)
+            return
+        self.depth = self.best_depth()

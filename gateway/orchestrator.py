@@ -264,19 +264,22 @@ class Orchestrator:
             while out.finish is None:
                 r = stats.rounds
                 sequence = [*prompt, *out.tokens]  # what both services hold after their new tokens
-                budget = cap_budget(
-                    adaptive.current() if adaptive else plan.budget,
-                    remaining_tokens=out.remaining,
-                    context_room=max_context - len(sequence) - 1,  # the tree + the bonus position
-                )
+                wanted = adaptive.current() if adaptive else plan.budget
+                budget = None  # None: the adaptive budget expects the target alone to be faster
+                if wanted is not None:
+                    budget = cap_budget(
+                        wanted,
+                        remaining_tokens=out.remaining,
+                        context_room=max_context - len(sequence) - 1,  # the tree + the bonus position
+                    )
                 with self.ins.tracer.start_as_current_span(
                     m.ROUND_SPAN,
                     context=parent,
                     attributes={
                         m.ROUND: r,
                         m.STRATEGY: strategy,
-                        m.BUDGET_NODES: budget.max_nodes,
-                        m.BUDGET_DEPTH: budget.max_depth,
+                        m.BUDGET_NODES: budget.max_nodes if budget else 0,
+                        m.BUDGET_DEPTH: budget.max_depth if budget else 0,
                     },
                 ) as round_span:
 
@@ -291,10 +294,13 @@ class Orchestrator:
                         )
 
                     proposal = None
-                    if out.remaining > 1:  # else the target's own next token is all that is left
+                    started = time.perf_counter()
+                    # with one token left, the target's own next token is all there is to emit
+                    if budget is not None and out.remaining > 1:
                         proposal = await self._resync_call(
                             self.draft.Propose, propose, draft, sequence, timeout
                         )
+                    proposed = time.perf_counter()
                     tree = proposal.tree if proposal is not None else common_pb2.TokenTree()
                     random = common_pb2.RandomStream(seed=plan.seed, counter=r)
                     if tree.tokens:
@@ -324,6 +330,8 @@ class Orchestrator:
                         )
                         accepted = []
                         next_token = verdict.next_token
+                    verified = time.perf_counter()
+                    verified_tokens = len(target.pending) + len(tree.tokens)
                     target.committed(verdict.session_length, [next_token])
                     if proposal is not None:
                         draft.committed(proposal.session_length, [*accepted, next_token])
@@ -331,8 +339,14 @@ class Orchestrator:
                         draft.pending += [*accepted, next_token]
                     drafted = len(tree.tokens)
                     stats.add_round(drafted, len(accepted))
-                    if adaptive is not None and proposal is not None:
-                        adaptive.update(len(accepted), tree_depth(list(tree.parents)))
+                    if adaptive is not None:
+                        adaptive.update(
+                            len(accepted),
+                            tree_depth(list(tree.parents)),
+                            draft_s=proposed - started if proposal is not None else None,
+                            verify_s=verified - proposed,
+                            verified_tokens=verified_tokens,
+                        )
                     kept, text = out.feed([*accepted, next_token])
                     round_span.set_attributes(
                         {m.DRAFTED: drafted, m.ACCEPTED_LEN: len(accepted), m.EMITTED: len(kept)}

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 
 from services.core.drafting import Strategy
 from services.core.engine import Engine
@@ -16,6 +15,7 @@ from services.core.model_store import resolve_model
 from services.draft.servicer import DraftServicer
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
+from services.runtime.worker import EngineWorker
 from specmesh.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,16 @@ def load_draft(
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
     (None = all of them, 0 = the full vocabulary)."""
     model_dir = resolve_model(model)
-    if threads:
-        torch.set_num_threads(threads)
-    engine = Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens)
+    worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
+    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
     vocab = _draft_vocab(Path(model_dir))
     if vocab and vocab_limit != 0:
-        engine.restrict_vocab(vocab[:vocab_limit] if vocab_limit else vocab)
+        worker.call(engine.restrict_vocab, vocab[:vocab_limit] if vocab_limit else vocab)
         log.info("draft head restricted to %d of %d tokens", len(engine.vocab_ids), engine.config.vocab_size)
     license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
     log.info("loaded draft %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
     return DraftServicer(
-        engine, default_strategy=default_strategy, max_sessions=max_sessions, license=license
+        engine, default_strategy=default_strategy, max_sessions=max_sessions, license=license, worker=worker
     )
 
 

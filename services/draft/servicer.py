@@ -28,6 +28,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         max_sessions: int = 256,
         session_ttl_seconds: float = 600.0,
         license: str = "",
+        worker: EngineWorker | None = None,
     ) -> None:
         self.engine = engine
         self.default_strategy = default_strategy
@@ -36,7 +37,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.sessions = SessionStore(
             engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
         )
-        self._worker = EngineWorker(engine.name)
+        # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
+        self._worker = worker or EngineWorker(engine.name)
 
     async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
         return await self._worker.run(clock, fn, *args)

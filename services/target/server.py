@@ -8,13 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 
 from services.core.engine import Engine
 from services.core.model_store import resolve_model
 from services.core.tokenizer import Tokenizer
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
+from services.runtime.worker import EngineWorker
 from services.target.servicer import TargetServicer
 from specmesh.v1 import target_pb2, target_pb2_grpc
 
@@ -26,12 +26,13 @@ def load_target(
     model: str, *, threads: int | None = None, max_sessions: int = 256, max_kv_tokens: int = 65536
 ) -> TargetServicer:
     model_dir = resolve_model(model)
-    if threads:
-        torch.set_num_threads(threads)
-    engine = Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens)
+    worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
+    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
     license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
     log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
-    return TargetServicer(engine, Tokenizer.from_dir(model_dir), max_sessions=max_sessions, license=license)
+    return TargetServicer(
+        engine, Tokenizer.from_dir(model_dir), max_sessions=max_sessions, license=license, worker=worker
+    )
 
 
 def registrar(servicer: TargetServicer) -> Callable[[grpc.aio.Server], list[str]]:

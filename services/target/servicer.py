@@ -38,6 +38,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         max_sessions: int = 256,
         session_ttl_seconds: float = 600.0,
         license: str = "",
+        worker: EngineWorker | None = None,
         max_tree_nodes: int = 256,
     ) -> None:
         self.engine = engine
@@ -47,7 +48,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.sessions = SessionStore(
             engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
         )
-        self._worker = EngineWorker(engine.name)
+        # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
+        self._worker = worker or EngineWorker(engine.name)
 
     async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
         return await self._worker.run(clock, fn, *args)
@@ -107,11 +109,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         cfg.validate(vocab)
         rule = rule_from_proto(request.rule, cfg.greedy)
         tokens, parents = list(request.tree.tokens), list(request.tree.parents)
-        dists = {} if rule is Rule.GREEDY else draft_distributions(request.tree, vocab)
-        check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes)
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 
         def run() -> target_pb2.VerifyResponse:
+            # tensor work stays on the engine thread (see services.runtime.worker)
+            dists = {} if rule is Rule.GREEDY else draft_distributions(request.tree, vocab)
+            check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes)
             existing = self.sessions.get(request.session.session_id)
             if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
                 return existing.last_reply[1]  # an identical retry: same tokens, nothing re-run

@@ -185,22 +185,77 @@ def test_adaptive_budget_grows_on_full_acceptance() -> None:
     assert a.current() == Budget(max_nodes=7, max_depth=7)  # a chain keeps nodes == depth
 
 
-def test_adaptive_budget_shrinks_when_rejected_and_keeps_tree_width() -> None:
-    a = AdaptiveBudget(Budget(max_nodes=12, max_depth=4, num_candidates=3))
-    for _ in range(8):
-        a.update(accepted=0, drafted_depth=a.current().max_depth)
-    assert a.depth == 1 and a.current() == Budget(max_nodes=3, max_depth=1, num_candidates=3)
-    # recovers once the draft is accepted again
-    for _ in range(3):
-        a.update(accepted=a.current().max_depth, drafted_depth=a.current().max_depth)
-    assert a.depth == 4 and a.current().max_nodes == 12
+def play(a: AdaptiveBudget, rounds: int, accepted, verify_s, draft_level_s: float) -> list[int]:
+    """Run `rounds` rounds against a cost model; accepted(depth) -> levels accepted. Returns depths."""
+    depths = []
+    for _ in range(rounds):
+        b = a.current()
+        d = b.max_depth if b else 0
+        n = 1 + (b.max_nodes if b else 0)
+        a.update(
+            accepted(d), d, draft_s=d * draft_level_s if d else None, verify_s=verify_s(n), verified_tokens=n
+        )
+        depths.append(d)
+    return depths
 
 
-def test_adaptive_budget_tracks_partial_acceptance() -> None:
-    a = AdaptiveBudget(Budget(max_nodes=8, max_depth=8), max_depth=16)
-    for _ in range(10):
-        a.update(accepted=2, drafted_depth=a.current().max_depth)
-    assert a.depth == 3  # floor(EMA 2) + 1: one more than is usually accepted
+def cpu_verify(n: int) -> float:  # 40 ms, then +7 ms per extra token (a CPU target)
+    return 0.040 + 0.007 * (n - 1)
+
+
+def test_adaptive_budget_stops_drafting_for_a_useless_draft_and_keeps_probing() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=12, max_depth=4, num_candidates=3), probe_every=8)
+    depths = play(a, 60, lambda d: 0, cpu_verify, 0.008)
+    assert depths[0] == 4 and a.acceptance < 0.1
+    tail = depths[20:]
+    assert tail.count(0) >= 40 * 7 // 8 - 1  # the target decodes alone ...
+    assert set(tail) == {0, 1}  # ... except one single-level probe every 8 rounds
+    assert a.nodes(1) == 3  # the tree keeps its width when it drafts again
+
+
+def test_adaptive_budget_recovers_when_the_draft_is_accepted_again() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=4, max_depth=4), probe_every=4)
+    play(a, 30, lambda d: 0, cpu_verify, 0.008)
+    depths = play(a, 30, lambda d: d, cpu_verify, 0.008)  # now every drafted level is accepted
+    assert depths[-1] >= 4 and a.acceptance > 0.8
+
+
+def test_adaptive_budget_maximises_expected_tokens_per_second() -> None:
+    """With every cost measured, the chosen depth is the brute-force best of E(d) / cost(d)."""
+
+    def flat_verify(n: int) -> float:  # a GPU-like target: 16 tokens cost what one costs
+        return 0.020
+
+    for verify, level_s in ((cpu_verify, 0.008), (flat_verify, 0.002)):
+        a = AdaptiveBudget(Budget(max_nodes=8, max_depth=8), max_depth=8)
+        for n in range(1, 10):
+            a.update(0, 0, verify_s=verify(n), verified_tokens=n)
+        a.draft_level_s = level_s
+        for alpha in (0.1, 0.3, 0.6, 0.9):
+            a.successes, a.failures = alpha * 100, (1 - alpha) * 100
+
+            def rate(d: int, alpha=alpha, verify=verify, level_s=level_s) -> float:
+                return sum(alpha**i for i in range(d + 1)) / (verify(d + 1) + d * level_s)
+
+            assert a.best_depth() == max(range(0, 9), key=rate)
+    # a weak draft on a CPU target: decode alone; a strong one on a flat-cost target: draft deep
+    a.successes, a.failures = 90.0, 10.0
+    assert a.best_depth() == 8
+    cpu = AdaptiveBudget(Budget(max_nodes=8, max_depth=8))
+    for n in range(1, 10):
+        cpu.update(0, 0, verify_s=cpu_verify(n), verified_tokens=n)
+    cpu.draft_level_s, cpu.successes, cpu.failures = 0.008, 10.0, 90.0
+    assert cpu.best_depth() == 0
+
+
+def test_adaptive_budget_estimates_unmeasured_verification_costs() -> None:
+    a = AdaptiveBudget(Budget(max_nodes=4, max_depth=4))
+    assert a.verify_cost(3) is None
+    a.update(0, 0, verify_s=0.040, verified_tokens=2)
+    a.update(0, 0, verify_s=0.080, verified_tokens=6)
+    assert a.verify_cost(1) == 0.040  # below the measured range: the smallest cost (optimistic)
+    assert a.verify_cost(4) == pytest.approx(0.060)  # interpolated
+    assert a.verify_cost(12) == pytest.approx(0.160)  # above it: proportional (pessimistic)
 
 
 def test_adaptive_budget_does_not_grow_on_a_capped_round() -> None:
