@@ -696,7 +696,7 @@ def run_spec_bench(
     ignore_eos: bool = False,
     redis: bool = True,
     request_timeout: float = 600.0,
-    omp_wait_policy: str = "passive",
+    omp_wait_policy: str = "inherit",
     stack_log: str | Path | None = None,
     progress: bool = True,
     png: bool = True,

@@ -124,10 +124,10 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active", "inherit"),
-        default="passive",
-        help="OMP_WAIT_POLICY for this process and every stack process (inherit: leave the environment); "
-        "passive keeps multi-threaded torch usable when other processes share the cores "
-        "(default: %(default)s)",
+        default="inherit",
+        help="OMP_WAIT_POLICY for this process and every stack process (inherit: leave the environment, "
+        "i.e. OpenMP's default of spinning briefly between parallel regions, fastest on an idle machine); "
+        "passive keeps multi-threaded torch usable when other jobs load the cores (default: %(default)s)",
     )
     p.add_argument("--no-redis", action="store_true", help="start the local stack without Redis")
     p.add_argument(
