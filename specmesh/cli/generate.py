@@ -58,7 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-depth", type=int, default=0)
     b.add_argument("--branching", type=int, default=0)
     b.add_argument("--num-candidates", type=int, default=0)
-    b.add_argument("--adaptive", action="store_true", help="grow/shrink the tree from recent acceptance")
+    b.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="pick each round's draft depth from measured acceptance and costs (0 = target alone)",
+    )
     b.add_argument("--vocab-limit", type=int, default=0, help="draft vocabulary limit (0 = full)")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the output and stats")

@@ -52,7 +52,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--adaptive",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="adapt every speculative request's tree to recent acceptance (default: only on request)",
+        help="adapt every speculative request's draft depth to the measured acceptance and draft/verify "
+        "costs, down to no draft at all when the target alone is faster (default: only on request)",
     )
     d.add_argument(
         "--draft-chunk", type=int, default=8, help="tokens per draft call under the draft policy (default 8)"
