@@ -20,23 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.core.config import LlamaConfig
-from services.core.model import rope_inv_freq
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's rotate_half RoPE: x * cos + cat(-x2, x1) * sin."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+from services.core.model import RMSNorm, apply_rope, rope_inv_freq
 
 
 class KVCache:
