@@ -43,8 +43,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--train-embeddings", action="store_true", default=None, help="also train the tied embedding"
     )
     d.add_argument("--seed", type=int)
+    d.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PACK",
+        help="train on a data pack from `specmesh train pack` (corpus + chat prompts) instead of this "
+        "machine's stdlib/man/doc files; repeatable",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run)
+
+    k = tsub.add_parser(
+        "pack",
+        help="gather draft-training data (tokenized corpus + chat prompts) into one portable file",
+        description="Reads the same real offline text `train draft` uses (CPython stdlib, man pages, "
+        "docs; benchmark sources and reserved evaluation texts held out), tokenizes it with the "
+        "target's tokenizer and writes one compressed .npz with the chat prompts, so a machine "
+        "without those files (a bare GPU image) can train with `train draft --data FILE`.",
+    )
+    k.add_argument("--target", default="smollm2-135m-instruct", help="target model name or directory")
+    k.add_argument("--out", required=True, help="output file (.npz)")
+    k.add_argument(
+        "--tokens", type=int, default=8_000_000, help="corpus tokens to pack (default %(default)s)"
+    )
+    k.add_argument(
+        "--doc-max-tokens", type=int, default=8192, help="tokens kept per document, a random window"
+    )
+    k.add_argument("--templated-prompts", type=int, default=6000, help="man/stdlib prompts to template")
+    k.add_argument("--skip", type=int, default=0, help="skip this many corpus documents first (a 2nd pack)")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(func=run_pack)
 
 
 _RECIPE_FLAGS = (
@@ -80,7 +109,13 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"{args.target.rstrip('/').split('/')[-1]}-draft"
     minutes = 0.0 if args.untrained else args.minutes
     out = train_draft(
-        args.target, name, minutes=minutes, device=str(dev), recipe=recipe, progress=not args.no_progress
+        args.target,
+        name,
+        minutes=minutes,
+        device=str(dev),
+        recipe=recipe,
+        progress=not args.no_progress,
+        data_packs=args.data,
     )
     report = json.loads((out / REPORT_FILE).read_text())
     if report.get("trained"):
@@ -92,4 +127,39 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"draft ready (untrained slice): {out}")
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import itertools
+    import os
+
+    from tqdm import tqdm
+
+    from services.core.model_store import resolve_model
+    from services.core.tokenizer import Tokenizer
+    from services.core.training import data
+    from services.core.training.pack import build_pack, tokenizer_sha256
+
+    target_dir = resolve_model(args.target)
+    tok = Tokenizer.from_dir(target_dir)
+    prompts = data.chat_prompts(seed=args.seed, max_templated=args.templated_prompts)
+    docs = itertools.islice(data.corpus_documents(seed=args.seed), args.skip, None)
+    with tqdm(total=args.tokens, unit="tok", desc="pack", dynamic_ncols=True) as bar:
+        meta = build_pack(
+            args.out,
+            docs,
+            tok.encode,
+            prompts,
+            tokenizer_sha=tokenizer_sha256(target_dir),
+            max_tokens=args.tokens,
+            doc_max_tokens=args.doc_max_tokens,
+            seed=args.seed,
+            progress=bar.update,
+        )
+    size = os.path.getsize(args.out) / 2**20
+    print(
+        f"{args.out}: {meta['tokens']} tokens in {meta['documents']} documents, "
+        f"{meta['prompts']} prompts, {size:.1f} MiB"
+    )
     return 0

@@ -43,6 +43,7 @@ from services.core.errors import InvalidArgument
 from services.core.loaders.hf_dir import load_hf_dir
 from services.core.model_store import _check_name, count_parameters, model_root, resolve_model, write_manifest
 from services.core.tokenizer import Tokenizer
+from services.core.training.pack import load_pack, pack_documents, tokenizer_sha256
 from services.core.training.tmodel import TrainLlama, generate_batch
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -233,12 +234,13 @@ def generate_chat(
 
 
 def corpus_chunks(
-    docs: Iterator[str], tok: Tokenizer, seq_len: int, eos_id: int, rng: random.Random, max_chunks: int = 12
+    token_docs: Iterator[list[int]], seq_len: int, eos_id: int, rng: random.Random, max_chunks: int = 12
 ) -> Iterator[list[int]]:
-    """Fixed-length token chunks; each document contributes at most `max_chunks` from a random offset."""
+    """Fixed-length token chunks of documents joined by eos; each document contributes at most
+    `max_chunks` chunks, from a random offset."""
     buf: list[int] = []
-    for text in docs:
-        ids = tok.encode(text) + [eos_id]
+    for doc in token_docs:
+        ids = list(doc) + [eos_id]
         span = seq_len * max_chunks
         if len(ids) > span:
             off = rng.randrange(len(ids) - span)
@@ -444,12 +446,14 @@ def train_draft(
     progress: bool = True,
     prompts: Sequence[str] | None = None,
     documents: Iterator[str] | None = None,
+    data_packs: Sequence[str | Path] = (),
     measure_cost: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train (or, with minutes=0 / untrained, only slice) a draft of `target`; returns its dir.
 
-    `prompts` / `documents` replace the default chat prompts and corpus (tests).
+    `data_packs` (files from `specmesh train pack`) replace the default chat prompts and corpus,
+    for machines that lack the sources; `prompts` / `documents` replace them directly (tests).
     """
     _check_name(name)
     t0 = time.time()
@@ -480,6 +484,7 @@ def train_draft(
         "draft_parameters": count_parameters(dcfg),
         "target_parameters": count_parameters(cfg),
         "device": str(dev),
+        "data_packs": [Path(p).name for p in data_packs],
     }
     if untrained or minutes <= 0:
         report.update(trained=False, minutes=0.0, tokens_seen=0)
@@ -493,8 +498,9 @@ def train_draft(
     from services.core.training import data
 
     rng = random.Random(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
+    gen = torch.Generator(device=dev).manual_seed(recipe.seed)  # sampling runs on the device
     tok = Tokenizer.from_dir(target_dir)
+    packs = [load_pack(p, tokenizer_sha256(target_dir)) for p in data_packs]
     eos_ids = list(tok.eos_token_ids) or [cfg.eos_token_ids[0]]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
 
@@ -505,7 +511,12 @@ def train_draft(
     ldtype = _label_dtype(dev)
     teacher = target_fp32 if ldtype == torch.float32 else _cast_copy(target_fp32, ldtype)
 
-    pool = list(prompts) if prompts is not None else data.chat_prompts(seed=recipe.seed)
+    if prompts is not None:
+        pool = list(prompts)
+    elif packs:
+        pool = list(dict.fromkeys(q for pk in packs for q in pk.prompts))  # packs may share prompts
+    else:
+        pool = data.chat_prompts(seed=recipe.seed)
     if len(pool) <= recipe.n_eval:
         raise InvalidArgument(
             f"need more than n_eval={recipe.n_eval} chat prompts, got {len(pool)}", "prompts"
@@ -556,9 +567,12 @@ def train_draft(
     order = list(range(len(train_prompts)))
     rng.shuffle(order)
     cursor = 0
+    passes = 0
     bar.set_description("draft: target answers")
-    n_batches = 0
-    while time.time() < gen_deadline and cursor < len(order):
+    while time.time() < gen_deadline and train_prompts:
+        if cursor >= len(order):  # every prompt answered: another pass, sampled only (new answers)
+            rng.shuffle(order)
+            cursor, passes = 0, passes + 1
         # sort a window of prompts by length so each decode batch has little padding
         window = [encode(train_prompts[j]) for j in order[cursor : cursor + recipe.gen_batch * 4]]
         cursor += len(window)
@@ -566,7 +580,7 @@ def train_draft(
         for i in range(0, len(window), recipe.gen_batch):
             if time.time() >= gen_deadline:
                 break
-            greedy = rng.random() >= recipe.sample_frac
+            greedy = passes == 0 and rng.random() >= recipe.sample_frac
             new = generate_chat(
                 teacher,
                 window[i : i + recipe.gen_batch],
@@ -577,7 +591,6 @@ def train_draft(
                 generator=gen,
                 deadline=gen_deadline,
             )
-            n_batches += 1
             chat += new
             chat_tokens += sum(len(e.answer) for e in new)
             tick(answers=len(chat), tokens=chat_tokens)
@@ -585,8 +598,12 @@ def train_draft(
     log(f"{len(chat)} target answers, {chat_tokens} answer tokens in {gen_minutes:.1f} min")
 
     # truncated draft vocabulary from what the target emits (chat answers + labelled corpus sample)
-    docs = documents if documents is not None else data.corpus_documents(seed=recipe.seed)
-    chunks = corpus_chunks(docs, tok, recipe.seq_len, eos_ids[0], rng)
+    if packs:
+        token_docs = pack_documents(packs, seed=recipe.seed)
+    else:
+        docs = documents if documents is not None else data.corpus_documents(seed=recipe.seed)
+        token_docs = (tok.encode(text) for text in docs)
+    chunks = corpus_chunks(token_docs, recipe.seq_len, eos_ids[0], rng)
     counts: Counter = Counter()
     sample_chunks: list[list[int]] = []
     for e in chat:
@@ -642,6 +659,7 @@ def train_draft(
     timing = {"data_s": 0.0, "label_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
     ema = None
     corpus_done = False
+    skipped = 0
     while time.time() < deadline and not (recipe.max_steps and step >= recipe.max_steps):
         use_chat = chat and (corpus_done or rng.random() < recipe.chat_frac)
         t_data = time.time()
@@ -685,10 +703,13 @@ def train_draft(
         loss = sparse_kl(logits, ids[mask], lps[mask], vocab_map)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lv = loss.item()
+        if not (math.isfinite(lv) and math.isfinite(float(gnorm))):
+            skipped += 1  # one non-finite batch must not poison the weights
+            continue
         opt.step()
         step += 1
-        lv = loss.item()
         timing["train_s"] += time.time() - t_step
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         tick(
@@ -736,6 +757,7 @@ def train_draft(
             "answer_tokens": chat_tokens,
             "tokens_trained": chat_trained,
             "generation_minutes": round(gen_minutes, 2),
+            "extra_sampled_passes": passes,
             "prompts_available": len(train_prompts),
         },
         corpus_tokens=corpus_tokens,
@@ -753,6 +775,7 @@ def train_draft(
         },
         history=history,
         final_loss=ema,
+        skipped_nonfinite_steps=skipped,
         timing_s={k: round(v, 1) for k, v in timing.items()},
         torch_threads=torch.get_num_threads(),
     )

@@ -207,7 +207,7 @@ def generate_batch(
         logp = model.logits(hidden[:, 0]).float().log_softmax(-1)
         if temperature > 0:
             probs = (logp / temperature).softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(dev)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # generator on `dev`
         else:
             nxt = logp.argmax(-1)
         lp, ids = logp.topk(top_k_store, dim=-1)

@@ -43,11 +43,6 @@ def tiny_llama(seed: int = 0, **overrides) -> TrainLlama:
     return m.eval()
 
 
-@pytest.fixture
-def tiny_target(tiny_gguf, tmp_model_root: Path) -> Path:
-    return ms.import_gguf(tiny_gguf().path, "tiny", progress=False, source="test", license="apache-2.0")
-
-
 def tiny_recipe(**kw) -> D.DraftRecipe:
     base = dict(
         num_layers=1,
