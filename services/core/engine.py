@@ -15,7 +15,7 @@ import torch
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, OutOfRange
 from services.core.kv import AttentionBatch, BlockPool, SequenceKV
-from services.core.model import LlamaModel
+from services.core.model import LlamaModel, SmallBatchLinear
 from services.core.spec import ancestor_mask, tree_depths, validate_tree
 
 
@@ -34,6 +34,7 @@ class Engine:
         self.name = name
         self.digest = digest
         self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab: logits column -> token id
+        self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
         dtype = next(model.parameters()).dtype
         self.pool = BlockPool(
             self.config, block_size=block_size, max_blocks=max(1, max_kv_tokens // block_size), dtype=dtype
@@ -61,6 +62,13 @@ class Engine:
             torch.nn.init.normal_(p, std=0.05)
         return cls(model, **kw)
 
+    def pack_weights(self) -> int:
+        """Keep a oneDNN-packed copy of every projection (CPU fp32; see model.linear) so decode,
+        verification and draft trees of up to SMALL_BATCH_ROWS tokens cost about one token's
+        weight streaming. Costs a second copy of the projection weights; returns its bytes."""
+        self.packed_bytes = sum(m.pack() for m in self.model.modules() if isinstance(m, SmallBatchLinear))
+        return self.packed_bytes
+
     def restrict_vocab(self, token_ids: list[int]) -> None:
         """Compute logits only for `token_ids` (a draft's truncated vocabulary): every logits
         tensor this engine returns is then [..., len(token_ids)], column j meaning token_ids[j].
@@ -70,10 +78,12 @@ class Engine:
         self.check_tokens(token_ids, "vocab")
         ids = torch.tensor(token_ids, dtype=torch.long)
         weight = self.model.lm_head.weight.detach()[ids].clone()
-        head = torch.nn.Linear(weight.shape[1], len(token_ids), bias=False)
+        head = SmallBatchLinear(weight.shape[1], len(token_ids))
         head.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.model.lm_head = head
         self.vocab_ids = ids
+        if self.packed_bytes:
+            self.pack_weights()
 
     @property
     def max_context(self) -> int:

@@ -30,12 +30,16 @@ def load_draft(
     max_sessions: int = 256,
     max_kv_tokens: int = 65536,
     vocab_limit: int | None = None,
+    pack_weights: bool = True,
 ) -> DraftServicer:
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
-    (None = all of them, 0 = the full vocabulary)."""
+    (None = all of them, 0 = the full vocabulary). pack_weights: keep oneDNN-packed weight
+    copies so tree levels of 3-16 nodes cost about one node (see services.core.model.linear)."""
     model_dir = resolve_model(model)
     worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
     engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
+    if pack_weights and worker.call(engine.pack_weights):
+        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
     vocab = _draft_vocab(Path(model_dir))
     if vocab and vocab_limit != 0:
         worker.call(engine.restrict_vocab, vocab[:vocab_limit] if vocab_limit else vocab)

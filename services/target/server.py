@@ -23,11 +23,20 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 def load_target(
-    model: str, *, threads: int | None = None, max_sessions: int = 256, max_kv_tokens: int = 65536
+    model: str,
+    *,
+    threads: int | None = None,
+    max_sessions: int = 256,
+    max_kv_tokens: int = 65536,
+    pack_weights: bool = True,
 ) -> TargetServicer:
+    """pack_weights: keep oneDNN-packed weight copies so verifying 3-16 tokens costs about one
+    decode step (CPU fp32; see services.core.model.linear)."""
     model_dir = resolve_model(model)
     worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
     engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
+    if pack_weights and worker.call(engine.pack_weights):
+        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
     license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
     log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
     return TargetServicer(

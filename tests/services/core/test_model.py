@@ -9,6 +9,7 @@ import torch
 from tiny_models import tiny_config
 
 from services.core.engine import Engine
+from services.core.model import SMALL_BATCH_ROWS, linear, packed_weight
 
 TOL = 1e-4
 
@@ -185,3 +186,40 @@ def test_logit_rows_select_rows(engine: Engine) -> None:
     seq = engine.new_sequence()
     (rows,), _ = engine.forward([seq], [ids], logit_rows=[[0, 4, 8]])
     assert (rows - ref[[0, 4, 8]]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1])
+def test_linear_paths_match_f_linear(rows: int) -> None:
+    torch.manual_seed(rows)
+    w, x = torch.randn(96, 48), torch.randn(rows, 48)
+    ref = torch.nn.functional.linear(x.double(), w.double()).float()
+    assert (linear(x, w) - ref).abs().max() <= TOL
+    packed = packed_weight(w)
+    if packed is None:
+        pytest.skip("oneDNN is not available")
+    assert (linear(x, w, packed) - ref).abs().max() <= TOL
+    assert linear(x[None], w, packed).shape == (1, rows, 96)  # leading dims kept
+
+
+def test_packed_engine_matches_unpacked(engine: Engine) -> None:
+    """Packing changes only how the projections are computed: decode, tree forwards and a
+    restricted head give the unpacked engine's logits."""
+    packed = Engine.from_config(engine.config, seed=1, block_size=4)
+    if not packed.pack_weights():
+        pytest.skip("oneDNN is not available")
+    vocab = engine.config.vocab_size
+    prefix, tokens = random_ids(9, vocab, 4), random_ids(6, vocab, 5)
+    parents = [-1, 0, 0, 1, 2, 3]
+    out = []
+    for eng in (engine, packed):
+        seq = eng.new_sequence()
+        eng.extend(seq, prefix)
+        out.append((eng.forward_tree(seq, tokens, parents)[0], eng.decode(seq, tokens[0])))
+        seq.release()
+    assert (out[0][0] - out[1][0]).abs().max() <= TOL and (out[0][1] - out[1][1]).abs().max() <= TOL
+    subset = random.Random(0).sample(range(vocab), 10)
+    engine.restrict_vocab(subset)
+    packed.restrict_vocab(subset)
+    assert packed.model.lm_head.packed is not None  # the new head is packed too
+    a, b = (full_logits(e, prefix + tokens[:4])[-4:] for e in (engine, packed))
+    assert a.shape == (4, 10) and (a - b).abs().max() <= TOL

@@ -62,6 +62,17 @@ def engine(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
+def packed_engine(smollm2_dir):
+    """The serving configuration: oneDNN-packed weights for 3-16-row forwards."""
+    from services.core.engine import Engine
+
+    eng = Engine.from_dir(smollm2_dir)
+    if not eng.pack_weights():
+        pytest.skip("oneDNN is not available: no packed weights")
+    return eng
+
+
+@pytest.fixture(scope="module")
 def exact(smollm2_dir):
     """The same weights in float64: the reference of the KV-equivalence tests."""
     from services.core.engine import Engine
@@ -156,7 +167,9 @@ def test_chunked_prefill_matches_full_forward(engine, exact, tokenizer) -> None:
     assert err <= KV_TOL
 
 
-def test_tree_forward_matches_full_forward(engine, exact, tokenizer) -> None:
+@pytest.mark.parametrize("weights", ["blas", "packed"])
+def test_tree_forward_matches_full_forward(weights, request, exact, tokenizer) -> None:
+    engine = request.getfixturevalue("engine" if weights == "blas" else "packed_engine")
     prefix = prompt_ids(tokenizer, "chat")
     #          0   1  2  3  4  5  6  7  8
     parents = [-1, -1, 0, 0, 1, 2, 5, 3, 7]
@@ -176,5 +189,5 @@ def test_tree_forward_matches_full_forward(engine, exact, tokenizer) -> None:
             i = parents[i]
         ref = full_logits(exact, prefix + [tokens[j] for j in reversed(path)])[-1].float()
         worst = max(worst, (tree[node] - ref).abs().max().item())
-    print(f"\n[smollm2 kv] tree forward ({len(parents)} nodes): max |delta| = {worst:.3e}")
+    print(f"\n[smollm2 kv] tree forward ({len(parents)} nodes, {weights}): max |delta| = {worst:.3e}")
     assert worst <= KV_TOL
