@@ -690,7 +690,8 @@ def run_spec_bench(
     seed: int = 0,
     hf: bool = True,
     target_threads: int | None = None,
-    draft_threads: int = 1,
+    draft_threads: int | None = None,
+    omp_spincount: int | None = 10000,
     hf_threads: int | None = None,
     hf_num_assistant_tokens: int | None = None,
     ignore_eos: bool = False,
@@ -727,6 +728,7 @@ def run_spec_bench(
     strategies = list(dict.fromkeys(strategies))
     cores = os.cpu_count() or 1
     target_threads = target_threads or cores
+    draft_threads = draft_threads or cores
     hf_threads = hf_threads or target_threads
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -755,6 +757,10 @@ def run_spec_bench(
     notes = [OVERHEAD_NOTE]
     if omp_wait_policy != "inherit":
         notes.append(OMP_NOTE.format(policy=omp_wait_policy.upper()))
+    elif gateway is None and omp_spincount is not None:
+        from specmesh.cli.up import OMP_SPIN_NOTE
+
+        notes.append(f"GOMP_SPINCOUNT={omp_spincount} for every stack process. " + OMP_SPIN_NOTE)
         if not omp_in_process:
             notes.append(
                 "torch was imported before the benchmark set OMP_WAIT_POLICY: in-process runs use the "
@@ -799,6 +805,7 @@ def run_spec_bench(
                 env=child_env,
                 target_threads=target_threads,
                 draft_threads=draft_threads,
+                omp_spincount=omp_spincount,
                 warmup=True,
             )
             stack_cm = LocalStack(config, LogSink(log_file, color=False))
@@ -979,6 +986,7 @@ def run_spec_bench(
         "omp_wait_policy_in_process": omp_in_process,
         "target_threads": target_threads if gateway is None else None,
         "draft_threads": draft_threads if gateway is None else None,
+        "omp_spincount": omp_spincount if gateway is None else None,
         "hf_threads": hf_threads if hf else None,
         "bench_process_torch_threads": _torch_threads(),
     }

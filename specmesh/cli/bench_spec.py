@@ -39,6 +39,8 @@ def _temperature(value: str) -> float:
 
 
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
+    from specmesh.cli.up import DEFAULT_OMP_SPINCOUNT
+
     cores = os.cpu_count() or 1
     p = bench_sub.add_parser(
         "spec",
@@ -106,8 +108,15 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--draft-threads",
         type=_positive_int,
-        default=1,
+        default=cores,
         help="torch threads of the draft service (default: %(default)s; ignored with --gateway)",
+    )
+    p.add_argument(
+        "--omp-spincount",
+        type=int,
+        default=DEFAULT_OMP_SPINCOUNT,
+        help="GOMP_SPINCOUNT of the stack's services (default: %(default)s, as `specmesh up`; -1 = "
+        "OpenMP's default; ignored with --gateway)",
     )
     p.add_argument(
         "--hf-threads",
@@ -174,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             hf=not args.no_hf,
             target_threads=args.target_threads,
             draft_threads=args.draft_threads,
+            omp_spincount=None if args.omp_spincount < 0 else args.omp_spincount,
             hf_threads=args.hf_threads,
             hf_num_assistant_tokens=args.hf_assistant_tokens,
             ignore_eos=args.ignore_eos,

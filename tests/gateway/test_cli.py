@@ -209,6 +209,23 @@ def test_up_config_and_missing_models(tmp_model_root) -> None:
         up.config_from_args(parse(up, ["up", "--port", "70000"]))
 
 
+def test_up_sets_a_short_openmp_spin_unless_the_caller_chose(monkeypatch) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config = up.config_from_args(parse(up, ["up"]))
+    assert config.omp_spincount == up.DEFAULT_OMP_SPINCOUNT and config.draft_threads == config.target_threads
+    assert up.LocalStack(config)._env()["GOMP_SPINCOUNT"] == str(up.DEFAULT_OMP_SPINCOUNT)
+    assert (
+        "GOMP_SPINCOUNT"
+        not in up.LocalStack(up.config_from_args(parse(up, ["up", "--omp-spincount", "-1"])))._env()
+    )
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # an explicit OpenMP choice wins
+    assert "GOMP_SPINCOUNT" not in up.LocalStack(config)._env()
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    assert up.LocalStack(config)._env()["GOMP_SPINCOUNT"] == "5"
+
+
 def test_stack_failure_stops_everything(tmp_path, toy, monkeypatch) -> None:
     """A child that dies before serving fails start() and every started child is stopped."""
     config = up.StackConfig(
