@@ -38,12 +38,12 @@ def load_draft(
     model_dir = resolve_model(model)
     worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
     engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
-    if pack_weights and worker.call(engine.pack_weights):
-        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
     vocab = _draft_vocab(Path(model_dir))
     if vocab and vocab_limit != 0:
         worker.call(engine.restrict_vocab, vocab[:vocab_limit] if vocab_limit else vocab)
         log.info("draft head restricted to %d of %d tokens", len(engine.vocab_ids), engine.config.vocab_size)
+    if pack_weights and worker.call(engine.pack_weights):
+        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
     license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
     log.info("loaded draft %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
     return DraftServicer(
