@@ -175,22 +175,26 @@ def test_untrained_slice_of_tiny_model(tiny_target: Path, tmp_model_root: Path) 
     assert ms.resolve_model("tiny-draft") == out
 
 
-def test_tiny_training_run(tiny_target: Path, tmp_model_root: Path) -> None:
-    before = load_hf_dir(
-        D.train_draft("tiny", "tiny-slice", minutes=0, recipe=tiny_recipe(), log=lambda s: None)
-    )[1]
-    out = D.train_draft(
+def train_tiny(**data) -> Path:
+    """A 5-step CPU training run of a 1-layer draft of the `tiny` target; `data` picks the sources."""
+    return D.train_draft(
         "tiny",
         "tiny-draft",
         minutes=0.5,
         device="cpu",
         recipe=tiny_recipe(),
-        prompts=TINY_PROMPTS,
-        documents=iter(TINY_DOCS * 50),
         progress=False,
         measure_cost=False,
         log=lambda s: None,
+        **data,
     )
+
+
+def test_tiny_training_run(tiny_target: Path, tmp_model_root: Path) -> None:
+    before = load_hf_dir(
+        D.train_draft("tiny", "tiny-slice", minutes=0, recipe=tiny_recipe(), log=lambda s: None)
+    )[1]
+    out = train_tiny(prompts=TINY_PROMPTS, documents=iter(TINY_DOCS * 50))
     report = json.loads((out / D.REPORT_FILE).read_text())
     assert report["trained"] is True and report["steps"] == 5
     assert report["tokens_seen"] > 0 and report["chat"]["answers"] > 0

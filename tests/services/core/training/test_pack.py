@@ -14,7 +14,7 @@ from services.core.errors import InvalidArgument, NotFound
 from services.core.training import draft as D
 from services.core.training.pack import build_pack, load_pack, pack_documents, tokenizer_sha256
 
-from .test_draft import TINY_DOCS, TINY_PROMPTS, tiny_recipe
+from .test_draft import TINY_DOCS, TINY_PROMPTS, tiny_recipe, train_tiny
 
 DOCS = ["alpha beta gamma " * 3, "x", "", "long document " * 40]
 PROMPTS = ["What is a?", "How does b work?"]
@@ -78,17 +78,7 @@ def test_training_from_a_pack_uses_its_prompts_and_corpus(tiny_target: Path, tmp
     pack = tmp_path / "tiny.npz"
     sha = tokenizer_sha256(tiny_target)
     build_pack(pack, TINY_DOCS, tok.encode, TINY_PROMPTS, tokenizer_sha=sha, max_tokens=5000)
-    out = D.train_draft(
-        "tiny",
-        "tiny-draft",
-        minutes=0.5,
-        device="cpu",
-        recipe=tiny_recipe(),
-        data_packs=[pack, pack],  # the same prompts twice: de-duplicated, so none leaks into eval
-        progress=False,
-        measure_cost=False,
-        log=lambda s: None,
-    )
+    out = train_tiny(data_packs=[pack, pack])  # the same prompts twice: de-duplicated, none leaks into eval
     report = json.loads((out / D.REPORT_FILE).read_text())
     assert report["trained"] and report["data_packs"] == ["tiny.npz", "tiny.npz"]
     assert report["corpus_tokens"] > 0 and report["chat"]["answers"] > 0
