@@ -37,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="draft strategy (default: %(default)s)",
     )
     p.add_argument(
+        "--no-adaptive",
+        dest="adaptive",
+        action="store_false",
+        help="use the strategy's fixed default budget instead of the adaptive budget, which sizes "
+        "each round from measured acceptance and costs (see README, Measured)",
+    )
+    p.add_argument(
         "--draft-minutes",
         type=float,
         default=5.0,
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             prompt=common_pb2.Prompt(chat=chat),
             sampling=sampling,
             policy=policy,
-            spec=gateway_pb2.SpecOptions(strategy=strategy),
+            spec=gateway_pb2.SpecOptions(strategy=strategy, adaptive=args.adaptive),
         )
 
     with LocalStack(StackConfig(gateway_port=0)) as stack, grpc.insecure_channel(stack.gateway) as channel:
@@ -100,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         same = "sampled independently of"
     base_rate = baseline.usage.output_tokens / target_s
+    label = f"{args.strategy}, adaptive" if args.adaptive else args.strategy
     print(
-        f"\n[speculative ({args.strategy}): {n} tokens in {spec_s:.2f}s = {n / spec_s:.1f} tokens/s, "
+        f"\n[speculative ({label}): {n} tokens in {spec_s:.2f}s = {n / spec_s:.1f} tokens/s, "
         f"first token {1000 * (first - start):.0f} ms, tau {stats.mean_accepted_length:.2f}, "
         f"acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds]\n"
         f"[target alone: {baseline.usage.output_tokens} tokens in {target_s:.2f}s = {base_rate:.1f} tok/s; "
