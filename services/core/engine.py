@@ -63,9 +63,9 @@ class Engine:
         return cls(model, **kw)
 
     def pack_weights(self) -> int:
-        """Keep a oneDNN-packed copy of every projection (CPU fp32; see model.linear) so decode,
-        verification and draft trees of up to SMALL_BATCH_ROWS tokens cost about one token's
-        weight streaming. Costs a second copy of the projection weights; returns its bytes."""
+        """Keep a oneDNN-packed copy of every projection (CPU fp32; see model.linear) so that
+        verification and draft-tree forwards of 3 to SMALL_BATCH_ROWS tokens cost little more
+        than a decode step. Costs a second copy of the projection weights; returns its bytes."""
         self.packed_bytes = sum(m.pack() for m in self.model.modules() if isinstance(m, SmallBatchLinear))
         return self.packed_bytes
 
