@@ -255,12 +255,9 @@ class AdaptiveBudget:
         """Record a round: `accepted` levels of a tree `drafted_depth` deep (0: no draft), the wall
         seconds the draft and the target took, and how many tokens the target verified."""
         if verify_s is not None and verified_tokens > 0:
-            old = self.verify_s.get(verified_tokens)
-            self.verify_s[verified_tokens] = verify_s if old is None else 0.7 * old + 0.3 * verify_s
+            self.verify_s[verified_tokens] = _ema(self.verify_s.get(verified_tokens), verify_s)
         if draft_s is not None and drafted_depth > 0:
-            per_level = draft_s / drafted_depth
-            old = self.draft_level_s
-            self.draft_level_s = per_level if old is None else 0.7 * old + 0.3 * per_level
+            self.draft_level_s = _ema(self.draft_level_s, draft_s / drafted_depth)
         if drafted_depth == 0:
             self.rounds_without_draft += 1
             self.depth = 1 if self.rounds_without_draft >= self.probe_every else self.best_depth()
@@ -272,3 +269,8 @@ class AdaptiveBudget:
             self.depth = min(self.depth + 1, self.max_depth)
             return
         self.depth = self.best_depth()
+
+
+def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
+    """Exponential moving average of measured seconds; the first measurement stands alone."""
+    return new if old is None else (1.0 - weight) * old + weight * new

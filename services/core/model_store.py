@@ -336,3 +336,15 @@ def resolve_model(name_or_path: str | Path, root: str | Path | None = None) -> P
         f"(available: {listing}); {IMPORT_HINT}, or pass a path to a HF Llama directory",
         field="model",
     )
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # a trained draft's truncated vocabulary (train draft)
+
+
+def load_draft_vocab(model_dir: str | Path, size: int | None = None) -> list[int] | None:
+    """Token ids of a draft's truncated vocabulary (most frequent first), or None if it has none."""
+    p = Path(model_dir) / DRAFT_VOCAB_FILE
+    if not p.is_file():
+        return None
+    ids = json.loads(p.read_text())["token_ids"]
+    return ids[:size] if size else ids

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
 from services.core.drafting import Strategy
 from services.core.engine import Engine
-from services.core.model_store import resolve_model
+from services.core.model_store import load_draft_vocab, resolve_model
 from services.draft.servicer import DraftServicer
+from services.runtime.loading import load_engine
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
-from services.runtime.worker import EngineWorker
 from specmesh.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,19 +33,22 @@ def load_draft(
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
     (None = all of them, 0 = the full vocabulary). pack_weights: keep oneDNN-packed weight
     copies so tree levels of 3-16 nodes cost about one node (see services.core.model.linear)."""
-    model_dir = resolve_model(model)
-    worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
-    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
-    vocab = _draft_vocab(Path(model_dir))
-    if vocab and vocab_limit != 0:
-        worker.call(engine.restrict_vocab, vocab[:vocab_limit] if vocab_limit else vocab)
-        log.info("draft head restricted to %d of %d tokens", len(engine.vocab_ids), engine.config.vocab_size)
-    if pack_weights and worker.call(engine.pack_weights):
-        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
-    license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
-    log.info("loaded draft %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
+    vocab = load_draft_vocab(resolve_model(model), size=vocab_limit)
+
+    def restrict(engine: Engine) -> None:
+        if vocab and vocab_limit != 0:
+            engine.restrict_vocab(vocab)
+            log.info("draft head restricted to %d of %d tokens", len(vocab), engine.config.vocab_size)
+
+    loaded = load_engine(
+        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, prepare=restrict
+    )
     return DraftServicer(
-        engine, default_strategy=default_strategy, max_sessions=max_sessions, license=license, worker=worker
+        loaded.engine,
+        default_strategy=default_strategy,
+        max_sessions=max_sessions,
+        license=loaded.license,
+        worker=loaded.worker,
     )
 
 
@@ -57,12 +58,6 @@ def registrar(servicer: DraftServicer) -> Callable[[grpc.aio.Server], list[str]]
         return [SERVICE_NAME]
 
     return register
-
-
-def _draft_vocab(model_dir: Path) -> list[int] | None:
-    """Frequency-ordered truncated vocabulary shipped with a trained draft (draft_vocab.json)."""
-    path = model_dir / "draft_vocab.json"
-    return json.loads(path.read_text())["token_ids"] if path.is_file() else None
 
 
 async def start_draft(servicer: DraftServicer, settings: ServerSettings) -> RunningServer:

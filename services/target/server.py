@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
-from services.core.engine import Engine
-from services.core.model_store import resolve_model
 from services.core.tokenizer import Tokenizer
+from services.runtime.loading import load_engine
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
-from services.runtime.worker import EngineWorker
 from services.target.servicer import TargetServicer
 from specmesh.v1 import target_pb2, target_pb2_grpc
 
@@ -32,15 +28,13 @@ def load_target(
 ) -> TargetServicer:
     """pack_weights: keep oneDNN-packed weight copies so verifying 3-16 tokens costs about one
     decode step (CPU fp32; see services.core.model.linear)."""
-    model_dir = resolve_model(model)
-    worker = EngineWorker(Path(model_dir).name, threads)  # loads on the thread that will serve
-    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
-    if pack_weights and worker.call(engine.pack_weights):
-        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
-    license = json.loads((Path(model_dir) / "config.json").read_text()).get("specmesh", {}).get("license", "")
-    log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
+    loaded = load_engine(model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights)
     return TargetServicer(
-        engine, Tokenizer.from_dir(model_dir), max_sessions=max_sessions, license=license, worker=worker
+        loaded.engine,
+        Tokenizer.from_dir(loaded.model_dir),
+        max_sessions=max_sessions,
+        license=loaded.license,
+        worker=loaded.worker,
     )
 
 

@@ -41,12 +41,18 @@ import torch
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument
 from services.core.loaders.hf_dir import load_hf_dir
-from services.core.model_store import _check_name, count_parameters, model_root, resolve_model, write_manifest
+from services.core.model_store import (
+    DRAFT_VOCAB_FILE,
+    _check_name,
+    count_parameters,
+    model_root,
+    resolve_model,
+    write_manifest,
+)
 from services.core.tokenizer import Tokenizer
 from services.core.training.pack import load_pack, pack_documents, tokenizer_sha256
 from services.core.training.tmodel import TrainLlama, generate_batch
 
-DRAFT_VOCAB_FILE = "draft_vocab.json"
 REPORT_FILE = "train_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
@@ -178,15 +184,6 @@ def save_draft(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def load_draft_vocab(model_dir: str | Path, size: int | None = None) -> list[int] | None:
-    """Token ids of a draft's truncated vocabulary (most frequent first), or None if it has none."""
-    p = Path(model_dir) / DRAFT_VOCAB_FILE
-    if not p.is_file():
-        return None
-    ids = json.loads(p.read_text())["token_ids"]
-    return ids[:size] if size else ids
 
 
 # --- labelled data ----------------------------------------------------------------------------------

@@ -200,9 +200,9 @@ def test_tiny_training_run(tiny_target: Path, tmp_model_root: Path) -> None:
     assert report["tokens_seen"] > 0 and report["chat"]["answers"] > 0
     final = report["eval"]["final"]
     assert 0.0 <= final["alpha"] <= 1.0 and final["eval_tokens"] > 0
-    vocab = D.load_draft_vocab(out)
+    vocab = ms.load_draft_vocab(out)
     assert vocab is not None and len(vocab) == 64 and len(set(vocab)) == 64 and vocab[0] == 2  # eos first
-    assert D.load_draft_vocab(out, size=10) == vocab[:10]
+    assert ms.load_draft_vocab(out, size=10) == vocab[:10]
     _, after = load_hf_dir(out)
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(

@@ -1,0 +1,56 @@
+"""Start-up of a model service: load an engine on the thread that will serve it.
+
+Not exported by `services.runtime` (which the gateway imports without torch): model services
+import it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.core.model_store import resolve_model
+from services.runtime.worker import EngineWorker
+
+if TYPE_CHECKING:
+    from services.core.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedEngine:
+    engine: Engine
+    worker: EngineWorker  # the engine thread: all later torch work of the service goes here
+    model_dir: Path
+    license: str  # from config.json's specmesh block, "" when absent
+
+
+def load_engine(
+    model: str,
+    *,
+    threads: int | None,
+    max_kv_tokens: int,
+    pack_weights: bool,
+    prepare: Callable[[Engine], None] | None = None,
+) -> LoadedEngine:
+    """Resolve `model`, load it on a new engine thread (see services.runtime.worker), run
+    `prepare` there (a draft restricts its head), then keep oneDNN-packed weight copies when
+    `pack_weights` (see services.core.model.linear)."""
+    from services.core.engine import Engine  # lazy: torch
+
+    model_dir = Path(resolve_model(model))
+    worker = EngineWorker(model_dir.name, threads)
+    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
+    if prepare is not None:
+        worker.call(prepare, engine)
+    if pack_weights and worker.call(engine.pack_weights):
+        log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
+    config = json.loads((model_dir / "config.json").read_text())
+    license = (config.get("specmesh") or {}).get("license", "")
+    log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
+    return LoadedEngine(engine, worker, model_dir, license)
