@@ -691,6 +691,7 @@ def run_spec_bench(
     hf: bool = True,
     target_threads: int | None = None,
     draft_threads: int | None = None,
+    draft_int8: bool = True,
     omp_spincount: int | None = 10000,
     hf_threads: int | None = None,
     hf_num_assistant_tokens: int | None = None,
@@ -805,6 +806,7 @@ def run_spec_bench(
                 env=child_env,
                 target_threads=target_threads,
                 draft_threads=draft_threads,
+                draft_int8=draft_int8,
                 omp_spincount=omp_spincount,
                 warmup=True,
             )
@@ -986,6 +988,7 @@ def run_spec_bench(
         "omp_wait_policy_in_process": omp_in_process,
         "target_threads": target_threads if gateway is None else None,
         "draft_threads": draft_threads if gateway is None else None,
+        "draft_int8": draft_int8 if gateway is None else None,
         "omp_spincount": omp_spincount if gateway is None else None,
         "hf_threads": hf_threads if hf else None,
         "bench_process_torch_threads": _torch_threads(),

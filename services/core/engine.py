@@ -35,6 +35,7 @@ class Engine:
         self.digest = digest
         self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab: logits column -> token id
         self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
+        self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
         dtype = next(model.parameters()).dtype
         self.pool = BlockPool(
             self.config, block_size=block_size, max_blocks=max(1, max_kv_tokens // block_size), dtype=dtype
@@ -64,10 +65,19 @@ class Engine:
 
     def pack_weights(self) -> int:
         """Keep a oneDNN-packed copy of every projection (CPU fp32; see model.linear) so that
-        verification and draft-tree forwards of 3 to SMALL_BATCH_ROWS tokens cost little more
-        than a decode step. Costs a second copy of the projection weights; returns its bytes."""
+        verification and draft-tree forwards of 3 to 16 tokens cost little more than a decode
+        step, and larger ones (big trees, prefill) less than through F.linear. Costs a second
+        copy of the projection weights; returns its bytes."""
         self.packed_bytes = sum(m.pack() for m in self.model.modules() if isinstance(m, SmallBatchLinear))
         return self.packed_bytes
+
+    def quantize_int8(self) -> int:
+        """Compute every projection, the head included, with int8 weights (see
+        model.int8_weight): for drafts, whose outputs need not equal the fp32 model's. Returns
+        the int8 copies' bytes (0 where the quantized CPU kernels are unavailable)."""
+        layers = [m for m in self.model.modules() if isinstance(m, SmallBatchLinear)]
+        self.int8_bytes = sum(m.quantize_int8() for m in layers)
+        return self.int8_bytes
 
     def restrict_vocab(self, token_ids: list[int]) -> None:
         """Compute logits only for `token_ids` (a draft's truncated vocabulary): every logits
@@ -84,6 +94,8 @@ class Engine:
         self.vocab_ids = ids
         if self.packed_bytes:
             self.pack_weights()
+        if self.int8_bytes:
+            self.quantize_int8()
 
     @property
     def max_context(self) -> int:

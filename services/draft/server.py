@@ -29,19 +29,27 @@ def load_draft(
     max_kv_tokens: int = 65536,
     vocab_limit: int | None = None,
     pack_weights: bool = True,
+    int8: bool = True,
 ) -> DraftServicer:
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
-    (None = all of them, 0 = the full vocabulary). pack_weights: keep oneDNN-packed weight
-    copies so tree levels of 3-16 nodes cost about one node (see services.core.model.linear)."""
+    (None = all of them, 0 = the full vocabulary). int8: compute the projections with int8
+    weights (services.core.model.int8_weight; lossless all the same, ~1.6x faster per draft
+    token on CPU). pack_weights: keep oneDNN-packed copies of the fp32 weights int8 does not
+    serve, so tree levels of 3-16 nodes cost about one node (see services.core.model.linear)."""
     vocab = load_draft_vocab(resolve_model(model), size=vocab_limit)
 
-    def restrict(engine: Engine) -> None:
+    def prepare(engine: Engine) -> None:
         if vocab and vocab_limit != 0:
             engine.restrict_vocab(vocab)
             log.info("draft head restricted to %d of %d tokens", len(vocab), engine.config.vocab_size)
+        if int8:
+            if engine.quantize_int8():
+                log.info("int8 projection weights: %.0f MiB", engine.int8_bytes / 2**20)
+            else:
+                log.warning("int8 kernels (fbgemm) unavailable here: the draft computes in fp32")
 
     loaded = load_engine(
-        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, prepare=restrict
+        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, prepare=prepare
     )
     return DraftServicer(
         loaded.engine,

@@ -112,6 +112,12 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="torch threads of the draft service (default: %(default)s; ignored with --gateway)",
     )
     p.add_argument(
+        "--no-draft-int8",
+        dest="draft_int8",
+        action="store_false",
+        help="run the stack's draft in fp32 (default: int8 weights; ignored with --gateway)",
+    )
+    p.add_argument(
         "--omp-spincount",
         type=int,
         default=DEFAULT_OMP_SPINCOUNT,
@@ -183,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             hf=not args.no_hf,
             target_threads=args.target_threads,
             draft_threads=args.draft_threads,
+            draft_int8=args.draft_int8,
             omp_spincount=None if args.omp_spincount < 0 else args.omp_spincount,
             hf_threads=args.hf_threads,
             hf_num_assistant_tokens=args.hf_assistant_tokens,

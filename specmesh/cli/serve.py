@@ -62,6 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "0 = the full vocabulary)",
     )
     d.add_argument(
+        "--no-int8",
+        dest="int8",
+        action="store_false",
+        help="compute the draft in fp32 instead of with int8 weights (int8 is the default: "
+        "about 1.6x faster per drafted token on CPU; drafting stays lossless either way, "
+        "because the draft reports the distribution it drew its tokens from)",
+    )
+    d.add_argument(
         "--no-pack-weights",
         dest="pack_weights",
         action="store_false",
@@ -122,6 +130,7 @@ def run_draft(args: argparse.Namespace) -> int:
         max_kv_tokens=args.max_kv_tokens,
         vocab_limit=args.vocab_limit,
         pack_weights=args.pack_weights,
+        int8=args.int8,
     )
 
     def announce(server) -> None:

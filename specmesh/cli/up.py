@@ -200,6 +200,7 @@ class StackConfig:
     redis_url: str | None = None  # use this Redis instead of starting one
     target_threads: int | None = None
     draft_threads: int | None = None  # None: torch's default (all cores)
+    draft_int8: bool = True  # the draft computes with int8 weights (serve draft --no-int8 otherwise)
     # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
     omp_spincount: int | None = DEFAULT_OMP_SPINCOUNT
     gateway_args: Sequence[str] = ()  # extra flags for `serve gateway` (--strategy, --adaptive ...)
@@ -293,6 +294,8 @@ class LocalStack:
             argv += ["--host", host, "--port", str(dp)]
             if c.draft_threads:
                 argv += ["--threads", str(c.draft_threads)]
+            if not c.draft_int8:
+                argv += ["--no-int8"]
             draft = Child("draft", argv, _join(dial, dp), lambda: False)
             children.append(draft)
 
@@ -446,6 +449,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=cores,
         help="torch threads of the draft (default: all %(default)s cores; target and draft take turns)",
     )
+    add_draft_int8_arg(p)
     p.add_argument(
         "--omp-spincount",
         type=int,
@@ -473,6 +477,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_draft_int8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-draft-int8",
+        dest="draft_int8",
+        action="store_false",
+        help="run the draft in fp32 (default: int8 weights, faster on CPU and lossless all the same)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> StackConfig:
     for name in ("gateway_port", "target_port", "draft_port", "redis_port"):
         value = getattr(args, name)
@@ -495,6 +508,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         redis_url=args.redis_url,
         target_threads=args.target_threads,
         draft_threads=args.draft_threads,
+        draft_int8=args.draft_int8,
         omp_spincount=None if args.omp_spincount < 0 else args.omp_spincount,
         gateway_args=gateway_args,
         startup_timeout=args.startup_timeout,

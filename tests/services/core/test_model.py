@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_config
 
 from services.core.engine import Engine
-from services.core.model import SMALL_BATCH_ROWS, linear, packed_weight
+from services.core.model import SMALL_BATCH_ROWS, int8_linear, int8_weight, linear, packed_weight
 
 TOL = 1e-4
 
@@ -188,7 +188,7 @@ def test_logit_rows_select_rows(engine: Engine) -> None:
     assert (rows - ref[[0, 4, 8]]).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
 def test_linear_paths_match_f_linear(rows: int) -> None:
     torch.manual_seed(rows)
     w, x = torch.randn(96, 48), torch.randn(rows, 48)
@@ -223,3 +223,34 @@ def test_packed_engine_matches_unpacked(engine: Engine) -> None:
     assert packed.model.lm_head.packed is not None  # the new head is packed too
     a, b = (full_logits(e, prefix + tokens[:4])[-4:] for e in (engine, packed))
     assert a.shape == (4, 10) and (a - b).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_linear_is_close_to_f_linear(rows: int) -> None:
+    """int8 weights (per output row) and 8-bit activations: about 1% of the output's scale."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(96, 48), torch.randn(2, rows, 48)
+    q = int8_weight(w)
+    if q is None:
+        pytest.skip("the fbgemm quantized kernels are not available")
+    out, ref = int8_linear(x, q), torch.nn.functional.linear(x, w)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_int8_engine_tracks_fp32_and_keeps_its_head_quantized(engine: Engine) -> None:
+    """A draft engine on int8 weights: logits close to fp32, the same argmax almost
+    everywhere; restricting the vocabulary afterwards keeps the new head int8, and packing
+    skips what int8 serves."""
+    quant = Engine.from_config(engine.config, seed=1, block_size=4)
+    if not quant.quantize_int8():
+        pytest.skip("the fbgemm quantized kernels are not available")
+    assert quant.pack_weights() == 0  # every projection is int8: nothing left to pack
+    ids = random_ids(24, engine.config.vocab_size, 6)
+    ref, out = full_logits(engine, ids), full_logits(quant, ids)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    subset = random.Random(1).sample(range(engine.config.vocab_size), 10)
+    quant.restrict_vocab(subset)
+    assert quant.model.lm_head.int8 is not None
+    assert full_logits(quant, ids).shape == (24, 10)
