@@ -165,6 +165,9 @@ class Orchestrator:
                     result.first_token_at = time.perf_counter()
                 result.tokens += tokens
                 if response.finish_reason:
+                    # the last message: wait for the status too, so the stream ends OK rather
+                    # than cancelled by the `finally` below
+                    await call.code()
                     result.finish = response.finish_reason
                     # one target forward per token: tau = 1 by definition, nothing drafted
                     result.stats = SpecCounter(rounds=len(result.tokens))

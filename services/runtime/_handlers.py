@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -60,13 +61,42 @@ async def call_unary(behavior: Behavior, request: Any, context: Any) -> Any:
 
 
 async def iterate(behavior: Behavior, request: Any, context: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming behavior; closing this closes the behavior's stream too."""
     responses = behavior(request, context)
-    if hasattr(responses, "__aiter__"):
+    if hasattr(responses, "aclose"):
+        async with aclosing(responses):
+            async for response in responses:
+                yield response
+    elif hasattr(responses, "__aiter__"):
         async for response in responses:
             yield response
     elif responses is not None:
         for response in responses:
             yield response
+
+
+def as_writer(behavior: Behavior) -> Callable[[Any, Any], Awaitable[None]]:
+    """A yielding stream behavior as a ``context.write`` coroutine that closes the stream itself.
+
+    grpc.aio iterates a yielding handler without closing it: when the client cancels (or
+    stops reading after the last message), the generator is closed later, from a garbage
+    collection hook in another task. Context-variable tokens set inside it (OpenTelemetry's
+    current span) then fail to reset ("created in a different Context"), and a servicer's
+    `finally` runs late. Closing it here keeps the whole unwind in the RPC's own task.
+    """
+
+    async def writer(request: Any, context: Any) -> None:
+        async with aclosing(iterate(behavior, request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+
+    return writer
+
+
+def as_writer_stream(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with its yielding response stream served through as_writer."""
+    assert yields_responses(handler)
+    return rewrap(handler, coro=lambda behavior: behavior, gen=as_writer)
 
 
 def split_method(full_method: str | bytes | None) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import aclosing
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
@@ -173,8 +174,9 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         def gen(behavior):
             async def wrapper(request, context):
                 try:
-                    async for response in iterate(behavior, request, context):
-                        yield response
+                    async with aclosing(iterate(behavior, request, context)) as responses:
+                        async for response in responses:
+                            yield response
                 except Exception as exc:
                     await handle(context, exc)
 

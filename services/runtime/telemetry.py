@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ._handlers import call_unary, iterate, rewrap, split_method, yields_responses
+from ._handlers import as_writer_stream, call_unary, iterate, rewrap, split_method, yields_responses
 
 try:  # advisory lock so several processes can append to one span file
     import fcntl
@@ -335,13 +336,16 @@ def _default_trace_filter():
 
 
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):
-    """The OpenTelemetry aio server interceptor, made safe for ``context.write`` streams.
+    """The OpenTelemetry aio server interceptor, with response streams traced here instead.
 
     opentelemetry-instrumentation-grpc wraps every response-streaming handler with
     ``async for ... in behavior(...)``, which fails with TypeError for handlers that stream by
     ``await context.write(...)`` (grpc.aio's other streaming style, used by the stock
-    health ``Watch``). Those handlers get a server span from this class instead; the rest go
-    through the OpenTelemetry interceptor unchanged.
+    health ``Watch``), and leaves a yielding stream that the client cancelled to be closed
+    from another task, where its span's context token cannot be reset. So yielding streams are
+    turned into ``context.write`` ones that close themselves (_handlers.as_writer), and every
+    response stream gets its server span from this class; the rest go through the
+    OpenTelemetry interceptor unchanged. Being outermost, it must stay first in the chain.
     """
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None, filter_=None) -> None:
@@ -353,9 +357,11 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if yields_responses(handler):  # outermost, so the whole stream unwinds in the RPC's task
+            handler = as_writer_stream(handler)
         if self._filter is not None and not self._filter(handler_call_details):
             return handler
-        if handler.response_streaming and not yields_responses(handler):
+        if handler.response_streaming:
             return self._trace_writer_stream(handler, handler_call_details)
 
         async def resolved(_details):
@@ -472,8 +478,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             async def wrapper(request, context):
                 start = time.perf_counter()
                 try:
-                    async for response in iterate(behavior, request, context):
-                        yield response
+                    async with aclosing(iterate(behavior, request, context)) as responses:
+                        async for response in responses:
+                            yield response
                 except BaseException as exc:
                     record(start, context, exc)
                     raise

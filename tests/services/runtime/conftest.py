@@ -25,7 +25,13 @@ def method(name: str) -> str:
 
 def make_state() -> SimpleNamespace:
     """Per-test state shared with the handlers; create it inside the running loop."""
-    return SimpleNamespace(slow_started=asyncio.Event(), slow_finished=0, release=asyncio.Event())
+    return SimpleNamespace(
+        slow_started=asyncio.Event(),
+        slow_finished=0,
+        release=asyncio.Event(),
+        ticker_closed=asyncio.Event(),
+        ticker_closed_in_rpc_task=None,
+    )
 
 
 _FAILURES = {
@@ -68,6 +74,16 @@ def make_register(state: SimpleNamespace):
                 )
             yield str(i).encode()
 
+    async def ticker(request: bytes, context):
+        task = asyncio.current_task()
+        try:
+            for i in range(int(request)):
+                yield str(i).encode()
+                await asyncio.sleep(0.01)
+        finally:  # where the stream unwinds: the RPC's own task, or a finaliser's
+            state.ticker_closed_in_rpc_task = asyncio.current_task() is task
+            state.ticker_closed.set()
+
     async def writer_stream(request: bytes, context) -> None:
         for i in range(3):
             if request == b"fail" and i == 2:
@@ -95,6 +111,7 @@ def make_register(state: SimpleNamespace):
         "Slow": unary(slow),
         "Big": unary(big),
         "Stream": unary_stream(stream),
+        "Ticker": unary_stream(ticker),
         "WriterStream": unary_stream(writer_stream),
         "Chat": grpc.stream_stream_rpc_method_handler(
             chat, request_deserializer=ident, response_serializer=ident

@@ -1,6 +1,9 @@
 """Telemetry: server spans per RPC, trace propagation through aio_channel, RPC metrics, exporters."""
 
+import asyncio
+import gc
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -62,6 +65,43 @@ def test_server_span_per_rpc_and_duration_metric(arun, probe, memory_telemetry):
     counts = {(p.attributes["rpc.method"], p.attributes["rpc.grpc.status_code"]): p.count for p in points}
     assert counts == {("Echo", 0): 2, ("Fail", 3): 1, ("Fail", 13): 1, ("Check", 0): 1}
     assert all(p.attributes["rpc.service"] for p in points)
+
+
+@pytest.mark.parametrize("read", [1, 3], ids=["mid-stream", "after-last-message"])
+def test_cancelled_stream_unwinds_in_its_own_task(arun, probe, memory_telemetry, read, caplog):
+    """A client that cancels a yielding stream, mid-way or after its last message but before
+    the status (as a client that stops at a finish marker does), through the real server and
+    interceptors: the handler unwinds in the RPC's task, nothing is logged at ERROR or reaches
+    the loop's error handler, and the RPC still gets its server span and duration point. (The
+    unwinding itself, for a stream cancelled while suspended at `yield`, is in test_handlers.)"""
+    state = None
+    loop_errors: list[dict] = []
+
+    async def main():
+        nonlocal state
+        state = probe.make_state()
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: loop_errors.append(ctx))
+        async with (
+            await serve(probe.make_register(state), probe.settings(), telemetry=memory_telemetry) as running,
+            grpc.aio.insecure_channel(running.address) as channel,
+        ):
+            call = channel.unary_stream(probe.method("Ticker"))(str(3 if read == 3 else 1000).encode())
+            for _ in range(read):
+                await call.read()
+            call.cancel()
+            await asyncio.wait_for(state.ticker_closed.wait(), 5)
+            gc.collect()
+            await asyncio.sleep(0.1)  # room for any finaliser task to run and fail
+
+    with caplog.at_level(logging.ERROR):
+        arun(main())
+    assert state.ticker_closed_in_rpc_task is True
+    assert loop_errors == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    (span,) = server_spans(memory_telemetry, probe.method("Ticker"))
+    assert span.end_time is not None
+    methods = [p.attributes["rpc.method"] for p in memory_telemetry.metric_points(RPC_DURATION_METRIC)]
+    assert "Ticker" in methods
 
 
 def test_client_and_server_spans_share_a_trace(arun, probe, memory_telemetry):
