@@ -43,9 +43,10 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
         max_new_tokens=8,
         temperature=0.0,
         target_model=MODEL,
-        draft_model=MODEL,  # the target drafting for itself
+        draft_model=MODEL,  # the target drafting for itself, in fp32: its drafts are the target's argmax
         target_threads=1,
         draft_threads=1,
+        draft_int8=False,
         progress=False,
     )
     saved = json.loads(out.read_text(encoding="utf-8"))
@@ -57,6 +58,7 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
     cfg = saved["config"]
     assert cfg["max_new_tokens"] == 8 and cfg["temperature"] == 0.0
     assert cfg["target_model"] == MODEL and cfg["draft_model"] == MODEL
+    assert saved["machine"]["threads"]["draft_int8"] is False
     assert cfg["strategies"] == list(spec_bench.STRATEGIES)
     assert cfg["hf"]["threads"] == 1
 

@@ -63,6 +63,7 @@ def stack_config(**overrides) -> up.StackConfig:
         redis=False,
         target_threads=1,
         draft_threads=1,
+        draft_int8=False,  # fp32: a model drafting for itself then proposes the target's argmax
         startup_timeout=300,
         warmup=False,
     )

@@ -116,7 +116,7 @@ STRATEGIES = [
 def spec_servers(smollm2_dir):
     server_mod = pytest.importorskip("services.draft.server")
     target_servicer = load_target(str(smollm2_dir), max_sessions=8)
-    draft_servicer = server_mod.load_draft(str(smollm2_dir), max_sessions=8)
+    draft_servicer = server_mod.load_draft(str(smollm2_dir), max_sessions=8, int8=False)  # fp32 self-draft
     settings = ServerSettings(host="127.0.0.1", port=0, grace_seconds=1)
     state = {}
 
