@@ -477,12 +477,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_draft_int8_arg(p: argparse.ArgumentParser) -> None:
+def add_draft_int8_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--no-draft-int8 (StackConfig.draft_int8), shared with `bench spec`."""
     p.add_argument(
         "--no-draft-int8",
         dest="draft_int8",
         action="store_false",
-        help="run the draft in fp32 (default: int8 weights, faster on CPU and lossless all the same)",
+        help=f"run the draft in fp32 (default: int8 weights, faster on CPU and lossless all the same{note})",
     )
 
 
