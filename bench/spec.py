@@ -2,7 +2,8 @@
 
 For every prompt set (JSONL, one ``{"prompt": ..., "chat": true|false}`` per line) the same
 prompts go through the gateway with ``policy=target`` (the baseline), ``policy=speculative`` for
-each draft strategy (optionally with the adaptive budget) and optionally ``policy=draft``; and,
+each draft strategy (optionally with the adaptive budget, and optionally again without the
+prompt-lookup tokens merged into model-drafted trees) and optionally ``policy=draft``; and,
 in this process, through transformers: plain ``LlamaForCausalLM.generate`` and assisted
 generation (``assistant_model=`` the same draft weights). Every path sees the same prompt token
 ids (chat prompts rendered through the target's chat template here and sent to the gateway as
@@ -139,6 +140,7 @@ class RunConfig:
     policy: str | None = None  # stack: target | draft | speculative
     strategy: str | None = None  # speculative: one of STRATEGIES
     adaptive: bool = False
+    lookup_tokens: int | None = None  # speculative: None = the gateway's default, 0 = off
     assisted: bool = False  # hf: assistant_model given
 
     @property
@@ -153,12 +155,19 @@ def normalize_strategy(name: str) -> str:
     return key
 
 
-def plan_runs(strategies: Sequence[str], *, adaptive: bool, draft_policy: bool, hf: bool) -> list[RunConfig]:
+def plan_runs(
+    strategies: Sequence[str], *, adaptive: bool, draft_policy: bool, hf: bool, compare_lookup: bool = False
+) -> list[RunConfig]:
+    """compare_lookup: each model strategy also runs with lookup_tokens=0 (suffix ``:no-lookup``)."""
     runs = [RunConfig(TARGET_RUN, "stack", "target")]
     for s in strategies:
-        runs.append(RunConfig(f"speculative:{s}", "stack", "speculative", s))
-        if adaptive:
-            runs.append(RunConfig(f"speculative:{s}:adaptive", "stack", "speculative", s, adaptive=True))
+        variants = [(f"speculative:{s}", False)] + ([(f"speculative:{s}:adaptive", True)] if adaptive else [])
+        for name, adapt in variants:
+            runs.append(RunConfig(name, "stack", "speculative", s, adaptive=adapt))
+            if compare_lookup and s != "prompt_lookup":
+                runs.append(
+                    RunConfig(f"{name}:no-lookup", "stack", "speculative", s, adaptive=adapt, lookup_tokens=0)
+                )
     if draft_policy:
         runs.append(RunConfig(DRAFT_RUN, "stack", "draft"))
     if hf:
@@ -249,7 +258,11 @@ class StackClient:
         spec = None
         if run.speculative:
             assert run.strategy is not None
-            spec = gateway_pb2.SpecOptions(strategy=strategy_value(run.strategy), adaptive=run.adaptive)
+            spec = gateway_pb2.SpecOptions(
+                strategy=strategy_value(run.strategy),
+                adaptive=run.adaptive,
+                budget=common_pb2.TreeBudget(lookup_tokens=run.lookup_tokens),
+            )
         return gateway_pb2.GatewayGenerateRequest(
             prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt_ids))),
             sampling=sampling,
@@ -397,6 +410,7 @@ def summarize(run: RunConfig, records: Sequence[Record]) -> dict[str, Any]:
         "policy": run.policy,
         "strategy": run.strategy,
         "adaptive": run.adaptive,
+        "lookup_tokens": run.lookup_tokens,
         "requests": len(records),
         "failed": len(records) - len(ok),
         "output_tokens": tokens,
@@ -627,7 +641,12 @@ def _write_png(result: dict[str, Any], path: Path) -> str | None:
         offs = [x - 0.4 + width * (j + 0.5) for x in xs]
         ax1.bar(offs, [group[r]["tokens_per_s"] or 0 for r in runs], width, label=name)
         ax2.bar(offs, [group[r]["speedup_vs_target"] or 0 for r in runs], width, label=name)
-    labels = [r.replace("speculative:", "spec:\n").replace(":adaptive", "\n+adaptive") for r in runs]
+    short = {"speculative:": "spec:\n", ":adaptive": "\n+adaptive", ":no-lookup": "\n-lookup"}
+    labels = []
+    for r in runs:
+        for long, abbreviated in short.items():
+            r = r.replace(long, abbreviated)
+        labels.append(r)
     for ax in (ax1, ax2):
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.legend()
@@ -685,6 +704,7 @@ def run_spec_bench(
     draft_model: str = DEFAULT_DRAFT,
     strategies: Iterable[str] = STRATEGIES,
     adaptive: bool = False,
+    compare_lookup: bool = False,
     draft_policy: bool = False,
     limit: int | None = None,
     seed: int = 0,
@@ -754,7 +774,9 @@ def run_spec_bench(
                 raise ValueError(f"{ps.path}: prompt {i} encodes to no tokens")
             prompt_ids[(ps.name, i)] = ids
 
-    runs = plan_runs(strategies, adaptive=adaptive, draft_policy=draft_policy, hf=hf)
+    runs = plan_runs(
+        strategies, adaptive=adaptive, draft_policy=draft_policy, hf=hf, compare_lookup=compare_lookup
+    )
     notes = [OVERHEAD_NOTE]
     if omp_wait_policy != "inherit":
         notes.append(OMP_NOTE.format(policy=omp_wait_policy.upper()))
@@ -1023,6 +1045,7 @@ def run_spec_bench(
             "limit": limit,
             "strategies": strategies,
             "adaptive": adaptive,
+            "compare_lookup": compare_lookup,
             "draft_policy": draft_policy,
             "runs": [asdict(r) for r in runs],
             "prompt_format": "chat=true: the target's chat template with one user message and the "

@@ -2,7 +2,9 @@
 
 A budget is the shape a draft may propose in one round (``TreeBudget`` on the wire):
 ``max_nodes`` (tree nodes in total), ``max_depth`` (tokens on the longest path), ``branching``
-(children per expanded node of a static tree) and ``num_candidates`` (k chains for SpecTr).
+(children per expanded node of a static tree), ``num_candidates`` (k chains for SpecTr) and
+``lookup_tokens`` (prompt-lookup tokens the draft merges into greedy model trees, on top of
+``max_nodes``; see services.core.drafting.add_prompt_lookup).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Budget:
     max_depth: int
     branching: int = 1
     num_candidates: int = 1
+    lookup_tokens: int = 0
 
     def to_proto(self) -> common_pb2.TreeBudget:
         return common_pb2.TreeBudget(
@@ -57,6 +60,7 @@ class Budget:
             max_depth=self.max_depth,
             branching=self.branching,
             num_candidates=self.num_candidates,
+            lookup_tokens=self.lookup_tokens,
         )
 
     @property
@@ -73,14 +77,17 @@ class BudgetLimits:
     max_depth: int = 32
     branching: int = 16
     num_candidates: int = 16
+    lookup_tokens: int = 32
 
 
-# Defaults per strategy, used for every field a request leaves at 0.
+LOOKUP_TOKENS = 8  # default prompt-lookup tokens merged into greedy model trees
+
+# Defaults per strategy, used for every field a request leaves at 0 (lookup_tokens: unset).
 DEFAULT_BUDGETS: dict[int, Budget] = {
-    CHAIN: Budget(max_nodes=5, max_depth=5),
-    STATIC_TREE: Budget(max_nodes=14, max_depth=3, branching=2),
-    DYNAMIC_TREE: Budget(max_nodes=16, max_depth=6, branching=4),
-    MULTI_CANDIDATE: Budget(max_nodes=12, max_depth=4, num_candidates=3),
+    CHAIN: Budget(max_nodes=5, max_depth=5, lookup_tokens=LOOKUP_TOKENS),
+    STATIC_TREE: Budget(max_nodes=14, max_depth=3, branching=2, lookup_tokens=LOOKUP_TOKENS),
+    DYNAMIC_TREE: Budget(max_nodes=16, max_depth=6, branching=4, lookup_tokens=LOOKUP_TOKENS),
+    MULTI_CANDIDATE: Budget(max_nodes=12, max_depth=4, num_candidates=3, lookup_tokens=LOOKUP_TOKENS),
     PROMPT_LOOKUP: Budget(max_nodes=8, max_depth=8),
 }
 
@@ -115,7 +122,21 @@ def resolve_budget(
             raise OutOfRange(f"must be <= {limit}, got {given}", f"{field}.{name}")
         if given:
             values[name] = given
-    budget = Budget(**values)
+    lookup = base.lookup_tokens
+    if requested is not None and requested.HasField("lookup_tokens"):
+        lookup = requested.lookup_tokens
+        if not 0 <= lookup <= limits.lookup_tokens:
+            raise OutOfRange(
+                f"must be in [0, {limits.lookup_tokens}] (0 = none; unset = the default {base.lookup_tokens})"
+                f", got {lookup}",
+                f"{field}.lookup_tokens",
+            )
+    if values["max_nodes"] + lookup > limits.max_nodes:
+        raise OutOfRange(
+            f"max_nodes ({values['max_nodes']}) + lookup_tokens ({lookup}) must be <= {limits.max_nodes}",
+            f"{field}.lookup_tokens",
+        )
+    budget = Budget(**values, lookup_tokens=lookup)
     if strategy == MULTI_CANDIDATE and budget.num_candidates > budget.max_nodes:
         raise InvalidArgument(
             f"num_candidates ({budget.num_candidates}) exceeds max_nodes ({budget.max_nodes}): "
@@ -136,9 +157,11 @@ def cap_budget(budget: Budget, *, remaining_tokens: int, context_room: int) -> B
     nodes_cap = max(1, context_room)
     max_nodes = min(budget.max_nodes, nodes_cap)
     max_depth = min(budget.max_depth, depth_cap, max_nodes)
-    if (max_nodes, max_depth) == (budget.max_nodes, budget.max_depth):
+    # the lookup path is a chain from the root, so it is as deep as it is long
+    lookup_tokens = min(budget.lookup_tokens, depth_cap, nodes_cap - max_nodes)
+    if (max_nodes, max_depth, lookup_tokens) == (budget.max_nodes, budget.max_depth, budget.lookup_tokens):
         return budget
-    return replace(budget, max_nodes=max_nodes, max_depth=max_depth)
+    return replace(budget, max_nodes=max_nodes, max_depth=max_depth, lookup_tokens=lookup_tokens)
 
 
 class AdaptiveBudget:

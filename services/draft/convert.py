@@ -22,7 +22,7 @@ RULES = {
     Rule.SPECTR_KSEQ: common_pb2.ACCEPTANCE_RULE_SPECTR_KSEQ,
 }
 # Upper bounds a single Propose may ask for (a tree is verified in one target forward).
-LIMITS = Budget(max_nodes=128, max_depth=32, branching=16, num_candidates=16)
+LIMITS = Budget(max_nodes=128, max_depth=32, branching=16, num_candidates=16, lookup_tokens=32)
 
 
 def strategy_from_proto(value: int, default: Strategy) -> Strategy:
@@ -43,7 +43,10 @@ def budget_from_proto(pb: common_pb2.TreeBudget, strategy: Strategy) -> Budget:
         if not 0 <= v <= limit:
             raise InvalidArgument(f"must be in [1, {limit}] (0 = default), got {v}", f"budget.{name}")
         values[name] = v or getattr(base, name)
-    return Budget(**values)
+    lookup = pb.lookup_tokens  # unset = 0 = none; the gateway sends its default explicitly
+    if not 0 <= lookup <= LIMITS.lookup_tokens:
+        raise InvalidArgument(f"must be in [0, {LIMITS.lookup_tokens}], got {lookup}", "budget.lookup_tokens")
+    return Budget(**values, lookup_tokens=lookup)
 
 
 def tree_to_proto(tree: DraftTree) -> common_pb2.TokenTree:

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from services.core.drafting import Drafter, Strategy, prompt_lookup_tree
+from services.core.drafting import Drafter, Strategy, add_prompt_lookup, prompt_lookup_tree
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.sampling import round_generator
@@ -123,6 +123,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 tree = self.drafter.propose(
                     session.seq, self._root_logits(session), strategy, budget, sampling, gen
                 )
+                if sampling.greedy and budget.lookup_tokens:
+                    add_prompt_lookup(tree, session.tokens, budget.lookup_tokens)
             reply = draft_pb2.ProposeResponse(
                 tree=tree_to_proto(tree), session_length=session.length, rule=RULES[tree.rule]
             )

@@ -90,6 +90,12 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="draft strategies to run (default: " + ",".join(STRATEGY_CHOICES) + ")",
     )
     p.add_argument("--adaptive", action="store_true", help="also run each strategy with the adaptive budget")
+    p.add_argument(
+        "--compare-lookup",
+        action="store_true",
+        help="also run each model strategy with lookup_tokens=0: without the prompt-lookup path the draft "
+        "merges into greedy trees by default (runs named ...:no-lookup)",
+    )
     p.add_argument("--draft-policy", action="store_true", help="also run policy=draft (the draft alone)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N prompts of each set")
     p.add_argument(
@@ -178,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             draft_model=args.draft_model,
             strategies=args.strategies,
             adaptive=args.adaptive,
+            compare_lookup=args.compare_lookup,
             draft_policy=args.draft_policy,
             limit=args.limit,
             seed=args.seed,

@@ -59,6 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--branching", type=int, default=0)
     b.add_argument("--num-candidates", type=int, default=0)
     b.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=None,
+        help="prompt-lookup tokens merged into greedy model-drafted trees (0 = off; default: the gateway's)",
+    )
+    b.add_argument(
         "--adaptive",
         action="store_true",
         help="pick each round's draft depth from measured acceptance and costs (0 = target alone)",
@@ -99,6 +105,7 @@ def build_request(args: argparse.Namespace):
             max_depth=args.max_depth,
             branching=args.branching,
             num_candidates=args.num_candidates,
+            lookup_tokens=args.lookup_tokens,
         ),
         adaptive=args.adaptive,
         vocab_limit=args.vocab_limit,

@@ -49,6 +49,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--branching", type=int, default=None, help="children per node (static tree)")
     d.add_argument("--num-candidates", type=int, default=None, help="k candidates (multi-candidate)")
     d.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=None,
+        help="prompt-lookup tokens the draft merges into greedy model-drafted trees, on top of the "
+        "tree's nodes (every model strategy; 0 = off; default 8)",
+    )
+    d.add_argument(
         "--adaptive",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -106,6 +113,12 @@ def options_from_args(args: argparse.Namespace):
                 f"--{name.replace('_', '-')} must be in [1, {getattr(limits, name)}], got {value}"
             )
     budgets[strategy] = replace(budgets[strategy], **overrides)
+    lookup = args.lookup_tokens
+    if lookup is not None:
+        if not 0 <= lookup <= limits.lookup_tokens:
+            raise ValueError(f"--lookup-tokens must be in [0, {limits.lookup_tokens}], got {lookup}")
+        # only the model strategies (those with a default) merge lookup tokens
+        budgets = {k: replace(b, lookup_tokens=lookup) if b.lookup_tokens else b for k, b in budgets.items()}
     if args.draft_chunk < 1:
         raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
     config = GatewayConfig(

@@ -187,16 +187,18 @@ class TokenTree(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., draft_logprobs: _Optional[_Iterable[float]] = ..., expanded: _Optional[_Iterable[_Union[NodeDistribution, _Mapping]]] = ...) -> None: ...
 
 class TreeBudget(_message.Message):
-    __slots__ = ("max_nodes", "max_depth", "branching", "num_candidates")
+    __slots__ = ("max_nodes", "max_depth", "branching", "num_candidates", "lookup_tokens")
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHING_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_nodes: int
     max_depth: int
     branching: int
     num_candidates: int
-    def __init__(self, max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., branching: _Optional[int] = ..., num_candidates: _Optional[int] = ...) -> None: ...
+    lookup_tokens: int
+    def __init__(self, max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., branching: _Optional[int] = ..., num_candidates: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
     __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens")

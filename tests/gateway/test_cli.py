@@ -103,9 +103,20 @@ def test_serve_gateway_options() -> None:
     assert c.adaptive and c.draft_chunk == 4 and c.default_policy == gateway_pb2.POLICY_TARGET
     args = parse(serve_gateway, ["gateway", "--draft", "none", "--max-depth", "3"])
     o = serve_gateway.options_from_args(args)
-    assert o.draft is None and o.config.default_budgets[CHAIN] == Budget(max_nodes=5, max_depth=3)
+    assert o.draft is None and o.config.default_budgets[CHAIN] == Budget(
+        max_nodes=5, max_depth=3, lookup_tokens=8
+    )
     with pytest.raises(ValueError):
         serve_gateway.options_from_args(parse(serve_gateway, ["gateway", "--max-nodes", "0"]))
+    # --lookup-tokens applies to every model strategy; prompt lookup itself has no model tree to merge into
+    budgets = serve_gateway.options_from_args(
+        parse(serve_gateway, ["gateway", "--lookup-tokens", "0"])
+    ).config
+    assert {k: b.lookup_tokens for k, b in budgets.default_budgets.items()} == dict.fromkeys(
+        budgets.default_budgets, 0
+    )
+    with pytest.raises(ValueError, match="--lookup-tokens"):
+        serve_gateway.options_from_args(parse(serve_gateway, ["gateway", "--lookup-tokens", "33"]))
 
 
 def test_serve_gateway_process(make_stack, toy) -> None:

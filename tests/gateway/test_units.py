@@ -8,7 +8,9 @@ from gateway.budget import (
     CHAIN,
     DEFAULT_BUDGETS,
     DYNAMIC_TREE,
+    LOOKUP_TOKENS,
     MULTI_CANDIDATE,
+    PROMPT_LOOKUP,
     STATIC_TREE,
     AdaptiveBudget,
     Budget,
@@ -138,7 +140,12 @@ def test_strategy_names_roundtrip() -> None:
 def test_resolve_budget_defaults_and_overrides() -> None:
     assert resolve_budget(CHAIN, None) == DEFAULT_BUDGETS[CHAIN]
     b = resolve_budget(STATIC_TREE, common_pb2.TreeBudget(max_depth=5))
-    assert b == Budget(DEFAULT_BUDGETS[STATIC_TREE].max_nodes, 5, DEFAULT_BUDGETS[STATIC_TREE].branching)
+    static = DEFAULT_BUDGETS[STATIC_TREE]
+    assert b == Budget(static.max_nodes, 5, static.branching, lookup_tokens=LOOKUP_TOKENS)
+    # lookup_tokens: unset takes the default, an explicit 0 turns prompt lookup off
+    assert resolve_budget(CHAIN, common_pb2.TreeBudget(lookup_tokens=0)).lookup_tokens == 0
+    assert resolve_budget(CHAIN, common_pb2.TreeBudget(lookup_tokens=12)).lookup_tokens == 12
+    assert resolve_budget(PROMPT_LOOKUP, None).lookup_tokens == 0
     b = resolve_budget(MULTI_CANDIDATE, common_pb2.TreeBudget(max_nodes=20, num_candidates=4))
     assert (b.max_nodes, b.num_candidates) == (20, 4)
 
@@ -151,6 +158,9 @@ def test_resolve_budget_defaults_and_overrides() -> None:
         (common_pb2.TreeBudget(branching=17), OutOfRange, "spec.budget.branching"),
         (common_pb2.TreeBudget(num_candidates=-2), InvalidArgument, "spec.budget.num_candidates"),
         (common_pb2.TreeBudget(max_nodes=300), OutOfRange, "spec.budget.max_nodes"),
+        (common_pb2.TreeBudget(lookup_tokens=-1), OutOfRange, "spec.budget.lookup_tokens"),
+        (common_pb2.TreeBudget(lookup_tokens=33), OutOfRange, "spec.budget.lookup_tokens"),
+        (common_pb2.TreeBudget(max_nodes=250, lookup_tokens=8), OutOfRange, "spec.budget.lookup_tokens"),
     ],
 )
 def test_resolve_budget_rejects(budget, error, field) -> None:
@@ -172,6 +182,12 @@ def test_cap_budget() -> None:
     assert cap_budget(b, remaining_tokens=1, context_room=100).max_depth == 1
     assert cap_budget(b, remaining_tokens=100, context_room=5) == Budget(5, 5, 2)
     assert cap_budget(b, remaining_tokens=100, context_room=0) == Budget(1, 1, 2)
+    # the lookup path is a chain: capped by the tokens still wanted and by the room after the tree
+    b = Budget(max_nodes=16, max_depth=6, branching=2, lookup_tokens=8)
+    assert cap_budget(b, remaining_tokens=100, context_room=100) is b
+    assert cap_budget(b, remaining_tokens=4, context_room=100).lookup_tokens == 3
+    assert cap_budget(b, remaining_tokens=100, context_room=20).lookup_tokens == 4
+    assert cap_budget(b, remaining_tokens=100, context_room=10).lookup_tokens == 0
 
 
 def test_adaptive_budget_grows_on_full_acceptance() -> None:

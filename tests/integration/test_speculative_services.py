@@ -52,7 +52,7 @@ def ref(sid: str, new: list[int], length: int) -> common_pb2.SessionRef:
     return common_pb2.SessionRef(session_id=sid, new_tokens=new, expected_length=length)
 
 
-def speculate(t_stub, d_stub, prompt, n, strategy, sid, temperature=0.0, seed=0):
+def speculate(t_stub, d_stub, prompt, n, strategy, sid, temperature=0.0, seed=0, lookup_tokens=0):
     sampling = common_pb2.SamplingParams(temperature=temperature)
     out, t_new, d_new, t_len, d_len, rnd, drafted, accepted = [], list(prompt), list(prompt), 0, 0, 0, 0, 0
     while len(out) < n:
@@ -61,6 +61,7 @@ def speculate(t_stub, d_stub, prompt, n, strategy, sid, temperature=0.0, seed=0)
             draft_pb2.ProposeRequest(
                 session=ref(sid, d_new, d_len + len(d_new)),
                 strategy=strategy,
+                budget=common_pb2.TreeBudget(lookup_tokens=lookup_tokens),
                 sampling=sampling,
                 random=random,
             )
@@ -92,18 +93,52 @@ def target_greedy(t_stub, prompt, n):
     return [t for c in t_stub.Generate(req) for t in c.token_ids]
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES), ids=list(STRATEGIES))
-def test_greedy_speculative_equals_target_only(stack, strategy) -> None:
+@pytest.mark.parametrize(
+    "strategy, lookup",
+    [(s, 0) for s in STRATEGIES] + [("chain", 8), ("dynamic_tree", 8)],
+    ids=list(STRATEGIES) + ["chain+lookup", "dynamic_tree+lookup"],
+)
+def test_greedy_speculative_equals_target_only(stack, strategy, lookup) -> None:
     servicer, t_stub, d_stub = stack
     tok = servicer.tokenizer
     for i, text in enumerate(["def add(a, b):\n    return", "What is the capital of France?"]):
         prompt = tok.encode_chat([{"role": "user", "content": text}]) if "?" in text else tok.encode(text)
         expected = target_greedy(t_stub, prompt, 24)
         got, rounds, drafted, accepted = speculate(
-            t_stub, d_stub, prompt, 24, STRATEGIES[strategy], f"{strategy}-{i}"
+            t_stub, d_stub, prompt, 24, STRATEGIES[strategy], f"{strategy}-{lookup}-{i}", lookup_tokens=lookup
         )
         assert got == expected
         assert rounds <= 24 and accepted <= drafted
+
+
+def test_prompt_lookup_path_is_merged_into_greedy_trees_only(stack) -> None:
+    """The draft adds the lookup path to greedy model trees, on top of max_nodes; sampled
+    rounds ignore it; an out-of-range value names the field."""
+    _, _, d_stub = stack
+    prompt = [504, 3458, 28, 4458, 30, 504, 3458, 28]  # repeats: the lookup proposes 4458, 30, ...
+
+    def propose(sid, lookup, temperature=0.0):
+        return d_stub.Propose(
+            draft_pb2.ProposeRequest(
+                session=ref(sid, prompt, len(prompt)),
+                strategy=common_pb2.DRAFT_STRATEGY_CHAIN,
+                budget=common_pb2.TreeBudget(max_nodes=2, max_depth=2, lookup_tokens=lookup),
+                sampling=common_pb2.SamplingParams(temperature=temperature),
+            )
+        ).tree
+
+    plain, merged = propose("lk-0", 0), propose("lk-1", 4)
+    assert len(plain.tokens) == 2 and list(merged.tokens[:2]) == list(plain.tokens)
+    nodes = {(p, t): i for i, (t, p) in enumerate(zip(merged.tokens, merged.parents, strict=True))}
+    path, node = [], -1  # follow the lookup path from the root
+    for token in (4458, 30, 504, 3458):
+        node = nodes[(node, token)]
+        path.append(node)
+    assert len(merged.tokens) == 2 + len(set(path) - {0, 1})
+    assert len(propose("lk-2", 4, temperature=1.0).tokens) == 2
+    expect_error(lambda: propose("lk-3", 33), "INVALID_ARGUMENT", "budget.lookup_tokens")
+    for sid in ("lk-0", "lk-1", "lk-2", "lk-3"):
+        d_stub.Release(common_pb2.ReleaseRequest(session_id=sid))
 
 
 def first_round(t_stub, d_stub, sid, prompt, temperature=1.0):

@@ -14,7 +14,15 @@ import pytest
 import torch
 from tiny_models import tiny_config
 
-from services.core.drafting import Budget, Drafter, Strategy, prompt_lookup, prompt_lookup_tree
+from services.core.drafting import (
+    Budget,
+    Drafter,
+    DraftTree,
+    Strategy,
+    add_prompt_lookup,
+    prompt_lookup,
+    prompt_lookup_tree,
+)
 from services.core.engine import Engine
 from services.core.params import SamplingConfig
 from services.core.sampling import probabilities
@@ -62,6 +70,8 @@ def speculative(
                 tree = prompt_lookup_tree(history, budget, sampling)
             else:
                 tree = drafter.propose(d_seq, root, strategy, budget, sampling, gen)
+                if budget.lookup_tokens and sampling.greedy:
+                    add_prompt_lookup(tree, history, budget.lookup_tokens)
             r = verify_round(
                 target,
                 t_seq,
@@ -101,6 +111,33 @@ def test_greedy_speculative_equals_target_greedy(strategy: Strategy) -> None:
     expected = greedy_reference(target, prompt, 40)
     got = speculative(target, draft, prompt, 40, strategy, SamplingConfig(), torch.Generator().manual_seed(0))
     assert got == expected
+
+
+@pytest.mark.parametrize("strategy", MODEL_STRATEGIES, ids=lambda s: s.value)
+def test_greedy_speculative_with_prompt_lookup_equals_target_greedy(strategy: Strategy) -> None:
+    """Model trees with the prompt-lookup path merged in stay lossless; the repetitive prompt
+    makes the lookup fire in most rounds."""
+    target, draft = engines()
+    prompt = [5, 17, 33, 5, 17, 60, 2, 9, 5, 17, 33, 5, 17]
+    budget = Budget(max_nodes=6, max_depth=3, branching=2, num_candidates=2, lookup_tokens=6)
+    expected = greedy_reference(target, prompt, 40)
+    got = speculative(
+        target, draft, prompt, 40, strategy, SamplingConfig(), torch.Generator().manual_seed(0), budget
+    )
+    assert got == expected
+
+
+def test_add_prompt_lookup_shares_the_model_path() -> None:
+    history = [1, 2, 3, 9, 1, 2]  # the suffix (1, 2) was followed by 3, 9, 1, 2
+    tree = DraftTree(tokens=[3, 8, 4], parents=[-1, 0, -1], logprobs=[-0.1, -0.5, -2.0])
+    assert add_prompt_lookup(tree, history, 4) == 3
+    assert tree.tokens == [3, 8, 4, 9, 1, 2] and tree.parents == [-1, 0, -1, 0, 3, 4]
+    assert tree.logprobs[3:] == [0.0, 0.0, 0.0]
+    assert add_prompt_lookup(tree, history, 4) == 0  # already there: nothing new
+    assert add_prompt_lookup(tree, [7, 8, 9], 4) == 0  # no earlier match
+    assert add_prompt_lookup(DraftTree(), history, 2) == 2  # an empty tree gets a chain
+    with pytest.raises(ValueError, match="greedy"):
+        add_prompt_lookup(DraftTree(rule=Rule.CHAIN), history, 4)
 
 
 def test_target_as_its_own_draft_accepts_everything_greedily() -> None:
