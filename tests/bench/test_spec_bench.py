@@ -47,6 +47,7 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
         target_threads=1,
         draft_threads=1,
         draft_int8=False,
+        compare_lookup=True,
         progress=False,
     )
     saved = json.loads(out.read_text(encoding="utf-8"))
@@ -69,7 +70,10 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
     assert m["threads"]["omp_wait_policy"] == "inherit"  # the default
     assert "commit" in m
 
-    names = ["target", *(f"speculative:{s}" for s in spec_bench.STRATEGIES), "hf_generate", "hf_assisted"]
+    spec_runs = []
+    for s in spec_bench.STRATEGIES:
+        spec_runs += [f"speculative:{s}"] + ([f"speculative:{s}:no-lookup"] if s != "prompt_lookup" else [])
+    names = ["target", *spec_runs, "hf_generate", "hf_assisted"]
     assert set(saved["sets"]) == {"chat", "code"}
     for group in [*saved["sets"].values(), saved["overall"]]:
         assert list(group["runs"]) == names
@@ -87,8 +91,11 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
             assert run["tau"] >= 1.0 and 0.0 <= run["acceptance_rate"] <= 1.0
             if s != "prompt_lookup":  # model-free n-grams need not match anything in 8 tokens
                 assert run["tau"] > 1.0, (s, run)
-        chain = group["runs"]["speculative:chain"]
+        assert group["runs"]["speculative:chain"]["tau"] > 2.0
+        # without the lookup path (whose nodes off the draft's own path are rejected) all is accepted
+        chain = group["runs"]["speculative:chain:no-lookup"]
         assert chain["acceptance_rate"] >= 0.9 and chain["tau"] > 2.0
+        assert chain["lookup_tokens"] == 0 and group["runs"]["speculative:chain"]["lookup_tokens"] is None
         assert group["runs"]["hf_assisted"]["tokens_per_target_forward"] > 1.0
         best = group["best_speculative"]
         assert best["run"] in names and _finite_positive(best["speedup_vs_hf_assisted"])

@@ -79,13 +79,14 @@ def prompt(kind: str, text: str) -> common_pb2.Prompt:
     return common_pb2.Prompt(text=text)
 
 
-def request(kind, text, policy, strategy=0, **sampling) -> gateway_pb2.GatewayGenerateRequest:
+def request(kind, text, policy, strategy=0, lookup=None, **sampling) -> gateway_pb2.GatewayGenerateRequest:
+    """lookup: the budget's lookup_tokens (None = the gateway's default)."""
     sampling.setdefault("max_new_tokens", MAX_NEW)
     return gateway_pb2.GatewayGenerateRequest(
         prompt=prompt(kind, text),
         sampling=common_pb2.SamplingParams(**sampling),
         policy=policy,
-        spec=gateway_pb2.SpecOptions(strategy=strategy),
+        spec=gateway_pb2.SpecOptions(strategy=strategy, budget=common_pb2.TreeBudget(lookup_tokens=lookup)),
     )
 
 
@@ -111,6 +112,10 @@ def test_greedy_speculative_equals_target_only(stack, target_only, strategy) -> 
     for kind, text in PROMPTS:
         r = stack.Generate(request(kind, text, gateway_pb2.POLICY_SPECULATIVE, strategy), timeout=600)
         assert list(r.token_ids) == target_only[text], (kind, text)
+        if draft_model() == MODEL and strategy == common_pb2.DRAFT_STRATEGY_CHAIN:
+            # without the prompt-lookup path, whose nodes off the draft's own path are rejected
+            r = stack.Generate(request(kind, text, gateway_pb2.POLICY_SPECULATIVE, strategy, 0), timeout=600)
+            assert list(r.token_ids) == target_only[text], (kind, text)
         s = r.spec_stats
         assert s.rounds >= 1 and r.usage.output_tokens == len(r.token_ids)
         if draft_model() == MODEL and strategy == common_pb2.DRAFT_STRATEGY_CHAIN:

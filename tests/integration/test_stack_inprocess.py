@@ -168,7 +168,13 @@ def test_greedy_speculative_equals_target_only(spec_servers, target_only, strate
                 prompt=prompt,
                 sampling=common_pb2.SamplingParams(max_new_tokens=24),
                 policy=gateway_pb2.POLICY_SPECULATIVE,
-                spec=gateway_pb2.SpecOptions(strategy=strategy),
+                # lookup off for the chain: its acceptance rate below counts the draft's own path only
+                spec=gateway_pb2.SpecOptions(
+                    strategy=strategy,
+                    budget=common_pb2.TreeBudget(
+                        lookup_tokens=0 if strategy == common_pb2.DRAFT_STRATEGY_CHAIN else None
+                    ),
+                ),
             )
         )
         assert list(r.token_ids) == expected
