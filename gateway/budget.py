@@ -3,7 +3,7 @@
 A budget is the shape a draft may propose in one round (``TreeBudget`` on the wire):
 ``max_nodes`` (tree nodes in total), ``max_depth`` (tokens on the longest path), ``branching``
 (children per expanded node of a static tree), ``num_candidates`` (k chains for SpecTr) and
-``lookup_tokens`` (prompt-lookup tokens the draft merges into greedy model trees, on top of
+``lookup_tokens`` (prompt-lookup tokens the draft merges into model-drafted trees, on top of
 ``max_nodes``; see services.core.drafting.add_prompt_lookup).
 """
 
@@ -80,7 +80,7 @@ class BudgetLimits:
     lookup_tokens: int = 32
 
 
-LOOKUP_TOKENS = 8  # default prompt-lookup tokens merged into greedy model trees
+LOOKUP_TOKENS = 8  # default prompt-lookup tokens merged into model-drafted trees
 
 # Defaults per strategy, used for every field a request leaves at 0 (lookup_tokens: unset).
 DEFAULT_BUDGETS: dict[int, Budget] = {

@@ -37,7 +37,7 @@ class Budget:
     max_depth: int = 6
     branching: int = 2  # children per expanded node (static / dynamic trees)
     num_candidates: int = 3  # k for multi-candidate drafting
-    lookup_tokens: int = 0  # prompt-lookup tokens merged into greedy model trees (add_prompt_lookup)
+    lookup_tokens: int = 0  # prompt-lookup tokens merged into model trees (add_prompt_lookup)
 
     @staticmethod
     def default(strategy: Strategy) -> Budget:
@@ -58,6 +58,7 @@ class DraftTree:
     # expanded node (-1 = root) -> (ids, probs): the distribution its children were drawn from
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
     rule: Rule = Rule.GREEDY
+    lookup: list[int] = field(default_factory=list)  # nodes proposed by prompt lookup, not drawn
 
     def add(self, token: int, parent: int, logprob: float) -> int:
         self.tokens.append(token)
@@ -242,8 +243,9 @@ def prompt_lookup_tree(history: list[int], budget: Budget, sampling: SamplingCon
 
 
 def add_prompt_lookup(tree: DraftTree, history: list[int], max_tokens: int) -> int:
-    """Merge the prompt-lookup continuation of `history` into a greedy model tree as one more
-    root path, sharing the nodes the model already drafted along it; returns the nodes added.
+    """Merge the prompt-lookup continuation of `history` into a model tree as one more root
+    path (greedy trees: sharing the nodes the model already drafted along it); returns the
+    nodes added.
 
     The model and the n-gram match tend to be right on different tokens (the model on fluent
     text, the match on names, numbers and code copied from the prompt), so the union accepts
@@ -252,21 +254,24 @@ def add_prompt_lookup(tree: DraftTree, history: list[int], max_tokens: int) -> i
     2.25 -> 2.56 (chat) and 2.45 -> 2.93 (code) for ~3 more nodes; a 5-token chain's
     1.86 -> 2.12 and 1.93 -> 2.43.
 
-    Greedy only: verification then matches argmax along paths, so any extra path is exact. The
-    sampled rules need each node's children drawn from its parent's draft distribution, which
-    an extra deterministic child is not. New nodes carry log q = 0 (a deterministic proposal).
+    Lossless either way: greedy verification matches argmax along any path; sampled
+    verification tries a node's lookup child (listed in tree.lookup) before its drawn children
+    (services.core.spec.lookup_first_outcome). A sampled tree shares nothing: had the lookup
+    token taken over a drawn child with the same token, that node would be verified by the
+    drawn rule exactly when the draft's draw matched the lookup, and those draws would no
+    longer follow q (a chi-square test caught the bias). New nodes carry log q = 0.
     """
-    if tree.rule is not Rule.GREEDY:
-        raise ValueError(f"prompt lookup merges into greedy trees only, not {tree.rule}")
     children: dict[int, dict[int, int]] = {}  # parent -> token -> node
-    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
-        children.setdefault(parent, {}).setdefault(token, node)
+    if tree.rule is Rule.GREEDY:
+        for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+            children.setdefault(parent, {}).setdefault(token, node)
     node, added = -1, 0
     for token in prompt_lookup(history, max_tokens):
         child = children.get(node, {}).get(token)
         if child is None:
             child = tree.add(token, node, 0.0)
             children.setdefault(node, {})[token] = child
+            tree.lookup.append(child)
             added += 1
         node = child
     return added

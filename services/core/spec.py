@@ -151,9 +151,40 @@ def greedy_outcome(p: torch.Tensor, tokens: list[int]) -> NodeOutcome:
     return NodeOutcome(accept, torch.nn.functional.one_hot(torch.tensor(target), p.shape[-1]).to(p.dtype))
 
 
-def node_outcome(rule: Rule, p: torch.Tensor, q: torch.Tensor | None, child_tokens: list[int]) -> NodeOutcome:
+def lookup_first_outcome(
+    rule: Rule, p: torch.Tensor, q: torch.Tensor | None, child_tokens: list[int], lookup: int
+) -> NodeOutcome:
+    """Child `lookup` was proposed deterministically (prompt lookup: q = one-hot on its token t),
+    the others were drawn from q as `rule` assumes. The deterministic child goes first: accepted
+    with prob min(1, p(t) / 1) = p(t); otherwise t is ruled out and the drawn children face
+    `rule` against p' = norm(p with t removed). Emitted law: p(t) at t, plus (1 - p(t)) times
+    the inner rule's law, which is exactly p' because the drawn children do not depend on t;
+    (1 - p(t)) p' = p off t, so the sum is p."""
+    t = child_tokens[lookup]
+    first = float(p[t])
+    rest = p.clone()
+    rest[t] = 0.0
+    drawn = [j for j in range(len(child_tokens)) if j != lookup]
+    inner = node_outcome(rule, _normalise(rest), q, [child_tokens[j] for j in drawn])
+    accept = torch.zeros(len(child_tokens), dtype=p.dtype)
+    accept[lookup] = first
+    for k, j in enumerate(drawn):
+        accept[j] = (1.0 - first) * inner.accept[k]
+    return NodeOutcome(accept, inner.residual)
+
+
+def node_outcome(
+    rule: Rule,
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    child_tokens: list[int],
+    lookup: int | None = None,
+) -> NodeOutcome:
+    """lookup: index among child_tokens of a deterministically proposed child (sampled rules)."""
     if rule is Rule.GREEDY:
         return greedy_outcome(p, child_tokens)
+    if lookup is not None:
+        return lookup_first_outcome(rule, p, q, child_tokens, lookup)
     if not child_tokens:
         return NodeOutcome(torch.zeros(0, dtype=p.dtype), p)
     assert q is not None  # validated by the caller: sampled rules need q at every expanded node
@@ -200,11 +231,14 @@ def verify(
     target_probs: torch.Tensor,
     draft_probs: dict[int, torch.Tensor],
     generator: torch.Generator | None = None,
+    lookup_nodes: frozenset[int] = frozenset(),
 ) -> Acceptance:
     """Walk the tree, accepting children by `rule`.
 
     target_probs: [n + 1, V]; row 0 is p after the last committed token, row i + 1 is p after
     node i. draft_probs: node index (-1 = root) -> q [V] its children were drawn from.
+    lookup_nodes: nodes proposed deterministically instead (at most one per parent; see
+    lookup_first_outcome).
     """
     if rule is Rule.GREEDY:
         return greedy_walk(tokens, parents, target_probs.argmax(-1).tolist())
@@ -215,7 +249,10 @@ def verify(
         p = target_probs[node + 1].double()
         children = kids[node]
         q = draft_probs.get(node)
-        outcome = node_outcome(rule, p, None if q is None else q.double(), [tokens[c] for c in children])
+        lookup = next((j for j, c in enumerate(children) if c in lookup_nodes), None)
+        outcome = node_outcome(
+            rule, p, None if q is None else q.double(), [tokens[c] for c in children], lookup
+        )
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         cum = torch.cumsum(outcome.accept, 0)
         j = int((cum <= u).sum()) if len(children) else 0

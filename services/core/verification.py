@@ -30,8 +30,11 @@ def check_draft_tree(
     rule: Rule,
     vocab_size: int,
     max_nodes: int,
+    lookup_nodes: frozenset[int] = frozenset(),
 ) -> None:
-    """Reject trees verification could not treat losslessly, naming the field at fault."""
+    """Reject trees verification could not treat losslessly, naming the field at fault.
+    lookup_nodes: children proposed deterministically (prompt lookup), at most one per parent;
+    the drawn-children checks skip them."""
     if len(tokens) > max_nodes:
         raise InvalidArgument(f"{len(tokens)} nodes exceed the node budget of {max_nodes}", "tree.tokens")
     if len(parents) != len(tokens):
@@ -40,13 +43,24 @@ def check_draft_tree(
     for i, t in enumerate(tokens):
         if not 0 <= t < vocab_size:
             raise InvalidArgument(f"token {t} of node {i} is outside [0, {vocab_size})", "tree.tokens")
+    bad = sorted(n for n in lookup_nodes if not 0 <= n < len(tokens))
+    if bad:
+        raise InvalidArgument(
+            f"lookup nodes {bad} are not node indices [0, {len(tokens)})", "tree.lookup_nodes"
+        )
     kids = children_of(parents)
+    for node, children in kids.items():
+        if sum(c in lookup_nodes for c in children) > 1:
+            raise InvalidArgument(f"node {node} has more than one lookup child", "tree.lookup_nodes")
+    kids = {node: [c for c in children if c not in lookup_nodes] for node, children in kids.items()}
     if rule is Rule.CHAIN and any(len(c) > 1 for c in kids.values()):
-        raise InvalidArgument("rule CHAIN needs a chain (at most one child per node)", "rule")
+        raise InvalidArgument(
+            "rule CHAIN needs a chain (at most one drawn child per node, plus a lookup child)", "rule"
+        )
     if rule is Rule.GREEDY:
         return
     for node, children in kids.items():
-        if not children:
+        if not children:  # leaves, and nodes whose only child is a lookup node, need no q
             continue
         q = dists.get(node)
         if q is None:
@@ -89,6 +103,7 @@ def verify_round(
     sampling: SamplingConfig,
     rule: Rule,
     gen: torch.Generator | None,
+    lookup_nodes: frozenset[int] = frozenset(),
 ) -> RoundResult:
     """Commit new_tokens, score the tree in the same forward, accept a path and keep its KV.
 
@@ -108,7 +123,7 @@ def verify_round(
             acc = greedy_walk(tree_tokens, tree_parents, logits.argmax(-1).tolist())
         else:
             target = probabilities(logits, sampling)  # [n + 1, V]
-            acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen)
+            acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen, lookup_nodes)
     except BaseException:
         seq.truncate(start)
         raise

@@ -50,7 +50,9 @@ def budget_from_proto(pb: common_pb2.TreeBudget, strategy: Strategy) -> Budget:
 
 
 def tree_to_proto(tree: DraftTree) -> common_pb2.TokenTree:
-    pb = common_pb2.TokenTree(tokens=tree.tokens, parents=tree.parents, draft_logprobs=tree.logprobs)
+    pb = common_pb2.TokenTree(
+        tokens=tree.tokens, parents=tree.parents, draft_logprobs=tree.logprobs, lookup_nodes=tree.lookup
+    )
     for node, (ids, probs) in sorted(tree.dists.items()):
         pb.expanded.add(
             node=node,

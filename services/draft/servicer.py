@@ -123,7 +123,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 tree = self.drafter.propose(
                     session.seq, self._root_logits(session), strategy, budget, sampling, gen
                 )
-                if sampling.greedy and budget.lookup_tokens:
+                if budget.lookup_tokens:
                     add_prompt_lookup(tree, session.tokens, budget.lookup_tokens)
             reply = draft_pb2.ProposeResponse(
                 tree=tree_to_proto(tree), session_length=session.length, rule=RULES[tree.rule]

@@ -109,19 +109,22 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         cfg.validate(vocab)
         rule = rule_from_proto(request.rule, cfg.greedy)
         tokens, parents = list(request.tree.tokens), list(request.tree.parents)
+        lookup = frozenset(request.tree.lookup_nodes)
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 
         def run() -> target_pb2.VerifyResponse:
             # tensor work stays on the engine thread (see services.runtime.worker)
             dists = {} if rule is Rule.GREEDY else draft_distributions(request.tree, vocab)
-            check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes)
+            check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes, lookup)
             existing = self.sessions.get(request.session.session_id)
             if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
                 return existing.last_reply[1]  # an identical retry: same tokens, nothing re-run
             session, new = self._open_session(request.session)
             self.engine.check_room(session.length, len(new) + len(tokens) + 1, "tree.tokens")
             gen = round_generator(request.random.seed, request.random.counter, domain="verify")
-            result = verify_round(self.engine, session.seq, new, tokens, parents, dists, cfg, rule, gen)
+            result = verify_round(
+                self.engine, session.seq, new, tokens, parents, dists, cfg, rule, gen, lookup
+            )
             path = result.acceptance.path
             session.tokens += new + [tokens[i] for i in path]
             reply = target_pb2.VerifyResponse(

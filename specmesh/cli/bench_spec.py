@@ -94,7 +94,7 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         "--compare-lookup",
         action="store_true",
         help="also run each model strategy with lookup_tokens=0: without the prompt-lookup path the draft "
-        "merges into greedy trees by default (runs named ...:no-lookup)",
+        "merges into model-drafted trees by default (runs named ...:no-lookup)",
     )
     p.add_argument("--draft-policy", action="store_true", help="also run policy=draft (the draft alone)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N prompts of each set")

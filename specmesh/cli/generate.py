@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--lookup-tokens",
         type=int,
         default=None,
-        help="prompt-lookup tokens merged into greedy model-drafted trees (0 = off; default: the gateway's)",
+        help="prompt-lookup tokens merged into model-drafted trees (0 = off; default: the gateway's)",
     )
     b.add_argument(
         "--adaptive",

@@ -52,7 +52,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--lookup-tokens",
         type=int,
         default=None,
-        help="prompt-lookup tokens the draft merges into greedy model-drafted trees, on top of the "
+        help="prompt-lookup tokens the draft merges into model-drafted trees, on top of the "
         "tree's nodes (every model strategy; 0 = off; default 8)",
     )
     d.add_argument(

@@ -175,16 +175,18 @@ class NodeDistribution(_message.Message):
     def __init__(self, node: _Optional[int] = ..., distribution: _Optional[_Union[Distribution, _Mapping]] = ...) -> None: ...
 
 class TokenTree(_message.Message):
-    __slots__ = ("tokens", "parents", "draft_logprobs", "expanded")
+    __slots__ = ("tokens", "parents", "draft_logprobs", "expanded", "lookup_nodes")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     EXPANDED_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_NODES_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     draft_logprobs: _containers.RepeatedScalarFieldContainer[float]
     expanded: _containers.RepeatedCompositeFieldContainer[NodeDistribution]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., draft_logprobs: _Optional[_Iterable[float]] = ..., expanded: _Optional[_Iterable[_Union[NodeDistribution, _Mapping]]] = ...) -> None: ...
+    lookup_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., draft_logprobs: _Optional[_Iterable[float]] = ..., expanded: _Optional[_Iterable[_Union[NodeDistribution, _Mapping]]] = ..., lookup_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TreeBudget(_message.Message):
     __slots__ = ("max_nodes", "max_depth", "branching", "num_candidates", "lookup_tokens")

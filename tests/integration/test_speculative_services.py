@@ -111,10 +111,10 @@ def test_greedy_speculative_equals_target_only(stack, strategy, lookup) -> None:
         assert rounds <= 24 and accepted <= drafted
 
 
-def test_prompt_lookup_path_is_merged_into_greedy_trees_only(stack) -> None:
-    """The draft adds the lookup path to greedy model trees, on top of max_nodes; sampled
-    rounds ignore it; an out-of-range value names the field."""
-    _, _, d_stub = stack
+def test_prompt_lookup_path_is_merged_into_model_trees(stack) -> None:
+    """The draft adds the lookup path to model trees, on top of max_nodes, and lists its new
+    nodes; the target verifies such a sampled tree; bad values name the field."""
+    _, t_stub, d_stub = stack
     prompt = [504, 3458, 28, 4458, 30, 504, 3458, 28]  # repeats: the lookup proposes 4458, 30, ...
 
     def propose(sid, lookup, temperature=0.0):
@@ -134,11 +134,31 @@ def test_prompt_lookup_path_is_merged_into_greedy_trees_only(stack) -> None:
     for token in (4458, 30, 504, 3458):
         node = nodes[(node, token)]
         path.append(node)
-    assert len(merged.tokens) == 2 + len(set(path) - {0, 1})
-    assert len(propose("lk-2", 4, temperature=1.0).tokens) == 2
+    assert list(merged.lookup_nodes) == [i for i in path if i >= 2] and len(merged.tokens) == 2 + len(
+        merged.lookup_nodes
+    )
+    sampled = propose("lk-2", 4, temperature=1.0)
+    assert len(sampled.tokens) > 2 and sampled.lookup_nodes and sampled.expanded
+    verify = target_pb2.VerifyRequest(
+        session=ref("lk-2", prompt, len(prompt)),
+        tree=sampled,
+        sampling=common_pb2.SamplingParams(temperature=1.0),
+        rule=common_pb2.ACCEPTANCE_RULE_CHAIN,  # one drawn child per node, plus lookup children
+        random=common_pb2.RandomStream(seed=1, counter=0),
+    )
+    bad = target_pb2.VerifyRequest()
+    bad.CopyFrom(verify)
+    bad.tree.lookup_nodes.append(len(sampled.tokens))
+    expect_error(lambda: t_stub.Verify(bad), "INVALID_ARGUMENT", "tree.lookup_nodes")
+    bad.CopyFrom(verify)
+    del bad.tree.lookup_nodes[:]  # the lookup path now reads as a second drawn child of a chain
+    expect_error(lambda: t_stub.Verify(bad), "INVALID_ARGUMENT", "rule")
+    v = t_stub.Verify(verify)  # the session survived the refusals
+    assert v.session_length == len(prompt) + len(v.accepted_tokens)
     expect_error(lambda: propose("lk-3", 33), "INVALID_ARGUMENT", "budget.lookup_tokens")
     for sid in ("lk-0", "lk-1", "lk-2", "lk-3"):
         d_stub.Release(common_pb2.ReleaseRequest(session_id=sid))
+        t_stub.Release(common_pb2.ReleaseRequest(session_id=sid))
 
 
 def first_round(t_stub, d_stub, sid, prompt, temperature=1.0):

@@ -70,7 +70,7 @@ def speculative(
                 tree = prompt_lookup_tree(history, budget, sampling)
             else:
                 tree = drafter.propose(d_seq, root, strategy, budget, sampling, gen)
-                if budget.lookup_tokens and sampling.greedy:
+                if budget.lookup_tokens:
                     add_prompt_lookup(tree, history, budget.lookup_tokens)
             r = verify_round(
                 target,
@@ -82,6 +82,7 @@ def speculative(
                 sampling,
                 tree.rule,
                 gen,
+                frozenset(tree.lookup),
             )
             emitted = [tree.tokens[i] for i in r.acceptance.path] + [r.acceptance.next_token]
             out += emitted
@@ -132,12 +133,14 @@ def test_add_prompt_lookup_shares_the_model_path() -> None:
     tree = DraftTree(tokens=[3, 8, 4], parents=[-1, 0, -1], logprobs=[-0.1, -0.5, -2.0])
     assert add_prompt_lookup(tree, history, 4) == 3
     assert tree.tokens == [3, 8, 4, 9, 1, 2] and tree.parents == [-1, 0, -1, 0, 3, 4]
-    assert tree.logprobs[3:] == [0.0, 0.0, 0.0]
+    assert tree.logprobs[3:] == [0.0, 0.0, 0.0] and tree.lookup == [3, 4, 5]  # node 0 stays drawn
     assert add_prompt_lookup(tree, history, 4) == 0  # already there: nothing new
     assert add_prompt_lookup(tree, [7, 8, 9], 4) == 0  # no earlier match
     assert add_prompt_lookup(DraftTree(), history, 2) == 2  # an empty tree gets a chain
-    with pytest.raises(ValueError, match="greedy"):
-        add_prompt_lookup(DraftTree(rule=Rule.CHAIN), history, 4)
+    # a sampled tree shares nothing, even where the draft drew the lookup's token
+    tree = DraftTree(tokens=[3, 8], parents=[-1, 0], logprobs=[-0.1, -0.5], rule=Rule.CHAIN)
+    assert add_prompt_lookup(tree, history, 2) == 2
+    assert tree.tokens == [3, 8, 3, 9] and tree.parents == [-1, 0, -1, 2] and tree.lookup == [2, 3]
 
 
 def test_target_as_its_own_draft_accepts_everything_greedily() -> None:
@@ -193,11 +196,17 @@ SAMPLED = [
     (Strategy.DYNAMIC_TREE, Budget(max_nodes=6, max_depth=3, branching=2)),
     (Strategy.MULTI_CANDIDATE, Budget(max_nodes=6, max_depth=2, num_candidates=3)),
     (Strategy.PROMPT_LOOKUP, Budget(max_nodes=3, max_depth=3)),
+    # model trees with the prompt-lookup path merged in (the prompt repeats, so it fires)
+    (Strategy.CHAIN, Budget(max_nodes=2, max_depth=2, branching=1, lookup_tokens=3)),
+    (Strategy.DYNAMIC_TREE, Budget(max_nodes=4, max_depth=2, branching=2, lookup_tokens=3)),
+    (Strategy.MULTI_CANDIDATE, Budget(max_nodes=4, max_depth=2, num_candidates=2, lookup_tokens=3)),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,budget", SAMPLED, ids=[s.value for s, _ in SAMPLED])
+@pytest.mark.parametrize(
+    "strategy,budget", SAMPLED, ids=[s.value + ("+lookup" if b.lookup_tokens else "") for s, b in SAMPLED]
+)
 def test_sampled_pipeline_is_lossless(strategy: Strategy, budget: Budget) -> None:
     vocab, n = 6, 4000
     target, draft = engines(vocab)

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from services.core.drafting import DraftTree, add_prompt_lookup
 from services.core.params import SamplingConfig
 from services.core.sampling import probabilities
 from services.core.spec import Rule, node_outcome, verify
@@ -31,8 +32,11 @@ def rand_dist(gen: torch.Generator, v: int = V, sparse: bool = False) -> torch.T
     return x / x.sum()
 
 
-def emitted_distribution(rule: Rule, p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact law of the emitted token, enumerating the draft's children draws."""
+def emitted_distribution(
+    rule: Rule, p: torch.Tensor, q: torch.Tensor, k: int, lookup: int | None = None
+) -> torch.Tensor:
+    """Exact law of the emitted token, enumerating the draft's children draws; `lookup`, when
+    given, is a deterministically proposed token appended after them (prompt lookup)."""
     out = torch.zeros_like(p)
     support = [x for x in range(len(q)) if q[x] > 0]
     if rule is Rule.TREE_WITHOUT_REPLACEMENT:
@@ -45,7 +49,9 @@ def emitted_distribution(rule: Rule, p: torch.Tensor, q: torch.Tensor, k: int) -
             prob *= float(q[x]) / mass
             if rule is Rule.TREE_WITHOUT_REPLACEMENT:
                 mass -= float(q[x])
-        o = node_outcome(rule, p, q, list(children))
+        if lookup is not None:
+            children = (*children, lookup)
+        o = node_outcome(rule, p, q, list(children), None if lookup is None else len(children) - 1)
         for j, x in enumerate(children):
             out[x] += prob * o.accept[j]
         out += prob * (1 - o.accept.sum()) * o.residual
@@ -72,6 +78,31 @@ def test_single_step_exact_enumeration(rule: Rule, k: int, sparse: bool) -> None
         q = rand_dist(gen, sparse=sparse)
         got = emitted_distribution(rule, p, q, k)
         assert torch.allclose(got, p, atol=1e-9), (rule, got, p)
+
+
+@pytest.mark.parametrize(
+    "rule,k",
+    [
+        (Rule.CHAIN, 0),
+        (Rule.CHAIN, 1),
+        (Rule.TREE_IID, 2),
+        (Rule.TREE_WITHOUT_REPLACEMENT, 2),
+        (Rule.SPECTR_KSEQ, 2),
+    ],
+)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "truncated"])
+def test_lookup_child_first_is_exact(rule: Rule, k: int, sparse: bool) -> None:
+    """A deterministic (prompt-lookup) child tried before the drawn ones keeps the emitted law
+    equal to p, whichever token it proposes: one the draft may also draw, or one p rules out."""
+    gen = torch.Generator().manual_seed(hash(("lookup", rule.value, k, sparse)) % 2**31)
+    for _ in range(5):
+        p = rand_dist(gen, sparse=sparse)
+        q = rand_dist(gen, sparse=sparse)
+        for t in range(V):
+            got = emitted_distribution(rule, p, q, k, lookup=t)
+            assert torch.allclose(got, p, atol=1e-9), (rule, t, got, p)
+    p = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # a certain token
+    assert emitted_distribution(rule, p, rand_dist(gen), k, lookup=1)[1] == pytest.approx(1.0)
 
 
 def test_spectr_accepts_more_than_sequential_iid_on_average() -> None:
@@ -144,12 +175,20 @@ def speculative_sequence(
     length: int,
     branching: int,
     depth: int,
+    lookup_tokens: int = 0,
 ) -> tuple[int, ...]:
+    """lookup_tokens > 0: the draft's real prompt-lookup merge (add_prompt_lookup) over the
+    history so far (a start token 0, then the output) adds deterministic nodes to each tree."""
     out, prev = [], 0
     while len(out) < length:
         tokens, parents, q = draw_tree(draft, prev, rule, cfg, gen, branching, depth)
+        lookup: frozenset[int] = frozenset()
+        if lookup_tokens:
+            tree = DraftTree(tokens=tokens, parents=parents, logprobs=[0.0] * len(tokens), rule=rule)
+            add_prompt_lookup(tree, [0, 0, *out], lookup_tokens)
+            lookup = frozenset(tree.lookup)
         rows = [target.probs(prev, cfg)] + [target.probs(t, cfg) for t in tokens]
-        acc = verify(rule, tokens, parents, torch.stack(rows), q, gen)
+        acc = verify(rule, tokens, parents, torch.stack(rows), q, gen, lookup)
         emitted = [tokens[i] for i in acc.path] + [acc.next_token]
         out += emitted
         prev = emitted[-1]
@@ -207,6 +246,33 @@ def test_multi_token_outputs_follow_target_chi_square(rule, branching, depth, cf
     counts: dict[tuple[int, ...], int] = {}
     for _ in range(n):
         s = speculative_sequence(target, draft, rule, cfg, gen, length, branching, depth)
+        counts[s] = counts.get(s, 0) + 1
+    law = exact_sequence_law(target, cfg, length)
+    ok, chi2, crit = chi_square_ok(counts, law, n)
+    tv = 0.5 * sum(abs(counts.get(s, 0) / n - law[s]) for s in law)
+    assert ok, f"chi2={chi2:.1f} >= {crit:.1f} (TV={tv:.4f})"
+    assert tv < 0.03
+
+
+LOOKUP = [(Rule.CHAIN, 1, 2), (Rule.TREE_WITHOUT_REPLACEMENT, 2, 2), (Rule.SPECTR_KSEQ, 2, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule,branching,depth", LOOKUP, ids=[m[0].value for m in LOOKUP])
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.8)],
+    ids=["T1", "top_p0.8"],
+)
+def test_multi_token_outputs_with_prompt_lookup_follow_target(rule, branching, depth, cfg) -> None:
+    """Trees with the prompt-lookup path merged in (a 4-token vocabulary repeats often, so the
+    lookup fires in most rounds) still emit the target's sequence law."""
+    target, draft = Bigram(1), Bigram(2, sharp=1.0)
+    length, n = 3, 20000
+    gen = torch.Generator().manual_seed(12)
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(n):
+        s = speculative_sequence(target, draft, rule, cfg, gen, length, branching, depth, lookup_tokens=2)
         counts[s] = counts.get(s, 0) + 1
     law = exact_sequence_law(target, cfg, length)
     ok, chi2, crit = chi_square_ok(counts, law, n)
