@@ -249,10 +249,10 @@ def add_prompt_lookup(tree: DraftTree, history: list[int], max_tokens: int) -> i
 
     The model and the n-gram match tend to be right on different tokens (the model on fluent
     text, the match on names, numbers and code copied from the prompt), so the union accepts
-    more per verification than either. Measured offline on the 40 benchmark prompts with the
-    H200-trained draft and the target's greedy answers: a 16-node dynamic tree's tau
-    2.25 -> 2.56 (chat) and 2.45 -> 2.93 (code) for ~3 more nodes; a 5-token chain's
-    1.86 -> 2.12 and 1.93 -> 2.43.
+    more per verification than either. Measured through the stack on the 40 benchmark prompts
+    with the H200-trained draft, greedy (`bench spec --compare-lookup`, README): the 16-node
+    dynamic tree's tau 2.34 -> 2.71 (2.45 -> 2.93 on code) for 2.6 more nodes per round, the
+    5-token chain's 1.90 -> 2.26.
 
     Lossless either way: greedy verification matches argmax along any path; sampled
     verification tries a node's lookup child (listed in tree.lookup) before its drawn children
