@@ -137,8 +137,14 @@ def test_graceful_stop_lets_in_flight_rpc_finish(arun, probe, quiet_telemetry):
         return refused, reply, state.slow_finished
 
     refused, reply, finished = arun(main())
-    # a call racing the listener's close is cancelled by the server; after it, connecting fails
-    assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    # after the listener closes, connecting fails (UNAVAILABLE); a call racing the close is
+    # cancelled by the server or, about 1 whole-file run in 10, left unanswered until its own
+    # 1-second deadline: either way no new call is served
+    assert refused in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
     assert reply == b"done"
     assert finished == 1
 
