@@ -61,6 +61,7 @@ def emitted_distribution(
 @pytest.mark.parametrize(
     "rule,k",
     [
+        (Rule.CHAIN, 0),  # no drawn child: only meaningful with a lookup child
         (Rule.CHAIN, 1),
         (Rule.TREE_IID, 2),
         (Rule.TREE_IID, 3),
@@ -71,13 +72,17 @@ def emitted_distribution(
     ],
 )
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "truncated"])
-def test_single_step_exact_enumeration(rule: Rule, k: int, sparse: bool) -> None:
-    gen = torch.Generator().manual_seed(hash((rule.value, k, sparse)) % 2**31)
-    for _ in range(20):
+@pytest.mark.parametrize("lookup", [False, True], ids=["drawn", "lookup-first"])
+def test_single_step_exact_enumeration(rule: Rule, k: int, sparse: bool, lookup: bool) -> None:
+    """lookup: a deterministic (prompt-lookup) child is tried before the drawn ones; the law
+    stays p whichever token it proposes, one the draft may also draw or one p rules out."""
+    gen = torch.Generator().manual_seed(hash((rule.value, k, sparse, lookup)) % 2**31)
+    for _ in range(5 if lookup else 20):
         p = rand_dist(gen, sparse=sparse)
         q = rand_dist(gen, sparse=sparse)
-        got = emitted_distribution(rule, p, q, k)
-        assert torch.allclose(got, p, atol=1e-9), (rule, got, p)
+        for t in range(V) if lookup else [None]:
+            got = emitted_distribution(rule, p, q, k, lookup=t)
+            assert torch.allclose(got, p, atol=1e-9), (rule, t, got, p)
 
 
 @pytest.mark.parametrize(
@@ -90,19 +95,10 @@ def test_single_step_exact_enumeration(rule: Rule, k: int, sparse: bool) -> None
         (Rule.SPECTR_KSEQ, 2),
     ],
 )
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "truncated"])
-def test_lookup_child_first_is_exact(rule: Rule, k: int, sparse: bool) -> None:
-    """A deterministic (prompt-lookup) child tried before the drawn ones keeps the emitted law
-    equal to p, whichever token it proposes: one the draft may also draw, or one p rules out."""
-    gen = torch.Generator().manual_seed(hash(("lookup", rule.value, k, sparse)) % 2**31)
-    for _ in range(5):
-        p = rand_dist(gen, sparse=sparse)
-        q = rand_dist(gen, sparse=sparse)
-        for t in range(V):
-            got = emitted_distribution(rule, p, q, k, lookup=t)
-            assert torch.allclose(got, p, atol=1e-9), (rule, t, got, p)
-    p = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # a certain token
-    assert emitted_distribution(rule, p, rand_dist(gen), k, lookup=1)[1] == pytest.approx(1.0)
+def test_lookup_child_of_a_certain_token_is_accepted(rule: Rule, k: int) -> None:
+    p = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    q = rand_dist(torch.Generator().manual_seed(4))
+    assert emitted_distribution(rule, p, q, k, lookup=1)[1] == pytest.approx(1.0)
 
 
 def test_spectr_accepts_more_than_sequential_iid_on_average() -> None:
