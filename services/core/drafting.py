@@ -9,6 +9,7 @@ That keeps q sparse on the wire and stays lossless: verification uses exactly th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -92,21 +93,66 @@ def draft_distribution(
     return (cols if vocab_ids is None else vocab_ids[cols]), p / p.sum()
 
 
+# Draws `count` positions from q ([n] probabilities), i.i.d. (replacement=True) or
+# sequentially without replacement, in draw order. The drafter draws through this seam so
+# that tests can enumerate every outcome of every draw exactly.
+ChildDraw = Callable[[torch.Tensor, int, bool], list[int]]
+
+
+def multinomial_draw(gen: torch.Generator | None) -> ChildDraw:
+    """The production ChildDraw. torch.multinomial without replacement returns its picks in
+    draw order (exponential race, then a sorted top-k), i.e. as sequential draws from q with
+    each drawn entry removed and the rest renormalised, which is what Sequoia's rule assumes."""
+
+    def draw(q: torch.Tensor, count: int, replacement: bool) -> list[int]:
+        return torch.multinomial(q, count, replacement=replacement, generator=gen).tolist()
+
+    return draw
+
+
 def draw_children(
-    ids: torch.Tensor,
-    q: torch.Tensor,
-    count: int,
-    replacement: bool,
-    greedy: bool,
-    gen: torch.Generator | None,
+    ids: torch.Tensor, q: torch.Tensor, count: int, replacement: bool, greedy: bool, draw: ChildDraw
 ) -> list[int]:
-    """Positions into ids, in draw order: the top `count` when greedy, otherwise `count` draws
-    from q (i.i.d., or sequentially without replacement)."""
+    """Positions into ids, in draw order: the top `count` when greedy (ids are sorted by q),
+    otherwise `count` draws from q (i.i.d., or sequentially without replacement)."""
     if greedy:
         return list(range(min(count, len(ids))))
     if not replacement:
         count = min(count, len(ids))
-    return torch.multinomial(q, count, replacement=replacement, generator=gen).tolist()
+    return draw(q, count, replacement) if count > 0 else []
+
+
+def dynamic_child_counts(
+    path_logprobs: list[float], sorted_q: list[torch.Tensor], branching: int, width: int
+) -> list[int]:
+    """How many children each frontier node gets in the next level of a dynamic tree.
+
+    Growth rule (DySpec, arXiv 2410.11744; EAGLE-2, arXiv 2406.16858): spend the level's
+    `width` nodes where the draft's path probability is highest. Slot r of frontier node n
+    is scored log path(n) + log q_n[(r)], the r-th largest draft probability at n (r <
+    branching); the best `width` slots win. Because q_n is sorted, each node wins a prefix of
+    its slots, i.e. a child count.
+
+    Why this keeps sampled trees lossless: a node's child count depends on its own path and
+    on its cousins, never on the values its children will be drawn as; the children are then
+    drawn without replacement and all kept, in draw order. So at every node the children are
+    exactly "k sequential draws without replacement from q_n" with k fixed before drawing,
+    which is what Sequoia's rule (arXiv 2402.12374) verifies exactly. Ranking the drawn
+    children by their own q and dropping the losers, as this drafter used to, makes a child's
+    presence depend on its value and biases sampled output (exact enumeration gave total
+    variation errors of 0.004-0.068). Under greedy drafting the drawn children are the top-q
+    ones, so this picks the same tree as ranking the drawn candidates did.
+    """
+    slots = [
+        (path + math.log(float(q[r])), n, r)
+        for n, (path, q) in enumerate(zip(path_logprobs, sorted_q, strict=True))
+        for r in range(min(branching, len(q)))
+        if q[r] > 0
+    ]
+    counts = [0] * len(path_logprobs)
+    for _, n, _ in sorted(slots, key=lambda s: (-s[0], s[1], s[2]))[:width]:
+        counts[n] += 1
+    return counts
 
 
 class Drafter:
@@ -125,11 +171,14 @@ class Drafter:
         sampling: SamplingConfig,
         gen: torch.Generator | None,
         vocab_limit: int = 0,
+        draw: ChildDraw | None = None,
     ) -> DraftTree:
         """vocab_limit > 0 drafts only from the first vocab_limit logits columns (the most
-        frequent tokens when the engine's vocabulary is a frequency-ordered truncation)."""
+        frequent tokens when the engine's vocabulary is a frequency-ordered truncation).
+        draw replaces the generator's multinomial draws (tests enumerate through it)."""
         tree = DraftTree(rule=rule_for(strategy, sampling))
         self._limit = vocab_limit
+        draw = draw or multinomial_draw(gen)
         start = seq.length
         # frontier: (node, logits after it, log path probability)
         frontier = [(-1, root_logits, 0.0)]
@@ -138,7 +187,7 @@ class Drafter:
                 room = budget.max_nodes - len(tree.tokens)
                 if room <= 0 or not frontier:
                     break
-                added = self._expand(tree, frontier, strategy, budget, sampling, gen, depth, room)
+                added = self._expand(tree, frontier, strategy, budget, sampling, draw, depth, room)
                 if not added or depth == budget.max_depth - 1 or len(tree.tokens) >= budget.max_nodes:
                     break
                 logits, _ = self.engine.forward_tree(
@@ -163,58 +212,37 @@ class Drafter:
             node = tree.parents[node]
         return total
 
-    def _expand(self, tree, frontier, strategy, budget, sampling, gen, depth, room) -> list[int]:
-        greedy = sampling.greedy
+    def _expand(self, tree, frontier, strategy, budget, sampling, draw, depth, room) -> list[int]:
+        """Add one level of children to the frontier nodes; returns the new nodes."""
+        dists = [
+            draft_distribution(self._limited(logits), sampling, self.engine.vocab_ids)
+            for _, logits, _ in frontier
+        ]
         if strategy is Strategy.DYNAMIC_TREE:
-            return self._expand_dynamic(tree, frontier, budget, sampling, gen, room)
-        if strategy is Strategy.CHAIN:
-            per_node, replacement = 1, True
+            width = min(room, max(budget.branching, 1) * 2)
+            counts = dynamic_child_counts(
+                [path for *_, path in frontier], [q for _, q in dists], budget.branching, width
+            )
+            replacement = False
+        elif strategy is Strategy.CHAIN:
+            counts, replacement = [1] * len(frontier), True
         elif strategy is Strategy.STATIC_TREE:
-            per_node, replacement = budget.branching, False
+            counts, replacement = [budget.branching] * len(frontier), False
         elif strategy is Strategy.MULTI_CANDIDATE:
             # k i.i.d. candidates at the root, then each candidate continues as a chain.
-            per_node, replacement = (budget.num_candidates if depth == 0 else 1), True
+            counts, replacement = [budget.num_candidates if depth == 0 else 1] * len(frontier), True
         else:
             raise ValueError(f"{strategy} is not a model strategy")
-        added = []
-        for node, logits, _ in frontier:
-            ids, q = draft_distribution(self._limited(logits), sampling, self.engine.vocab_ids)
-            picks = draw_children(ids, q, min(per_node, room - len(added)), replacement, greedy, gen)
+        added: list[int] = []
+        for (node, _, _), (ids, q), count in zip(frontier, dists, counts, strict=True):
+            picks = draw_children(ids, q, min(count, room - len(added)), replacement, sampling.greedy, draw)
             if not picks:
-                break
+                continue
             tree.dists[node] = (ids.tolist(), q.tolist())
             for j in picks:
                 added.append(tree.add(int(ids[j]), node, math.log(float(q[j]))))
             if len(added) >= room:
                 break
-        return added
-
-    def _expand_dynamic(self, tree, frontier, budget, sampling, gen, room) -> list[int]:
-        """Grow by path probability: every frontier node offers up to `branching` children in
-        draw order; the best (path log-prob) are taken, a child only after its earlier siblings
-        so each node's children remain a prefix of its draw sequence."""
-        candidates = []  # (score, node, rank in draw order, token, logq)
-        offered: dict[int, tuple[list[int], list[float]]] = {}
-        for node, logits, path in frontier:
-            ids, q = draft_distribution(self._limited(logits), sampling, self.engine.vocab_ids)
-            picks = draw_children(ids, q, budget.branching, False, sampling.greedy, gen)
-            offered[node] = (ids.tolist(), q.tolist())
-            for rank, j in enumerate(picks):
-                logq = math.log(float(q[j]))
-                candidates.append((path + logq, node, rank, int(ids[j]), logq))
-        width = min(room, max(budget.branching, 1) * 2)
-        taken: dict[int, int] = {}  # node -> how many of its children are taken
-        chosen = []
-        for _score, node, rank, token, logq in sorted(candidates, key=lambda c: -c[0]):
-            if len(chosen) >= width:
-                break
-            if rank == taken.get(node, 0):
-                taken[node] = rank + 1
-                chosen.append((node, rank, token, logq))
-        added = []
-        for node, _, token, logq in sorted(chosen, key=lambda c: (c[0], c[1])):
-            tree.dists[node] = offered[node]
-            added.append(tree.add(token, node, logq))
         return added
 
 
