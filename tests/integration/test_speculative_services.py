@@ -292,3 +292,114 @@ def test_session_mismatch_retry_and_unknown_session(stack) -> None:
     assert nxt.session_length == first.session_length + 1
     for stub in (t_stub, d_stub):
         stub.Release(common_pb2.ReleaseRequest(session_id="retry"))
+
+
+def released(stub, sid: str) -> bool:
+    """Whether the service held a session under sid (Release says so, idempotently)."""
+    return stub.Release(common_pb2.ReleaseRequest(session_id=sid)).released
+
+
+@pytest.mark.parametrize("strategy", ["static_tree", "dynamic_tree", "multi_candidate"])
+def test_tiny_temperature_is_the_greedy_limit(stack, strategy) -> None:
+    """temperature 1e-45 samples in the T -> 0 limit on both services: no NaN, no INTERNAL, and
+    the sampled rules then reproduce target-only greedy output (the logits have no exact ties)."""
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("def add(a, b):\n    return")
+    expected = target_greedy(t_stub, prompt, 12)
+    got, _, _, _ = speculate(
+        t_stub, d_stub, prompt, 12, STRATEGIES[strategy], f"tiny-{strategy}", temperature=1e-45, seed=4
+    )
+    assert got == expected
+
+
+def test_verify_input_gaps_are_refused_naming_the_field(stack) -> None:
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("The lazy dog sleeps")
+    p, good = first_round(t_stub, d_stub, "gaps", prompt)
+    vocab = servicer.engine.config.vocab_size
+
+    def mutated(fn):
+        req = target_pb2.VerifyRequest()
+        req.CopyFrom(good)
+        fn(req)
+        return lambda: t_stub.Verify(req)
+
+    def dense(shape, n):
+        def f(req):
+            req.tree.expanded[0].distribution.dense.CopyFrom(
+                common_pb2.Tensor(dtype="float32", shape=shape, data=np.full(n, 1 / n, np.float32).tobytes())
+            )
+
+        return f
+
+    # negative dimensions whose product matches the bytes (used to reach reshape: INTERNAL)
+    field = "tree.expanded.distribution.dense.shape"
+    expect_error(mutated(dense([-1, -vocab], vocab)), "INVALID_ARGUMENT", field)
+    expect_error(mutated(dense([-vocab], vocab)), "INVALID_ARGUMENT", field)
+    # sampling with no rule: the target cannot tell how the children were drawn
+    unspecified = mutated(lambda r: setattr(r, "rule", common_pb2.ACCEPTANCE_RULE_UNSPECIFIED))
+    expect_error(unspecified, "INVALID_ARGUMENT", "rule")
+
+    def set_logprob(i, value):
+        return lambda r: r.tree.draft_logprobs.__setitem__(i, value)
+
+    for bad in (set_logprob(0, math.nan), set_logprob(-1, math.inf), set_logprob(0, 0.5)):
+        expect_error(mutated(bad), "INVALID_ARGUMENT", "tree.draft_logprobs")
+    expect_error(mutated(lambda r: r.tree.draft_logprobs.pop()), "INVALID_ARGUMENT", "tree.draft_logprobs")
+    # none of that touched the session; the draft's logprobs are optional
+    no_logprobs = target_pb2.VerifyRequest()
+    no_logprobs.CopyFrom(good)
+    no_logprobs.tree.ClearField("draft_logprobs")
+    reply = t_stub.Verify(no_logprobs)
+    assert reply.session_length == len(prompt) + len(reply.accepted_tokens)
+    # an empty tree needs no rule when sampling: the target samples its next token
+    after = t_stub.Verify(
+        target_pb2.VerifyRequest(
+            session=ref("gaps", [reply.next_token], reply.session_length + 1),
+            sampling=common_pb2.SamplingParams(temperature=1.0),
+            random=common_pb2.RandomStream(seed=3, counter=1),
+        )
+    )
+    assert after.session_length == reply.session_length + 1 and not after.accepted_tokens
+    # greedy: an unspecified rule still means argmax matching, for any tree
+    greedy = t_stub.Verify(
+        target_pb2.VerifyRequest(
+            session=ref("gaps", [after.next_token], after.session_length + 1),
+            tree=common_pb2.TokenTree(tokens=list(p.tree.tokens), parents=list(p.tree.parents)),
+        )
+    )
+    assert greedy.session_length == after.session_length + 1 + len(greedy.accepted_tokens)
+    assert released(t_stub, "gaps") and released(d_stub, "gaps")
+
+
+def test_refused_calls_leave_no_session_behind(stack) -> None:
+    """Every check runs before a new session is opened: after a refused call with a new id the
+    session does not exist (Release finds nothing; a follow-up sees an unknown session)."""
+    servicer, t_stub, d_stub = stack
+    ctx = servicer.engine.max_context
+    chain = common_pb2.TokenTree(tokens=[5] * 200, parents=list(range(-1, 199)))
+    calls = [
+        # no new token (the previous round's next_token) for the tree to hang off
+        (
+            lambda: t_stub.Verify(target_pb2.VerifyRequest(session=ref("v-new-0", [], 0))),
+            "session.new_tokens",
+        ),
+        # the prefix fits, the tree after it does not
+        (
+            lambda: t_stub.Verify(
+                target_pb2.VerifyRequest(session=ref("v-new-1", [5] * (ctx - 100), ctx - 100), tree=chain)
+            ),
+            "tree.tokens",
+        ),
+    ]
+    codes = {"session.new_tokens": "INVALID_ARGUMENT", "tree.tokens": "OUT_OF_RANGE"}
+    for i, (call, field) in enumerate(calls):
+        expect_error(call, codes[field], field)
+        assert f"v-new-{i}" not in servicer.sessions
+        # a follow-up reads the id as unknown: the full prefix is asked for
+        expect_error(
+            lambda i=i: t_stub.Verify(target_pb2.VerifyRequest(session=ref(f"v-new-{i}", [5], 40))),
+            "FAILED_PRECONDITION",
+            "session.expected_length",
+        )
+        assert not released(t_stub, f"v-new-{i}")
