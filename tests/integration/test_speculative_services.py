@@ -403,3 +403,75 @@ def test_refused_calls_leave_no_session_behind(stack) -> None:
             "session.expected_length",
         )
         assert not released(t_stub, f"v-new-{i}")
+    # the draft: a model strategy needs at least one token
+    expect_error(
+        lambda: d_stub.Propose(draft_pb2.ProposeRequest(session=ref("p-new-0", [], 0))),
+        "FAILED_PRECONDITION",
+        "session.new_tokens",
+    )
+    expect_error(
+        lambda: d_stub.Prefill(draft_pb2.DraftPrefillRequest(session=ref("p-new-1", [], 0))),
+        "FAILED_PRECONDITION",
+        "session.new_tokens",
+    )
+    assert not released(d_stub, "p-new-0") and not released(d_stub, "p-new-1")
+
+
+def test_propose_refuses_a_tree_that_does_not_fit_the_context(stack) -> None:
+    """Propose checks length + max_nodes + lookup_tokens against the model context before it
+    drafts or commits anything (OUT_OF_RANGE naming budget.max_nodes)."""
+    _, _, d_stub = stack
+    ctx = d_stub.GetModelInfo(common_pb2.GetModelInfoRequest()).max_context
+
+    def propose(sid, n, strategy, **budget):
+        prefix = [504, 3458, 28, 4458, 30] * (n // 5 + 1)
+        return lambda: d_stub.Propose(
+            draft_pb2.ProposeRequest(
+                session=ref(sid, prefix[:n], n),
+                strategy=STRATEGIES[strategy],
+                budget=common_pb2.TreeBudget(**budget),
+            )
+        )
+
+    # a chain's default 6 nodes after ctx - 5 tokens; 4 nodes + 1 lookup token after ctx - 4
+    expect_error(propose("room-0", ctx - 5, "chain"), "OUT_OF_RANGE", "budget.max_nodes")
+    expect_error(
+        propose("room-1", ctx - 4, "chain", max_nodes=4, lookup_tokens=1), "OUT_OF_RANGE", "budget.max_nodes"
+    )
+    expect_error(propose("room-2", ctx - 7, "prompt_lookup", max_nodes=8), "OUT_OF_RANGE", "budget.max_nodes")
+    for sid in ("room-0", "room-1", "room-2"):
+        assert not released(d_stub, sid)  # refused before the session was opened
+    # exactly full is fine (prompt lookup: no model forward over the long prefix)
+    fits = propose("room-3", ctx - 8, "prompt_lookup", max_nodes=8)()
+    assert fits.session_length == ctx - 8 and 0 < len(fits.tree.tokens) <= 8
+    assert released(d_stub, "room-3")
+
+
+def test_propose_refuses_fields_it_does_not_serve(stack) -> None:
+    """target_hidden_states (feature-based drafts) and route (r2r) are not served yet: a request
+    setting them is refused naming the field, not silently drafted without them."""
+    servicer, _, d_stub = stack
+    prompt = servicer.tokenizer.encode("Hello there")
+    hidden = servicer.engine.config.hidden_size
+    cases = [
+        (
+            dict(
+                target_hidden_states=common_pb2.Tensor(
+                    dtype="float16", shape=[1, hidden], data=bytes(2 * hidden)
+                )
+            ),
+            "target_hidden_states",
+        ),
+        (dict(target_hidden_states=common_pb2.Tensor()), "target_hidden_states"),
+        (dict(route=True), "route"),
+    ]
+    for i, (fields, field) in enumerate(cases):
+        call = lambda fields=fields, i=i: d_stub.Propose(  # noqa: E731
+            draft_pb2.ProposeRequest(session=ref(f"unserved-{i}", prompt, len(prompt)), **fields)
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        code, message, violations = status_details(e.value)
+        assert (code.name, [v.field for v in violations]) == ("INVALID_ARGUMENT", [field]), message
+        assert "not served yet" in message
+        assert not released(d_stub, f"unserved-{i}")
