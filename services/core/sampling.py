@@ -18,11 +18,16 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
     Greedy is the one-hot argmax distribution, which makes greedy a special case of
     the same acceptance math.
+
+    Any temperature > 0 samples, however small: the logits are shifted by their maximum before
+    dividing, so the largest becomes 0 and the rest at worst -inf (never inf - inf = NaN). As
+    T -> 0+ this is the limit distribution: uniform over the tied maxima, 0 elsewhere (a float32
+    denormal such as 1e-45 gives exactly that).
     """
     logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / cfg.temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -3,6 +3,7 @@ and every tree node, then the acceptance walk, then KV compaction to the accepte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from services.core.sampling import probabilities
 from services.core.spec import Acceptance, Rule, children_of, greedy_walk, validate_tree, verify
 
 PROB_TOLERANCE = 1e-3
+LOGPROB_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -31,10 +33,12 @@ def check_draft_tree(
     vocab_size: int,
     max_nodes: int,
     lookup_nodes: frozenset[int] = frozenset(),
+    logprobs: list[float] | None = None,
 ) -> None:
     """Reject trees verification could not treat losslessly, naming the field at fault.
     lookup_nodes: children proposed deterministically (prompt lookup), at most one per parent;
-    the drawn-children checks skip them."""
+    the drawn-children checks skip them. logprobs: the draft's log q(token | path) per node
+    (informational: acceptance uses the expanded distributions); when given, checked too."""
     if len(tokens) > max_nodes:
         raise InvalidArgument(f"{len(tokens)} nodes exceed the node budget of {max_nodes}", "tree.tokens")
     if len(parents) != len(tokens):
@@ -43,6 +47,8 @@ def check_draft_tree(
     for i, t in enumerate(tokens):
         if not 0 <= t < vocab_size:
             raise InvalidArgument(f"token {t} of node {i} is outside [0, {vocab_size})", "tree.tokens")
+    if logprobs:
+        check_draft_logprobs(logprobs, len(tokens))
     bad = sorted(n for n in lookup_nodes if not 0 <= n < len(tokens))
     if bad:
         raise InvalidArgument(
@@ -75,6 +81,18 @@ def check_draft_tree(
         zero = [t for t in child_tokens if q[t] <= 0]
         if zero:
             raise InvalidArgument(f"children {zero} of node {node} have draft probability 0", "tree.expanded")
+
+
+def check_draft_logprobs(logprobs: list[float], nodes: int, field: str = "tree.draft_logprobs") -> None:
+    """Draft log-probabilities: none, or one per node, each finite and <= 0 (a log-probability;
+    a tolerance absorbs float32 rounding of log 1)."""
+    if len(logprobs) != nodes:
+        raise InvalidArgument(
+            f"{len(logprobs)} log-probabilities for {nodes} nodes (send one per node or none)", field
+        )
+    for i, lp in enumerate(logprobs):
+        if not math.isfinite(lp) or lp > LOGPROB_TOLERANCE:
+            raise InvalidArgument(f"node {i} has log-probability {lp}; it must be finite and <= 0", field)
 
 
 def normalise_draft_distribution(q: torch.Tensor, node: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Draft-side conversions: request enums/budgets -> domain, DraftTree -> TokenTree."""
+"""Draft-side conversions and request checks: request enums/budgets -> domain, DraftTree -> TokenTree."""
 
 from __future__ import annotations
 
 from services.core.drafting import Budget, DraftTree, Strategy
-from services.core.errors import InvalidArgument
+from services.core.errors import InvalidArgument, OutOfRange
 from services.core.spec import Rule
-from specmesh.v1 import common_pb2
+from specmesh.v1 import common_pb2, draft_pb2
 
 STRATEGIES = {
     common_pb2.DRAFT_STRATEGY_CHAIN: Strategy.CHAIN,
@@ -59,3 +59,33 @@ def tree_to_proto(tree: DraftTree) -> common_pb2.TokenTree:
             distribution=common_pb2.Distribution(sparse=common_pb2.SparseDistribution(ids=ids, probs=probs)),
         )
     return pb
+
+
+def check_served_fields(request: draft_pb2.ProposeRequest) -> None:
+    """Refuse request fields this service does not serve yet rather than silently ignore them
+    (as vLLM and TGI answer 400 to a parameter they do not support)."""
+    if request.HasField("target_hidden_states"):
+        raise InvalidArgument(
+            "is not served yet: this draft service drafts from tokens only (no feature-based, "
+            "EAGLE-style draft is loaded); leave it unset",
+            "target_hidden_states",
+        )
+    if request.route:
+        raise InvalidArgument(
+            "is not served yet: no r2r router is loaded in this draft service; leave it false", "route"
+        )
+
+
+def check_tree_room(length: int, budget: Budget, max_context: int) -> None:
+    """A tree of up to max_nodes + lookup_tokens nodes must fit in the model context after the
+    session's `length` committed tokens (each node takes a position when it is drafted and when
+    it is verified)."""
+    nodes = budget.max_nodes + budget.lookup_tokens
+    if length + nodes > max_context:
+        room = max(max_context - length, 0)
+        raise OutOfRange(
+            f"a session of {length} tokens plus a tree of up to {nodes} nodes (max_nodes "
+            f"{budget.max_nodes} + lookup_tokens {budget.lookup_tokens}) exceeds the model context "
+            f"of {max_context}; ask for at most {room} nodes in all",
+            "budget.max_nodes",
+        )

@@ -6,17 +6,25 @@ import hashlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from services.core.drafting import Drafter, Strategy, add_prompt_lookup, prompt_lookup_tree
+from services.core.drafting import Budget, Drafter, Strategy, add_prompt_lookup, prompt_lookup_tree
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.sampling import round_generator
 from services.core.sessions import Session, SessionStore
-from services.draft.convert import RULES, budget_from_proto, strategy_from_proto, tree_to_proto
+from services.draft.convert import (
+    RULES,
+    budget_from_proto,
+    check_served_fields,
+    check_tree_room,
+    strategy_from_proto,
+    tree_to_proto,
+)
 from services.runtime.protocol import sampling_config
 from services.runtime.worker import Clock, EngineWorker
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 T = TypeVar("T")
+NO_TOKENS = "session has no tokens yet: send the prompt as new_tokens"
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -47,13 +55,20 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if name and name != self.engine.name:
             raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
 
-    def _commit(self, ref: common_pb2.SessionRef) -> Session:
+    def _commit(self, ref: common_pb2.SessionRef, *, model: bool, budget: Budget | None = None) -> Session:
         """Append new tokens to the session's history; their KV is computed lazily (a model-free
-        strategy never needs it)."""
+        strategy never needs it). Every check that could refuse the call comes first, so a refused
+        call neither opens a session nor commits tokens. model: the call runs the draft model (it
+        needs at least one token); budget: the tree about to be drafted must fit in the context."""
         new = list(ref.new_tokens)
         self.engine.check_tokens(new, "session.new_tokens")
         existing = self.sessions.get(ref.session_id)
-        self.engine.check_room(existing.length if existing else 0, len(new), "session.new_tokens")
+        have = existing.length if existing else 0
+        self.engine.check_room(have, len(new), "session.new_tokens")
+        if model and ref.expected_length == have + len(new) == 0:
+            raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
+        if budget is not None:
+            check_tree_room(have + len(new), budget, self.engine.max_context)
         session = self.sessions.open(ref.session_id, new, ref.expected_length)
         session.tokens += new
         return session
@@ -63,9 +78,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if pending:
             session.last_logits = self.engine.prefill(session.seq, pending)
         if session.last_logits is None:
-            raise FailedPrecondition(
-                "session has no tokens yet: send the prompt as new_tokens", "session.new_tokens"
-            )
+            raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
         return session.last_logits
 
     async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
@@ -87,7 +100,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self._check_model(request.model)
 
         def run() -> int:
-            session = self._commit(request.session)
+            session = self._commit(request.session, model=True)
             self._root_logits(session)
             return session.length
 
@@ -101,6 +114,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         budget = budget_from_proto(request.budget, strategy)
         sampling = sampling_config(request.sampling)
         sampling.validate(self.engine.config.vocab_size)
+        check_served_fields(request)
         columns = (
             len(self.engine.vocab_ids) if self.engine.vocab_ids is not None else self.engine.config.vocab_size
         )
@@ -115,7 +129,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             existing = self.sessions.get(request.session.session_id)
             if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
                 return existing.last_reply[1]
-            session = self._commit(request.session)
+            model = strategy is not Strategy.PROMPT_LOOKUP
+            session = self._commit(request.session, model=model, budget=budget)
             if strategy is Strategy.PROMPT_LOOKUP:
                 tree = prompt_lookup_tree(session.tokens, budget, sampling)
             else:

@@ -1,14 +1,18 @@
-"""TokenTree / Tensor protobuf -> tensors for verification."""
+"""Target-side conversions and request checks: VerifyRequest / TokenTree / Tensor -> domain."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 from services.core.errors import InvalidArgument
+from services.core.params import SamplingConfig
 from services.core.spec import Rule
 from services.core.verification import normalise_draft_distribution
-from specmesh.v1 import common_pb2
+from services.runtime.protocol import sampling_config
+from specmesh.v1 import common_pb2, target_pb2
 
 RULES = {
     common_pb2.ACCEPTANCE_RULE_GREEDY: Rule.GREEDY,
@@ -20,15 +24,24 @@ RULES = {
 DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 
 
-def rule_from_proto(value: int, greedy: bool) -> Rule:
-    """Greedy sampling always verifies by argmax matching (lossless for any tree);
-    an unspecified rule when sampling means children were drawn i.i.d. from q."""
+def rule_from_proto(value: int, greedy: bool, nodes: int) -> Rule:
+    """Greedy sampling (T = 0) always verifies by argmax matching, lossless for any tree, so
+    the rule is ignored then. When sampling, the rule must say how the children were drawn (the
+    one Propose returned): guessing one would bias the output for trees drawn otherwise, so an
+    unspecified rule is refused, except for an empty tree, where no rule is applied."""
     if greedy:
         return Rule.GREEDY
-    if value == common_pb2.ACCEPTANCE_RULE_UNSPECIFIED:
-        return Rule.TREE_IID
-    if value not in RULES:
+    if value not in RULES and value != common_pb2.ACCEPTANCE_RULE_UNSPECIFIED:
         raise InvalidArgument(f"unknown acceptance rule {value}", "rule")
+    if value == common_pb2.ACCEPTANCE_RULE_UNSPECIFIED:
+        if nodes == 0:
+            return Rule.TREE_IID  # nothing to accept: every rule just samples the next token
+        raise InvalidArgument(
+            "is unspecified, but sampling (temperature > 0) needs the rule the tree's children "
+            "were drawn under: pass the rule Propose returned (CHAIN, TREE_IID, "
+            "TREE_WITHOUT_REPLACEMENT or SPECTR_KSEQ)",
+            "rule",
+        )
     if RULES[value] is Rule.GREEDY:
         raise InvalidArgument(
             "rule GREEDY (argmax matching) is only lossless with greedy sampling (temperature 0)", "rule"
@@ -39,7 +52,10 @@ def rule_from_proto(value: int, greedy: bool) -> Rule:
 def tensor_from_proto(t: common_pb2.Tensor, field: str) -> torch.Tensor:
     if t.dtype not in DTYPES:
         raise InvalidArgument(f"dtype {t.dtype!r} is not one of {sorted(DTYPES)}", f"{field}.dtype")
-    n = int(np.prod(t.shape)) if t.shape else 0
+    bad = [d for d in t.shape if d < 0]
+    if bad:
+        raise InvalidArgument(f"dimensions must be >= 0, got shape {list(t.shape)}", f"{field}.shape")
+    n = math.prod(t.shape) if t.shape else 0  # Python ints: no int64 overflow on huge shapes
     if t.dtype == "bfloat16":
         raw = np.frombuffer(t.data, dtype=np.uint16)
         if raw.size != n:
@@ -82,3 +98,15 @@ def draft_distributions(tree: common_pb2.TokenTree, vocab_size: int) -> dict[int
             raise InvalidArgument(f"node {e.node}: distribution is empty", "tree.expanded")
         out[e.node] = normalise_draft_distribution(q, e.node)
     return out
+
+
+def verify_params(request: target_pb2.VerifyRequest, vocab_size: int) -> tuple[SamplingConfig, Rule]:
+    """The checks of a VerifyRequest that need neither the session nor tensors, naming the field:
+    sampling, new tokens and the acceptance rule."""
+    cfg = sampling_config(request.sampling)
+    cfg.validate(vocab_size)
+    if not request.session.new_tokens:
+        raise InvalidArgument(
+            "needs at least one new token (the previous round's next_token)", "session.new_tokens"
+        )
+    return cfg, rule_from_proto(request.rule, cfg.greedy, len(request.tree.tokens))

@@ -22,7 +22,7 @@ from services.core.tokenizer import Tokenizer
 from services.core.verification import check_draft_tree, verify_round
 from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
 from services.runtime.worker import Clock, EngineWorker
-from services.target.convert import draft_distributions, rule_from_proto
+from services.target.convert import draft_distributions, verify_params
 from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
 
 T = TypeVar("T")
@@ -58,12 +58,19 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         if name and name != self.engine.name:
             raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
 
-    def _open_session(self, ref: common_pb2.SessionRef) -> tuple[Session, list[int]]:
+    def _open_session(
+        self, ref: common_pb2.SessionRef, then: int = 0, then_field: str = ""
+    ) -> tuple[Session, list[int]]:
+        """Find or create the session after every check that could refuse the call, so a refused
+        call never leaves a new session behind. `then`: positions the call needs after the new
+        tokens (a tree and its bonus position), checked against the context as `then_field`."""
         new = list(ref.new_tokens)
         self.engine.check_tokens(new, "session.new_tokens")
         existing = self.sessions.get(ref.session_id)
-        # Check room before opening so a refused call never leaves a new session behind.
-        self.engine.check_room(existing.length if existing else 0, len(new), "session.new_tokens")
+        have = existing.length if existing else 0
+        self.engine.check_room(have, len(new), "session.new_tokens")
+        if then:
+            self.engine.check_room(have + len(new), then, then_field)
         return self.sessions.open(ref.session_id, new, ref.expected_length), new
 
     def _append(self, session: Session, new: list[int]) -> torch.Tensor:
@@ -104,10 +111,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         clock = Clock()
         self._check_model(request.model)
-        cfg = sampling_config(request.sampling)
         vocab = self.engine.config.vocab_size
-        cfg.validate(vocab)
-        rule = rule_from_proto(request.rule, cfg.greedy)
+        cfg, rule = verify_params(request, vocab)
         tokens, parents = list(request.tree.tokens), list(request.tree.parents)
         lookup = frozenset(request.tree.lookup_nodes)
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
@@ -115,12 +120,20 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         def run() -> target_pb2.VerifyResponse:
             # tensor work stays on the engine thread (see services.runtime.worker)
             dists = {} if rule is Rule.GREEDY else draft_distributions(request.tree, vocab)
-            check_draft_tree(tokens, parents, dists, rule, vocab, self.max_tree_nodes, lookup)
+            check_draft_tree(
+                tokens,
+                parents,
+                dists,
+                rule,
+                vocab,
+                self.max_tree_nodes,
+                lookup,
+                list(request.tree.draft_logprobs),
+            )
             existing = self.sessions.get(request.session.session_id)
             if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
                 return existing.last_reply[1]  # an identical retry: same tokens, nothing re-run
-            session, new = self._open_session(request.session)
-            self.engine.check_room(session.length, len(new) + len(tokens) + 1, "tree.tokens")
+            session, new = self._open_session(request.session, len(tokens) + 1, "tree.tokens")
             gen = round_generator(request.random.seed, request.random.counter, domain="verify")
             result = verify_round(
                 self.engine, session.seq, new, tokens, parents, dists, cfg, rule, gen, lookup
@@ -221,12 +234,15 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         )
 
         session: Session | None = None
+        created = False  # a session this call opened, released again if the call does not finish
         if request.session_id:
             existing = self.sessions.get(request.session_id)
             have = existing.length if existing else 0
-            session = self.sessions.open(request.session_id, ids, have + len(ids))
-            seq = session.seq
+            # every check before opening, so a refused call leaves no session behind
             params = _room_checked(params, have + len(ids), self.engine.max_context)
+            session = self.sessions.open(request.session_id, ids, have + len(ids))
+            created = existing is None
+            seq = session.seq
         else:
             seq = self.engine.new_sequence()
         steps = generate(self.engine, self.tokenizer, seq, ids, params)
@@ -258,6 +274,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         finally:
             if session is None:
                 await self._on_engine(clock, seq.release)
+            elif not finished and created:  # cancelled or failed: as if the call never came
+                await self._on_engine(clock, self.sessions.release, request.session_id)
             elif not finished:  # cancelled or failed: keep the session as it was before this call
                 await self._on_engine(clock, seq.truncate, session.length)
 

@@ -292,3 +292,186 @@ def test_session_mismatch_retry_and_unknown_session(stack) -> None:
     assert nxt.session_length == first.session_length + 1
     for stub in (t_stub, d_stub):
         stub.Release(common_pb2.ReleaseRequest(session_id="retry"))
+
+
+def released(stub, sid: str) -> bool:
+    """Whether the service held a session under sid (Release says so, idempotently)."""
+    return stub.Release(common_pb2.ReleaseRequest(session_id=sid)).released
+
+
+@pytest.mark.parametrize("strategy", ["static_tree", "dynamic_tree", "multi_candidate"])
+def test_tiny_temperature_is_the_greedy_limit(stack, strategy) -> None:
+    """temperature 1e-45 samples in the T -> 0 limit on both services: no NaN, no INTERNAL, and
+    the sampled rules then reproduce target-only greedy output (the logits have no exact ties)."""
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("def add(a, b):\n    return")
+    expected = target_greedy(t_stub, prompt, 12)
+    got, _, _, _ = speculate(
+        t_stub, d_stub, prompt, 12, STRATEGIES[strategy], f"tiny-{strategy}", temperature=1e-45, seed=4
+    )
+    assert got == expected
+
+
+def test_verify_input_gaps_are_refused_naming_the_field(stack) -> None:
+    servicer, t_stub, d_stub = stack
+    prompt = servicer.tokenizer.encode("The lazy dog sleeps")
+    p, good = first_round(t_stub, d_stub, "gaps", prompt)
+    vocab = servicer.engine.config.vocab_size
+
+    def mutated(fn):
+        req = target_pb2.VerifyRequest()
+        req.CopyFrom(good)
+        fn(req)
+        return lambda: t_stub.Verify(req)
+
+    def dense(shape, n):
+        def f(req):
+            req.tree.expanded[0].distribution.dense.CopyFrom(
+                common_pb2.Tensor(dtype="float32", shape=shape, data=np.full(n, 1 / n, np.float32).tobytes())
+            )
+
+        return f
+
+    # negative dimensions whose product matches the bytes (used to reach reshape: INTERNAL)
+    field = "tree.expanded.distribution.dense.shape"
+    expect_error(mutated(dense([-1, -vocab], vocab)), "INVALID_ARGUMENT", field)
+    expect_error(mutated(dense([-vocab], vocab)), "INVALID_ARGUMENT", field)
+    # sampling with no rule: the target cannot tell how the children were drawn
+    unspecified = mutated(lambda r: setattr(r, "rule", common_pb2.ACCEPTANCE_RULE_UNSPECIFIED))
+    expect_error(unspecified, "INVALID_ARGUMENT", "rule")
+
+    def set_logprob(i, value):
+        return lambda r: r.tree.draft_logprobs.__setitem__(i, value)
+
+    for bad in (set_logprob(0, math.nan), set_logprob(-1, math.inf), set_logprob(0, 0.5)):
+        expect_error(mutated(bad), "INVALID_ARGUMENT", "tree.draft_logprobs")
+    expect_error(mutated(lambda r: r.tree.draft_logprobs.pop()), "INVALID_ARGUMENT", "tree.draft_logprobs")
+    # none of that touched the session; the draft's logprobs are optional
+    no_logprobs = target_pb2.VerifyRequest()
+    no_logprobs.CopyFrom(good)
+    no_logprobs.tree.ClearField("draft_logprobs")
+    reply = t_stub.Verify(no_logprobs)
+    assert reply.session_length == len(prompt) + len(reply.accepted_tokens)
+    # an empty tree needs no rule when sampling: the target samples its next token
+    after = t_stub.Verify(
+        target_pb2.VerifyRequest(
+            session=ref("gaps", [reply.next_token], reply.session_length + 1),
+            sampling=common_pb2.SamplingParams(temperature=1.0),
+            random=common_pb2.RandomStream(seed=3, counter=1),
+        )
+    )
+    assert after.session_length == reply.session_length + 1 and not after.accepted_tokens
+    # greedy: an unspecified rule still means argmax matching, for any tree
+    greedy = t_stub.Verify(
+        target_pb2.VerifyRequest(
+            session=ref("gaps", [after.next_token], after.session_length + 1),
+            tree=common_pb2.TokenTree(tokens=list(p.tree.tokens), parents=list(p.tree.parents)),
+        )
+    )
+    assert greedy.session_length == after.session_length + 1 + len(greedy.accepted_tokens)
+    assert released(t_stub, "gaps") and released(d_stub, "gaps")
+
+
+def test_refused_calls_leave_no_session_behind(stack) -> None:
+    """Every check runs before a new session is opened: after a refused call with a new id the
+    session does not exist (Release finds nothing; a follow-up sees an unknown session)."""
+    servicer, t_stub, d_stub = stack
+    ctx = servicer.engine.max_context
+    chain = common_pb2.TokenTree(tokens=[5] * 200, parents=list(range(-1, 199)))
+    calls = [
+        # no new token (the previous round's next_token) for the tree to hang off
+        (
+            lambda: t_stub.Verify(target_pb2.VerifyRequest(session=ref("v-new-0", [], 0))),
+            "session.new_tokens",
+        ),
+        # the prefix fits, the tree after it does not
+        (
+            lambda: t_stub.Verify(
+                target_pb2.VerifyRequest(session=ref("v-new-1", [5] * (ctx - 100), ctx - 100), tree=chain)
+            ),
+            "tree.tokens",
+        ),
+    ]
+    codes = {"session.new_tokens": "INVALID_ARGUMENT", "tree.tokens": "OUT_OF_RANGE"}
+    for i, (call, field) in enumerate(calls):
+        expect_error(call, codes[field], field)
+        assert f"v-new-{i}" not in servicer.sessions
+        # a follow-up reads the id as unknown: the full prefix is asked for
+        expect_error(
+            lambda i=i: t_stub.Verify(target_pb2.VerifyRequest(session=ref(f"v-new-{i}", [5], 40))),
+            "FAILED_PRECONDITION",
+            "session.expected_length",
+        )
+        assert not released(t_stub, f"v-new-{i}")
+    # the draft: a model strategy needs at least one token
+    expect_error(
+        lambda: d_stub.Propose(draft_pb2.ProposeRequest(session=ref("p-new-0", [], 0))),
+        "FAILED_PRECONDITION",
+        "session.new_tokens",
+    )
+    expect_error(
+        lambda: d_stub.Prefill(draft_pb2.DraftPrefillRequest(session=ref("p-new-1", [], 0))),
+        "FAILED_PRECONDITION",
+        "session.new_tokens",
+    )
+    assert not released(d_stub, "p-new-0") and not released(d_stub, "p-new-1")
+
+
+def test_propose_refuses_a_tree_that_does_not_fit_the_context(stack) -> None:
+    """Propose checks length + max_nodes + lookup_tokens against the model context before it
+    drafts or commits anything (OUT_OF_RANGE naming budget.max_nodes)."""
+    _, _, d_stub = stack
+    ctx = d_stub.GetModelInfo(common_pb2.GetModelInfoRequest()).max_context
+
+    def propose(sid, n, strategy, **budget):
+        prefix = [504, 3458, 28, 4458, 30] * (n // 5 + 1)
+        return lambda: d_stub.Propose(
+            draft_pb2.ProposeRequest(
+                session=ref(sid, prefix[:n], n),
+                strategy=STRATEGIES[strategy],
+                budget=common_pb2.TreeBudget(**budget),
+            )
+        )
+
+    # a chain's default 6 nodes after ctx - 5 tokens; 4 nodes + 1 lookup token after ctx - 4
+    expect_error(propose("room-0", ctx - 5, "chain"), "OUT_OF_RANGE", "budget.max_nodes")
+    expect_error(
+        propose("room-1", ctx - 4, "chain", max_nodes=4, lookup_tokens=1), "OUT_OF_RANGE", "budget.max_nodes"
+    )
+    expect_error(propose("room-2", ctx - 7, "prompt_lookup", max_nodes=8), "OUT_OF_RANGE", "budget.max_nodes")
+    for sid in ("room-0", "room-1", "room-2"):
+        assert not released(d_stub, sid)  # refused before the session was opened
+    # exactly full is fine (prompt lookup: no model forward over the long prefix)
+    fits = propose("room-3", ctx - 8, "prompt_lookup", max_nodes=8)()
+    assert fits.session_length == ctx - 8 and 0 < len(fits.tree.tokens) <= 8
+    assert released(d_stub, "room-3")
+
+
+def test_propose_refuses_fields_it_does_not_serve(stack) -> None:
+    """target_hidden_states (feature-based drafts) and route (r2r) are not served yet: a request
+    setting them is refused naming the field, not silently drafted without them."""
+    servicer, _, d_stub = stack
+    prompt = servicer.tokenizer.encode("Hello there")
+    hidden = servicer.engine.config.hidden_size
+    cases = [
+        (
+            dict(
+                target_hidden_states=common_pb2.Tensor(
+                    dtype="float16", shape=[1, hidden], data=bytes(2 * hidden)
+                )
+            ),
+            "target_hidden_states",
+        ),
+        (dict(target_hidden_states=common_pb2.Tensor()), "target_hidden_states"),
+        (dict(route=True), "route"),
+    ]
+    for i, (fields, field) in enumerate(cases):
+        call = lambda fields=fields, i=i: d_stub.Propose(  # noqa: E731
+            draft_pb2.ProposeRequest(session=ref(f"unserved-{i}", prompt, len(prompt)), **fields)
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        code, message, violations = status_details(e.value)
+        assert (code.name, [v.field for v in violations]) == ("INVALID_ARGUMENT", [field]), message
+        assert "not served yet" in message
+        assert not released(d_stub, f"unserved-{i}")

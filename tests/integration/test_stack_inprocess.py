@@ -213,3 +213,21 @@ def test_draft_policy(spec_servers, target_only) -> None:
     )
     # the draft is the target model here, so its own greedy output is the target's
     assert list(r.token_ids) == target_only[0]
+
+
+@pytest.mark.parametrize(
+    "policy", [gateway_pb2.POLICY_TARGET, gateway_pb2.POLICY_SPECULATIVE], ids=["target", "speculative"]
+)
+def test_tiny_temperature_through_the_gateway_is_the_greedy_limit(spec_servers, target_only, policy) -> None:
+    """temperature 1e-45 reaches both services as sampling in the T -> 0 limit: no NaN and no
+    INTERNAL error, and the output is the greedy output (the sampled rules on a sampled tree)."""
+    gateway, _, _ = spec_servers
+    r = gateway.Generate(
+        gateway_pb2.GatewayGenerateRequest(
+            prompt=SPEC_PROMPTS[0],
+            sampling=common_pb2.SamplingParams(max_new_tokens=24, temperature=1e-45, seed=11),
+            policy=policy,
+            spec=gateway_pb2.SpecOptions(strategy=common_pb2.DRAFT_STRATEGY_STATIC_TREE),
+        )
+    )
+    assert list(r.token_ids) == target_only[0] and r.usage.seed == 11

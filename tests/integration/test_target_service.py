@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -301,3 +303,59 @@ def test_engine_state_is_clean_after_errors(target) -> None:
         len(s.seq.blocks) for s in (servicer.sessions.get(k) for k in list(servicer.sessions._sessions))
     )
     assert torch.get_num_threads() >= 1
+
+
+def test_tiny_temperature_samples_the_greedy_limit(target) -> None:
+    """temperature 1e-45 (a float32 denormal on the wire) is sampling in the T -> 0 limit: the
+    argmax, with no NaN and no INTERNAL error, in Generate and in Extend."""
+    servicer, stub, _ = target
+    prompt = servicer.tokenizer.encode("def fibonacci(n):\n")
+    greedy, _, _ = generate(stub, ids_prompt(prompt), max_new_tokens=8, ignore_eos=True)
+    tiny, _, last = generate(
+        stub, ids_prompt(prompt), max_new_tokens=8, ignore_eos=True, temperature=1e-45, seed=7
+    )
+    assert tiny == greedy and last.usage.seed == 7
+    ext = stub.Extend(
+        target_pb2.ExtendRequest(
+            session=common_pb2.SessionRef(
+                session_id="tiny-t", new_tokens=prompt, expected_length=len(prompt)
+            ),
+            sampling=common_pb2.SamplingParams(temperature=1e-45),
+            random=common_pb2.RandomStream(seed=1, counter=0),
+        )
+    )
+    assert ext.next_token == greedy[0] and ext.next_logprob <= 0
+    assert stub.Release(common_pb2.ReleaseRequest(session_id="tiny-t")).released
+
+
+def test_a_failed_generate_leaves_no_new_session(target) -> None:
+    """A Generate that opened a new session and did not finish (here: the client cancels the
+    stream) releases it again, so the id reads as unknown afterwards, not as an empty session."""
+    servicer, stub, _ = target
+    req = target_pb2.GenerateRequest(
+        prompt=ids_prompt(servicer.tokenizer.encode("Count to one hundred:")),
+        session_id="gen-cancelled",
+        sampling=common_pb2.SamplingParams(max_new_tokens=200, ignore_eos=True),
+    )
+    stream = stub.Generate(req)
+    assert next(stream).token_ids
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while "gen-cancelled" in servicer.sessions:
+        assert time.monotonic() < deadline, "the cancelled call's session stayed open"
+        time.sleep(0.05)
+    assert not stub.Release(common_pb2.ReleaseRequest(session_id="gen-cancelled")).released
+    # refused input with a new session id: refused before the session is opened
+    prompt = [1, 2, 3]
+    with pytest.raises(grpc.RpcError) as e:
+        list(
+            stub.Generate(
+                target_pb2.GenerateRequest(
+                    prompt=ids_prompt(prompt),
+                    session_id="gen-refused",
+                    sampling=common_pb2.SamplingParams(max_new_tokens=10**6),
+                )
+            )
+        )
+    assert status_details(e.value)[2][0].field == "sampling.max_new_tokens"
+    assert not stub.Release(common_pb2.ReleaseRequest(session_id="gen-refused")).released

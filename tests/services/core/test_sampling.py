@@ -100,3 +100,23 @@ def test_validation_names_the_field(cfg: SamplingConfig, field: str) -> None:
     with pytest.raises(InvalidArgument) as e:
         cfg.validate(vocab_size=100)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-20])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.5)])
+def test_tiny_temperature_is_the_greedy_limit_not_nan(temperature, top_k, top_p) -> None:
+    """Any T > 0 samples: a tiny one gives the T -> 0 limit (uniform over the tied largest
+    logits), never NaN from inf - inf (1e-45 is a float32 denormal, as it arrives on the wire)."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 3.0, 0.5], [-1.0, 0.0, 2.5, float("-inf"), 2.0]])
+    cfg = SamplingConfig(
+        temperature=float(torch.tensor(temperature, dtype=torch.float32)), top_k=top_k, top_p=top_p
+    )
+    probs = probabilities(logits, cfg)
+    assert torch.isfinite(probs).all()
+    if top_p == 0.5:  # the nucleus of two equal maxima keeps the first in sorted order only
+        assert probs[0].max() == 1.0 and probs[0][[1, 3]].sum() == 1.0
+    else:
+        assert probs[0].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    assert probs[1].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    gen = torch.Generator().manual_seed(0)
+    assert all(next_token(logits[1], cfg, gen) == 2 for _ in range(20))
