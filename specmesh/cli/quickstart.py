@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def ensure_draft(minutes: float) -> None:
     from services.core.errors import NotFound
-    from services.core.model_store import ensure_default_model, resolve_model
+    from services.core.model_import import ensure_default_model
+    from services.core.model_store import resolve_model
 
     ensure_default_model()
     try:

@@ -238,7 +238,7 @@ class LocalStack:
 
         c = self.config
         if c.ensure_models and c.model == DEFAULT_MODEL:
-            from services.core.model_store import ensure_default_model
+            from services.core.model_import import ensure_default_model
 
             ensure_default_model()
         for flag, name in (("--model", c.model), ("--draft-model", c.draft_model)):
