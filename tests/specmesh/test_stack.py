@@ -1,0 +1,29 @@
+"""specmesh.stack, the library side of `specmesh up` / `quickstart` (the processes: tests/integration)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from specmesh import stack
+
+
+def test_ensure_default_models_trains_a_missing_draft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.core.model_import as mi
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(mi, "ensure_default_model", lambda: tmp_path / stack.DEFAULT_MODEL)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setenv("SPECMESH_MODEL_DIR", str(tmp_path))
+    stack.ensure_default_models(2.5)
+    assert len(calls) == 1 and calls[0][-5:] == ["specmesh.cli.main", "train", "draft", "--minutes", "2.5"]
+
+    draft = tmp_path / stack.DEFAULT_DRAFT_MODEL
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    stack.ensure_default_models(2.5)  # present now: nothing to train
+    assert len(calls) == 1
