@@ -403,6 +403,14 @@ class LocalStack:
     def failed_child(self) -> Child | None:
         return next((c for c in self.children if c.proc is not None and not c.alive), None)
 
+    def wait(self, poll: float = 0.5) -> Child:
+        """Block until a started child exits (the stack is then broken) and return it."""
+        while True:
+            failed = self.failed_child()
+            if failed is not None:
+                return failed
+            time.sleep(poll)
+
     def stop(self) -> None:
         """Stop the children in reverse order; SIGKILL what does not exit within stop_timeout."""
         for child in reversed(self.children):

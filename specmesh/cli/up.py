@@ -16,7 +16,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 
 from specmesh.stack import (
     DEFAULT_DRAFT_MODEL,
@@ -175,14 +174,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        while True:
-            failed = stack.failed_child()
-            if failed is not None:
-                returncode = failed.proc.returncode if failed.proc else None
-                print(f"specmesh up: {failed.name} exited with code {returncode}; stopping", file=sys.stderr)
-                code = 1
-                break
-            time.sleep(0.5)
+        failed = stack.wait()
+        returncode = failed.proc.returncode if failed.proc else None
+        print(f"specmesh up: {failed.name} exited with code {returncode}; stopping", file=sys.stderr)
+        code = 1
     except StackError as exc:
         print(f"specmesh up: {exc}", file=sys.stderr)
         code = 1

@@ -27,3 +27,24 @@ def test_ensure_default_models_trains_a_missing_draft(
     (draft / "config.json").write_text("{}")
     stack.ensure_default_models(2.5)  # present now: nothing to train
     assert len(calls) == 1
+
+
+def test_wait_returns_the_child_that_exits() -> None:
+    import io
+    import os
+    import sys
+
+    sink = stack.LogSink(io.StringIO(), color=False)
+    local = stack.LocalStack(stack.StackConfig(), sink)
+    quits = stack.Child("quits", [sys.executable, "-c", "raise SystemExit(3)"], "-", lambda: True)
+    stays = stack.Child("stays", [sys.executable, "-c", "import time; time.sleep(60)"], "-", lambda: True)
+    local.children = [stays, quits]
+    try:
+        for child in local.children:
+            child.start(dict(os.environ), sink)
+        assert local.wait(poll=0.05) is quits and quits.proc.returncode == 3
+        assert stays.alive
+    finally:
+        local.kill()
+        for child in local.children:
+            child.stop(timeout=5)
