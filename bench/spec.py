@@ -781,7 +781,7 @@ def run_spec_bench(
     if omp_wait_policy != "inherit":
         notes.append(OMP_NOTE.format(policy=omp_wait_policy.upper()))
     elif gateway is None and omp_spincount is not None:
-        from specmesh.cli.up import OMP_SPIN_NOTE
+        from specmesh.stack import OMP_SPIN_NOTE
 
         notes.append(f"GOMP_SPINCOUNT={omp_spincount} for every stack process. " + OMP_SPIN_NOTE)
         if not omp_in_process:
@@ -809,7 +809,7 @@ def run_spec_bench(
     try:
         os.environ.update(child_env)  # restored in `finally`
         if gateway is None:
-            from specmesh.cli.up import LocalStack, LogSink, StackConfig, find_redis_server
+            from specmesh.stack import LocalStack, LogSink, StackConfig, find_redis_server
 
             if redis and find_redis_server() is None:
                 notes.append("no Redis-compatible server found: the stack ran without Redis")
@@ -1033,7 +1033,7 @@ def run_spec_bench(
             "target_model": target_model,
             "target_dir": str(target_dir),
             "draft_model": draft_model,
-            "gateway": gateway or "started by this benchmark (specmesh.cli.up.LocalStack)",
+            "gateway": gateway or "started by this benchmark (specmesh.stack.LocalStack)",
             "redis": redis if gateway is None else None,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,

@@ -23,7 +23,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from services.core.model_store import ensure_default_model
+    from services.core.model_import import ensure_default_model
 
     return ensure_default_model(progress=False)
 
@@ -37,7 +37,7 @@ def tmp_model_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tmp_store_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.core.model_store import import_smollm2
+    from services.core.model_import import import_smollm2
 
     return import_smollm2(root=tmp_path_factory.mktemp("store"), progress=False)
 

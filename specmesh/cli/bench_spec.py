@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except Exception as exc:
         from services.core.errors import SpecmeshError
-        from specmesh.cli.up import StackError
+        from specmesh.stack import StackError
 
         if isinstance(exc, StackError | SpecmeshError):
             print(f"specmesh bench spec: {exc}", file=sys.stderr)

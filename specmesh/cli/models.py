@@ -34,12 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from services.core import model_store
+    from services.core import model_import
 
     if args.gguf:
-        path = model_store.import_gguf(args.gguf, args.name or "smollm2-135m-instruct", force=args.force)
+        path = model_import.import_gguf(args.gguf, args.name or "smollm2-135m-instruct", force=args.force)
     else:
-        path = model_store.import_smollm2(force=args.force)
+        path = model_import.import_smollm2(force=args.force)
     print(f"model ready: {path}")
     return 0
 

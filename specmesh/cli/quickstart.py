@@ -10,11 +10,8 @@ streams the speculative answer and reports tokens/s, the speedup, the mean accep
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-
-DRAFT = "smollm2-135m-instruct-draft"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,26 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def ensure_draft(minutes: float) -> None:
-    from services.core.errors import NotFound
-    from services.core.model_store import ensure_default_model, resolve_model
-
-    ensure_default_model()
-    try:
-        resolve_model(DRAFT)
-    except NotFound:
-        print(f"[building the default draft {DRAFT}: {minutes:g} CPU minutes, once]", file=sys.stderr)
-        cmd = [sys.executable, "-m", "specmesh.cli.main", "train", "draft", "--minutes", str(minutes)]
-        subprocess.run(cmd, check=True)
-
-
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from specmesh.cli.up import LocalStack, StackConfig
+    from specmesh.stack import LocalStack, StackConfig, ensure_default_models
     from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-    ensure_draft(args.draft_minutes)
+    ensure_default_models(args.draft_minutes)
     strategy = getattr(common_pb2, f"DRAFT_STRATEGY_{args.strategy.upper()}")
     sampling = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if args.seed is not None:

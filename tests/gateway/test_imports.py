@@ -14,3 +14,17 @@ def test_gateway_does_not_import_torch() -> None:
         "assert not leaked, f'torch imported: {leaked[:5]}'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_specmesh_cli_reaches_serve_gateway_without_torch() -> None:
+    """`specmesh serve gateway` loads every subcommand's parser first: none of them may need torch."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # `import torch` now raises ImportError\n"
+        "from specmesh.cli.main import main\n"
+        "sys.argv = ['specmesh', 'serve', 'gateway', '--help']\n"
+        "main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--target" in out.stdout

@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from specmesh.cli import up
+from specmesh import stack as supervisor
 from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -23,12 +23,12 @@ def test_one_trace_across_processes(toy, tmp_path) -> None:
     env = dict(os.environ, OTEL_TRACES_EXPORTER=f"file:{spans_file}", OTEL_METRICS_EXPORTER="none")
     env.pop("OTEL_SERVICE_NAME", None)
     log = io.StringIO()
-    sink = up.LogSink(log, color=False)
-    ports = {name: up.free_port() for name in ("target", "draft", "gateway")}
+    sink = supervisor.LogSink(log, color=False)
+    ports = {name: supervisor.free_port() for name in ("target", "draft", "gateway")}
     addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     script = str(toy.services_script)
     children = [
-        up.Child(
+        supervisor.Child(
             name,
             [sys.executable, script, name, "--port", str(ports[name]), "--tokenizer", str(toy.tokenizer_dir)],
             addr[name],
@@ -37,7 +37,7 @@ def test_one_trace_across_processes(toy, tmp_path) -> None:
         for name in ("target", "draft")
     ]
     children.append(
-        up.Child(
+        supervisor.Child(
             "gateway",
             [
                 sys.executable,
@@ -58,7 +58,7 @@ def test_one_trace_across_processes(toy, tmp_path) -> None:
             child.start(env, sink)
         deadline = time.monotonic() + 60
         for child in children:
-            while not up.grpc_serving(child.address):
+            while not supervisor.grpc_serving(child.address):
                 assert child.alive, log.getvalue()
                 assert time.monotonic() < deadline, log.getvalue()
                 time.sleep(0.05)

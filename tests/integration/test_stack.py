@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from specmesh.cli import up
+from specmesh import stack as supervisor
 from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def draft_service_available() -> None:
         pytest.skip("`specmesh serve draft` is not available yet")
 
 
-def stack_config(**overrides) -> up.StackConfig:
+def stack_config(**overrides) -> supervisor.StackConfig:
     base = dict(
         model=MODEL,
         draft_model=draft_model(),
@@ -68,7 +68,7 @@ def stack_config(**overrides) -> up.StackConfig:
         warmup=False,
     )
     base.update(overrides)
-    return up.StackConfig(**base)
+    return supervisor.StackConfig(**base)
 
 
 def prompt(kind: str, text: str) -> common_pb2.Prompt:
@@ -92,7 +92,7 @@ def request(kind, text, policy, strategy=0, lookup=None, **sampling) -> gateway_
 
 @pytest.fixture(scope="module")
 def stack(smollm2_dir, draft_service_available):
-    with up.LocalStack(stack_config(), up.LogSink(sys.stderr, color=False)) as s:
+    with supervisor.LocalStack(stack_config(), supervisor.LogSink(sys.stderr, color=False)) as s:
         channel = grpc.insecure_channel(s.gateway)
         yield gateway_pb2_grpc.GatewayStub(channel)
         channel.close()
@@ -154,7 +154,7 @@ def test_bad_request_keeps_the_stack_serving(stack) -> None:
 def test_one_trace_across_three_processes(smollm2_dir, draft_service_available, tmp_path: Path) -> None:
     spans_file = tmp_path / "spans.jsonl"
     env = {"OTEL_TRACES_EXPORTER": f"file:{spans_file}", "OTEL_METRICS_EXPORTER": "none"}
-    with up.LocalStack(stack_config(env=env), up.LogSink(sys.stderr, color=False)) as s:
+    with supervisor.LocalStack(stack_config(env=env), supervisor.LogSink(sys.stderr, color=False)) as s:
         with grpc.insecure_channel(s.gateway) as channel:
             chunks = list(
                 gateway_pb2_grpc.GatewayStub(channel).GenerateStream(
@@ -204,7 +204,7 @@ def cli(module: str) -> list[str]:
 
 def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path: Path) -> None:
     """`specmesh up` in its own process, `specmesh generate` against it, then Ctrl-C stops everything."""
-    port = up.free_port()
+    port = supervisor.free_port()
     argv = [*cli("up"), "up", "--port", str(port), "--draft-model", draft_model()]
     argv += ["--target-threads", "1", "--draft-threads", "1", "--startup-timeout", "300"]
     log = tmp_path / "up.log"
@@ -213,7 +213,7 @@ def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path
         try:
             address = f"127.0.0.1:{port}"
             deadline = time.monotonic() + 600
-            while not up.grpc_serving(address):
+            while not supervisor.grpc_serving(address):
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.5)
@@ -234,4 +234,4 @@ def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path
     for name in ("redis", "target", "draft", "gateway"):
         assert f"{name:>7} | " in text, name
     assert "specmesh stack is up" in text and "stopping" in text
-    assert not up.grpc_serving(f"127.0.0.1:{port}", timeout=1)
+    assert not supervisor.grpc_serving(f"127.0.0.1:{port}", timeout=1)

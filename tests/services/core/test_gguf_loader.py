@@ -191,7 +191,7 @@ def test_load_hf_dir_missing_files(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_real_gguf_config() -> None:
-    from services.core.model_store import find_smollm2_gguf
+    from services.core.model_import import find_smollm2_gguf
 
     m = read_gguf(find_smollm2_gguf(), progress=False)
     c = m.config

