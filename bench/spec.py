@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.decode import _first_diff, machine_info
+from services.core.strategies import STRATEGY_NAMES, Strategy
 
 SCHEMA_VERSION = 1
-STRATEGIES = ("chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup")
+STRATEGIES = STRATEGY_NAMES  # chain, static_tree, ... (services.core.strategies)
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_DRAFT = "smollm2-135m-instruct-draft"
 TARGET_RUN = "target"
@@ -164,7 +165,7 @@ def plan_runs(
         variants = [(f"speculative:{s}", False)] + ([(f"speculative:{s}:adaptive", True)] if adaptive else [])
         for name, adapt in variants:
             runs.append(RunConfig(name, "stack", "speculative", s, adaptive=adapt))
-            if compare_lookup and s != "prompt_lookup":
+            if compare_lookup and Strategy(s).uses_model:
                 runs.append(
                     RunConfig(f"{name}:no-lookup", "stack", "speculative", s, adaptive=adapt, lookup_tokens=0)
                 )
@@ -244,7 +245,7 @@ class StackClient:
         ignore_eos: bool,
     ) -> Any:
         from gateway.budget import strategy_value
-        from gateway.config import POLICY_NAMES
+        from gateway.config import policy_value
         from specmesh.v1 import common_pb2, gateway_pb2
 
         sampling = common_pb2.SamplingParams(
@@ -266,7 +267,7 @@ class StackClient:
         return gateway_pb2.GatewayGenerateRequest(
             prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt_ids))),
             sampling=sampling,
-            policy=POLICY_NAMES[run.policy],
+            policy=policy_value(run.policy),
             spec=spec,
         )
 

@@ -1,95 +1,63 @@
-"""Draft strategies, tree budgets (defaults, limits, per-round caps) and the adaptive budget.
+"""Draft strategies and tree budgets on the gateway's side of the wire: wire values, budget
+resolution from a request's ``TreeBudget``, per-round caps and the adaptive budget.
 
-A budget is the shape a draft may propose in one round (``TreeBudget`` on the wire):
-``max_nodes`` (tree nodes in total), ``max_depth`` (tokens on the longest path), ``branching``
-(children per expanded node of a static tree), ``num_candidates`` (k chains for SpecTr) and
-``lookup_tokens`` (prompt-lookup tokens the draft merges into model-drafted trees, on top of
-``max_nodes``; see services.core.drafting.add_prompt_lookup).
+Names, defaults and limits live in :mod:`services.core.strategies` (shared with the draft
+service, the CLI and the benchmarks); this module maps them to the ``specmesh.v1`` enum values
+the gateway works with.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from services.core.errors import InvalidArgument, OutOfRange
+from services.core.strategies import (
+    ADAPTIVE_MAX_DEPTH,
+    ADAPTIVE_MAX_NODES,
+    BUDGET_FIELDS,
+    parse_strategy,
+)
+from services.core.strategies import DEFAULT_BUDGETS as _DEFAULT_BUDGETS
+from services.core.strategies import LIMITS as LIMITS
+from services.core.strategies import LOOKUP_TOKENS as LOOKUP_TOKENS
+from services.core.strategies import Budget as Budget
+from services.core.strategies import BudgetLimits as BudgetLimits
+from services.core.strategies import Strategy as Strategy
+from services.core.strategies import resolve_budget as _resolve_budget
 from specmesh.v1 import common_pb2
 
-CHAIN = common_pb2.DRAFT_STRATEGY_CHAIN
-STATIC_TREE = common_pb2.DRAFT_STRATEGY_STATIC_TREE
-DYNAMIC_TREE = common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE
-MULTI_CANDIDATE = common_pb2.DRAFT_STRATEGY_MULTI_CANDIDATE
-PROMPT_LOOKUP = common_pb2.DRAFT_STRATEGY_PROMPT_LOOKUP
+# wire value <-> Strategy, from the names in services.core.strategies
+STRATEGY_BY_WIRE: dict[int, Strategy] = {common_pb2.DraftStrategy.Value(s.wire): s for s in Strategy}
+WIRE_BY_STRATEGY: dict[Strategy, int] = {s: v for v, s in STRATEGY_BY_WIRE.items()}
+CHAIN = WIRE_BY_STRATEGY[Strategy.CHAIN]
+STATIC_TREE = WIRE_BY_STRATEGY[Strategy.STATIC_TREE]
+DYNAMIC_TREE = WIRE_BY_STRATEGY[Strategy.DYNAMIC_TREE]
+MULTI_CANDIDATE = WIRE_BY_STRATEGY[Strategy.MULTI_CANDIDATE]
+PROMPT_LOOKUP = WIRE_BY_STRATEGY[Strategy.PROMPT_LOOKUP]
 
-# CLI / config spelling <-> wire enum
-STRATEGY_NAMES: dict[str, int] = {
-    "chain": CHAIN,
-    "static-tree": STATIC_TREE,
-    "dynamic-tree": DYNAMIC_TREE,
-    "multi-candidate": MULTI_CANDIDATE,
-    "prompt-lookup": PROMPT_LOOKUP,
-}
-STRATEGY_BY_VALUE: dict[int, str] = {v: k for k, v in STRATEGY_NAMES.items()}
+# services.core.strategies.DEFAULT_BUDGETS keyed by wire value
+DEFAULT_BUDGETS: dict[int, Budget] = {WIRE_BY_STRATEGY[s]: b for s, b in _DEFAULT_BUDGETS.items()}
 
 
 def strategy_value(name: str) -> int:
     """Wire value of a strategy name (``chain``, ``static-tree``, ...; ``_`` and case are accepted)."""
-    key = name.strip().lower().replace("_", "-")
-    if key not in STRATEGY_NAMES:
-        raise InvalidArgument(
-            f"unknown strategy {name!r}; use one of {', '.join(STRATEGY_NAMES)}", "spec.strategy"
-        )
-    return STRATEGY_NAMES[key]
+    return WIRE_BY_STRATEGY[parse_strategy(name, "spec.strategy")]
 
 
 def strategy_name(value: int) -> str:
-    return STRATEGY_BY_VALUE.get(value, f"unknown({value})")
+    """CLI spelling of a wire value (``static-tree``)."""
+    strategy = STRATEGY_BY_WIRE.get(value)
+    return strategy.cli if strategy is not None else f"unknown({value})"
 
 
-@dataclass(frozen=True)
-class Budget:
-    max_nodes: int
-    max_depth: int
-    branching: int = 1
-    num_candidates: int = 1
-    lookup_tokens: int = 0
-
-    def to_proto(self) -> common_pb2.TreeBudget:
-        return common_pb2.TreeBudget(
-            max_nodes=self.max_nodes,
-            max_depth=self.max_depth,
-            branching=self.branching,
-            num_candidates=self.num_candidates,
-            lookup_tokens=self.lookup_tokens,
-        )
-
-    @property
-    def depth(self) -> int:
-        """Longest path the draft can propose under this budget."""
-        return max(1, min(self.max_depth, self.max_nodes))
-
-
-@dataclass(frozen=True)
-class BudgetLimits:
-    """Largest budget a request may ask for (larger values get OUT_OF_RANGE)."""
-
-    max_nodes: int = 256
-    max_depth: int = 32
-    branching: int = 16
-    num_candidates: int = 16
-    lookup_tokens: int = 32
-
-
-LOOKUP_TOKENS = 8  # default prompt-lookup tokens merged into model-drafted trees
-
-# Defaults per strategy, used for every field a request leaves at 0 (lookup_tokens: unset).
-DEFAULT_BUDGETS: dict[int, Budget] = {
-    CHAIN: Budget(max_nodes=5, max_depth=5, lookup_tokens=LOOKUP_TOKENS),
-    STATIC_TREE: Budget(max_nodes=14, max_depth=3, branching=2, lookup_tokens=LOOKUP_TOKENS),
-    DYNAMIC_TREE: Budget(max_nodes=16, max_depth=6, branching=4, lookup_tokens=LOOKUP_TOKENS),
-    MULTI_CANDIDATE: Budget(max_nodes=12, max_depth=4, num_candidates=3, lookup_tokens=LOOKUP_TOKENS),
-    PROMPT_LOOKUP: Budget(max_nodes=8, max_depth=8),
-}
+def budget_to_proto(budget: Budget) -> common_pb2.TreeBudget:
+    return common_pb2.TreeBudget(
+        max_nodes=budget.max_nodes,
+        max_depth=budget.max_depth,
+        branching=budget.branching,
+        num_candidates=budget.num_candidates,
+        lookup_tokens=budget.lookup_tokens,
+    )
 
 
 def resolve_budget(
@@ -97,53 +65,26 @@ def resolve_budget(
     requested: common_pb2.TreeBudget | None,
     *,
     defaults: dict[int, Budget] | None = None,
-    limits: BudgetLimits = BudgetLimits(),
+    limits: BudgetLimits = LIMITS,
     field: str = "spec.budget",
 ) -> Budget:
-    """The budget of a request: each field the request sets (> 0) overrides the strategy's default.
+    """The budget of a request (services.core.strategies.resolve_budget, the same check the
+    draft service makes): each field the request sets (> 0) overrides the strategy's default.
 
     Negative fields are INVALID_ARGUMENT, fields above `limits` OUT_OF_RANGE, both naming the field.
     """
-    base = (defaults or DEFAULT_BUDGETS).get(strategy) or DEFAULT_BUDGETS[strategy]
-    values = {
-        "max_nodes": base.max_nodes,
-        "max_depth": base.max_depth,
-        "branching": base.branching,
-        "num_candidates": base.num_candidates,
-    }
-    for name in values:
-        given = getattr(requested, name) if requested is not None else 0
-        limit = getattr(limits, name)
-        if given < 0:
-            raise InvalidArgument(
-                f"must be >= 0 (0 = the default {values[name]}), got {given}", f"{field}.{name}"
-            )
-        if given > limit:
-            raise OutOfRange(f"must be <= {limit}, got {given}", f"{field}.{name}")
-        if given:
-            values[name] = given
-    lookup = base.lookup_tokens
-    if requested is not None and requested.HasField("lookup_tokens"):
-        lookup = requested.lookup_tokens
-        if not 0 <= lookup <= limits.lookup_tokens:
-            raise OutOfRange(
-                f"must be in [0, {limits.lookup_tokens}] (0 = none; unset = the default {base.lookup_tokens})"
-                f", got {lookup}",
-                f"{field}.lookup_tokens",
-            )
-    if values["max_nodes"] + lookup > limits.max_nodes:
-        raise OutOfRange(
-            f"max_nodes ({values['max_nodes']}) + lookup_tokens ({lookup}) must be <= {limits.max_nodes}",
-            f"{field}.lookup_tokens",
-        )
-    budget = Budget(**values, lookup_tokens=lookup)
-    if strategy == MULTI_CANDIDATE and budget.num_candidates > budget.max_nodes:
-        raise InvalidArgument(
-            f"num_candidates ({budget.num_candidates}) exceeds max_nodes ({budget.max_nodes}): "
-            "each candidate needs at least one node",
-            f"{field}.num_candidates",
-        )
-    return budget
+    fields = {}
+    if requested is not None:
+        fields = {name: getattr(requested, name) for name in BUDGET_FIELDS}
+        if requested.HasField("lookup_tokens"):
+            fields["lookup_tokens"] = requested.lookup_tokens
+    return _resolve_budget(
+        STRATEGY_BY_WIRE[strategy],
+        **fields,
+        defaults={STRATEGY_BY_WIRE[k]: b for k, b in (defaults or DEFAULT_BUDGETS).items()},
+        limits=limits,
+        field=field,
+    )
 
 
 def cap_budget(budget: Budget, *, remaining_tokens: int, context_room: int) -> Budget:
@@ -192,8 +133,8 @@ class AdaptiveBudget:
         initial: Budget,
         *,
         min_depth: int = 0,
-        max_depth: int = 12,
-        max_nodes: int = 64,
+        max_depth: int = ADAPTIVE_MAX_DEPTH,
+        max_nodes: int = ADAPTIVE_MAX_NODES,
         discount: float = 0.9,
         probe_every: int = 8,
     ) -> None:

@@ -4,37 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.core.strategies import (
+    ADAPTIVE_MAX_DEPTH,
+    ADAPTIVE_MAX_NODES,
+    DEFAULT_POLICY,
+    DEFAULT_STRATEGY,
+    DRAFT_CHUNK,
+    LIMITS,
+    Policy,
+    parse_policy,
+)
 from specmesh.v1 import gateway_pb2
 
-from .budget import CHAIN, DEFAULT_BUDGETS, Budget, BudgetLimits
+from .budget import DEFAULT_BUDGETS, WIRE_BY_STRATEGY, Budget, BudgetLimits
 
-POLICY_NAMES: dict[str, int] = {
-    "target": gateway_pb2.POLICY_TARGET,
-    "draft": gateway_pb2.POLICY_DRAFT,
-    "speculative": gateway_pb2.POLICY_SPECULATIVE,
-}
-POLICY_BY_VALUE: dict[int, str] = {v: k for k, v in POLICY_NAMES.items()}
+# wire value <-> Policy, from the names in services.core.strategies (the policies served today)
+POLICY_BY_WIRE: dict[int, Policy] = {gateway_pb2.Policy.Value(p.wire): p for p in Policy}
+WIRE_BY_POLICY: dict[Policy, int] = {p: v for v, p in POLICY_BY_WIRE.items()}
+
+
+def policy_value(name: str) -> int:
+    """Wire value of a policy name (``target``, ``draft``, ``speculative``)."""
+    return WIRE_BY_POLICY[parse_policy(name)]
 
 
 def policy_name(value: int) -> str:
-    return POLICY_BY_VALUE.get(value) or gateway_pb2.Policy.Name(value).removeprefix("POLICY_").lower()
+    policy = POLICY_BY_WIRE.get(value)
+    return (
+        policy.value if policy is not None else gateway_pb2.Policy.Name(value).removeprefix("POLICY_").lower()
+    )
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     # POLICY_UNSPECIFIED in a request means this policy.
-    default_policy: int = gateway_pb2.POLICY_SPECULATIVE
+    default_policy: int = WIRE_BY_POLICY[DEFAULT_POLICY]
     # DRAFT_STRATEGY_UNSPECIFIED in a request means this strategy.
-    default_strategy: int = CHAIN
+    default_strategy: int = WIRE_BY_STRATEGY[DEFAULT_STRATEGY]
     # Budget fields a request leaves at 0 come from here (per strategy).
     default_budgets: dict[int, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
-    limits: BudgetLimits = BudgetLimits()
+    limits: BudgetLimits = LIMITS  # the draft service enforces the same (services.core.strategies)
     # Adapt every speculative request's budget, not only those that set spec.adaptive.
     adaptive: bool = False
     # Bounds of the adaptive budget.
-    adaptive_max_depth: int = 12
-    adaptive_max_nodes: int = 64
+    adaptive_max_depth: int = ADAPTIVE_MAX_DEPTH
+    adaptive_max_nodes: int = ADAPTIVE_MAX_NODES
     # Tokens per Propose call under the `draft` policy.
-    draft_chunk: int = 8
+    draft_chunk: int = DRAFT_CHUNK
     # Timeout of each upstream call when the client set no deadline (None: none).
     upstream_timeout_s: float | None = 120.0

@@ -37,7 +37,7 @@ from services.runtime.protocol import FINISH_TO_PROTO
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, gateway_pb2, target_pb2, target_pb2_grpc
 
 from . import metrics as m
-from .budget import AdaptiveBudget, Budget, cap_budget, strategy_name
+from .budget import AdaptiveBudget, Budget, budget_to_proto, cap_budget, strategy_name
 from .config import GatewayConfig, policy_name
 from .requests import Plan
 from .stats import SpecCounter, tree_depth
@@ -210,7 +210,7 @@ class Orchestrator:
                     return draft_pb2.ProposeRequest(
                         session=ref,
                         strategy=common_pb2.DRAFT_STRATEGY_CHAIN,
-                        budget=budget.to_proto(),
+                        budget=budget_to_proto(budget),
                         sampling=plan.sampling,
                         random=common_pb2.RandomStream(seed=seed, counter=calls),
                         vocab_limit=plan.vocab_limit,
@@ -290,7 +290,7 @@ class Orchestrator:
                         return draft_pb2.ProposeRequest(
                             session=ref,
                             strategy=plan.strategy,
-                            budget=budget.to_proto(),
+                            budget=budget_to_proto(budget),
                             sampling=plan.sampling,
                             random=common_pb2.RandomStream(seed=d_seed, counter=r),
                             vocab_limit=plan.vocab_limit,

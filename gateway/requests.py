@@ -16,8 +16,8 @@ from services.core.tokenizer import Tokenizer
 from services.runtime.protocol import generation_params, prompt_ids
 from specmesh.v1 import common_pb2, gateway_pb2
 
-from .budget import STRATEGY_BY_VALUE, Budget, resolve_budget
-from .config import POLICY_BY_VALUE, GatewayConfig, policy_name
+from .budget import STRATEGY_BY_WIRE, Budget, resolve_budget
+from .config import POLICY_BY_WIRE, GatewayConfig, policy_name
 
 SEED_BITS = 63  # seeds the gateway draws itself (any uint64 given by a client is accepted)
 
@@ -64,8 +64,8 @@ def validate(
             "model",
         )
     policy = request.policy or config.default_policy
-    if policy not in POLICY_BY_VALUE:
-        known = ", ".join(f"{gateway_pb2.Policy.Name(v)}" for v in POLICY_BY_VALUE)
+    if policy not in POLICY_BY_WIRE:
+        known = ", ".join(f"{gateway_pb2.Policy.Name(v)}" for v in POLICY_BY_WIRE)
         if policy in gateway_pb2.Policy.values():
             raise InvalidArgument(f"policy {policy_name(policy)} is not available yet; use {known}", "policy")
         raise InvalidArgument(f"unknown policy {policy}; use {known}", "policy")
@@ -124,10 +124,10 @@ def validate(
         return replace(plan, budget=Budget(max_nodes=chunk, max_depth=chunk), vocab_limit=vocab_limit)
 
     strategy = spec.strategy or config.default_strategy
-    if strategy not in STRATEGY_BY_VALUE:
+    if strategy not in STRATEGY_BY_WIRE:
         raise InvalidArgument(
             f"unknown strategy {strategy}; use one of "
-            + ", ".join(common_pb2.DraftStrategy.Name(v) for v in STRATEGY_BY_VALUE),
+            + ", ".join(common_pb2.DraftStrategy.Name(v) for v in STRATEGY_BY_WIRE),
             "spec.strategy",
         )
     budget = resolve_budget(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
@@ -20,35 +19,9 @@ from services.core.kv import SequenceKV
 from services.core.params import SamplingConfig
 from services.core.sampling import probabilities
 from services.core.spec import Rule
+from services.core.strategies import Budget, Strategy  # re-exported: drafting's callers import them here
 
 DRAFT_TOP_K = 64
-
-
-class Strategy(StrEnum):
-    CHAIN = "chain"
-    STATIC_TREE = "static_tree"
-    DYNAMIC_TREE = "dynamic_tree"
-    MULTI_CANDIDATE = "multi_candidate"
-    PROMPT_LOOKUP = "prompt_lookup"
-
-
-@dataclass(frozen=True)
-class Budget:
-    max_nodes: int = 16
-    max_depth: int = 6
-    branching: int = 2  # children per expanded node (static / dynamic trees)
-    num_candidates: int = 3  # k for multi-candidate drafting
-    lookup_tokens: int = 0  # prompt-lookup tokens merged into model trees (add_prompt_lookup)
-
-    @staticmethod
-    def default(strategy: Strategy) -> Budget:
-        return {
-            Strategy.CHAIN: Budget(max_nodes=6, max_depth=6, branching=1, num_candidates=1),
-            Strategy.STATIC_TREE: Budget(max_nodes=14, max_depth=4, branching=2),
-            Strategy.DYNAMIC_TREE: Budget(max_nodes=16, max_depth=6, branching=3),
-            Strategy.MULTI_CANDIDATE: Budget(max_nodes=12, max_depth=4, num_candidates=3),
-            Strategy.PROMPT_LOOKUP: Budget(max_nodes=8, max_depth=8, branching=1),
-        }[strategy]
 
 
 @dataclass

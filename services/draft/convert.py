@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from services.core.drafting import Budget, DraftTree, Strategy
+from services.core.drafting import DraftTree
 from services.core.errors import InvalidArgument, OutOfRange
 from services.core.spec import Rule
+from services.core.strategies import BUDGET_FIELDS, LIMITS, Budget, Strategy, resolve_budget
 from specmesh.v1 import common_pb2, draft_pb2
 
-STRATEGIES = {
-    common_pb2.DRAFT_STRATEGY_CHAIN: Strategy.CHAIN,
-    common_pb2.DRAFT_STRATEGY_STATIC_TREE: Strategy.STATIC_TREE,
-    common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE: Strategy.DYNAMIC_TREE,
-    common_pb2.DRAFT_STRATEGY_MULTI_CANDIDATE: Strategy.MULTI_CANDIDATE,
-    common_pb2.DRAFT_STRATEGY_PROMPT_LOOKUP: Strategy.PROMPT_LOOKUP,
-}
+# wire value -> Strategy, from the names in services.core.strategies
+STRATEGIES = {common_pb2.DraftStrategy.Value(s.wire): s for s in Strategy}
 RULES = {
     Rule.GREEDY: common_pb2.ACCEPTANCE_RULE_GREEDY,
     Rule.CHAIN: common_pb2.ACCEPTANCE_RULE_CHAIN,
@@ -21,8 +17,6 @@ RULES = {
     Rule.TREE_WITHOUT_REPLACEMENT: common_pb2.ACCEPTANCE_RULE_TREE_WITHOUT_REPLACEMENT,
     Rule.SPECTR_KSEQ: common_pb2.ACCEPTANCE_RULE_SPECTR_KSEQ,
 }
-# Upper bounds a single Propose may ask for (a tree is verified in one target forward).
-LIMITS = Budget(max_nodes=128, max_depth=32, branching=16, num_candidates=16, lookup_tokens=32)
 
 
 def strategy_from_proto(value: int, default: Strategy) -> Strategy:
@@ -34,19 +28,11 @@ def strategy_from_proto(value: int, default: Strategy) -> Strategy:
 
 
 def budget_from_proto(pb: common_pb2.TreeBudget, strategy: Strategy) -> Budget:
-    """Unset (0) fields take the strategy's defaults; the rest must be within LIMITS."""
-    base = Budget.default(strategy)
-    values = {}
-    for name in ("max_nodes", "max_depth", "branching", "num_candidates"):
-        v = getattr(pb, name)
-        limit = getattr(LIMITS, name)
-        if not 0 <= v <= limit:
-            raise InvalidArgument(f"must be in [1, {limit}] (0 = default), got {v}", f"budget.{name}")
-        values[name] = v or getattr(base, name)
-    lookup = pb.lookup_tokens  # unset = 0 = none; the gateway sends its default explicitly
-    if not 0 <= lookup <= LIMITS.lookup_tokens:
-        raise InvalidArgument(f"must be in [0, {LIMITS.lookup_tokens}], got {lookup}", "budget.lookup_tokens")
-    return Budget(**values, lookup_tokens=lookup)
+    """Unset (0) fields, and an unset lookup_tokens, take the strategy's defaults; the rest must
+    be within LIMITS (services.core.strategies.resolve_budget: the gateway's check)."""
+    lookup = pb.lookup_tokens if pb.HasField("lookup_tokens") else None
+    fields = {name: getattr(pb, name) for name in BUDGET_FIELDS}
+    return resolve_budget(strategy, **fields, lookup_tokens=lookup, limits=LIMITS, field="budget")
 
 
 def tree_to_proto(tree: DraftTree) -> common_pb2.TokenTree:

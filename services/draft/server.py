@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import grpc
 
-from services.core.drafting import Strategy
 from services.core.engine import Engine
 from services.core.model_store import load_draft_vocab, resolve_model
+from services.core.strategies import DEFAULT_STRATEGY, Strategy
 from services.draft.servicer import DraftServicer
 from services.runtime.loading import load_engine
 from services.runtime.server import RunningServer, serve
@@ -24,7 +24,7 @@ def load_draft(
     model: str,
     *,
     threads: int | None = None,
-    default_strategy: Strategy = Strategy.CHAIN,
+    default_strategy: Strategy = DEFAULT_STRATEGY,
     max_sessions: int = 256,
     max_kv_tokens: int = 65536,
     vocab_limit: int | None = None,

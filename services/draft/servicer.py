@@ -6,11 +6,12 @@ import hashlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from services.core.drafting import Budget, Drafter, Strategy, add_prompt_lookup, prompt_lookup_tree
+from services.core.drafting import Drafter, add_prompt_lookup, prompt_lookup_tree
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.sampling import round_generator
 from services.core.sessions import Session, SessionStore
+from services.core.strategies import DEFAULT_STRATEGY, Budget, Strategy
 from services.draft.convert import (
     RULES,
     budget_from_proto,
@@ -32,7 +33,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self,
         engine: Engine,
         *,
-        default_strategy: Strategy = Strategy.CHAIN,
+        default_strategy: Strategy = DEFAULT_STRATEGY,
         max_sessions: int = 256,
         session_ttl_seconds: float = 600.0,
         license: str = "",

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-STRATEGY_CHOICES = ("chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup")
+from services.core.strategies import STRATEGY_NAMES as STRATEGY_CHOICES
 
 
 def _strategies(value: str) -> list[str]:

@@ -13,10 +13,10 @@ import os
 import sys
 import time
 
+from services.core.strategies import POLICY_NAMES, STRATEGY_CLI_NAMES
+
 ENV_GATEWAY = "SPECMESH_GATEWAY_ADDRESS"
 DEFAULT_GATEWAY = "127.0.0.1:50050"
-POLICIES = ("target", "draft", "speculative")
-STRATEGIES = ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"gateway host:port [{ENV_GATEWAY}, default %(default)s]",
     )
     p.add_argument("--model", default="", help="target model name (default: the gateway's)")
-    p.add_argument("--policy", choices=POLICIES, default=None, help="default: the gateway's (speculative)")
-    p.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the gateway's")
+    p.add_argument(
+        "--policy", choices=POLICY_NAMES, default=None, help="default: the gateway's (speculative)"
+    )
+    p.add_argument("--strategy", choices=STRATEGY_CLI_NAMES, default=None, help="default: the gateway's")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off)")
@@ -77,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_request(args: argparse.Namespace):
     from gateway.budget import strategy_value
-    from gateway.config import POLICY_NAMES
+    from gateway.config import policy_value
     from specmesh.v1 import common_pb2, gateway_pb2
 
     if args.chat:
@@ -114,7 +116,7 @@ def build_request(args: argparse.Namespace):
         model=args.model,
         prompt=prompt,
         sampling=sampling,
-        policy=POLICY_NAMES[args.policy] if args.policy else 0,
+        policy=policy_value(args.policy) if args.policy else 0,
         spec=spec,
     )
 

@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from services.core.strategies import STRATEGY_NAMES, Strategy
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--strategy",
-        default="dynamic_tree",
-        choices=["chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup"],
+        default=Strategy.DYNAMIC_TREE.value,
+        choices=STRATEGY_NAMES,
         help="draft strategy (default: %(default)s)",
     )
     p.add_argument(
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
     ensure_default_models(args.draft_minutes)
-    strategy = getattr(common_pb2, f"DRAFT_STRATEGY_{args.strategy.upper()}")
+    strategy = common_pb2.DraftStrategy.Value(Strategy(args.strategy).wire)
     sampling = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if args.seed is not None:
         sampling.seed = args.seed

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 
+from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one service as a gRPC server")
@@ -47,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default="smollm2-135m-instruct-draft", help="draft model name or directory")
     d.add_argument(
         "--default-strategy",
-        default="chain",
-        choices=["chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup"],
+        default=DEFAULT_STRATEGY.value,
+        choices=STRATEGY_NAMES,
         help="strategy when a request leaves it unspecified (default: %(default)s)",
     )
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -113,7 +115,6 @@ def run_target(args: argparse.Namespace) -> int:
 
 
 def run_draft(args: argparse.Namespace) -> int:
-    from services.core.drafting import Strategy
     from services.draft.server import load_draft, registrar
     from services.runtime.server import run_forever
     from services.runtime.settings import ServerSettings

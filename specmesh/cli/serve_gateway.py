@@ -11,12 +11,21 @@ import argparse
 import os
 import sys
 
+from services.core.strategies import (
+    BUDGET_FIELDS,
+    DEFAULT_POLICY,
+    DEFAULT_STRATEGY,
+    DRAFT_CHUNK,
+    LIMITS,
+    LOOKUP_TOKENS,
+    POLICY_NAMES,
+    STRATEGY_CLI_NAMES,
+)
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50050
 ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
-POLICIES = ("target", "draft", "speculative")
-STRATEGIES = ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +51,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the target's model, looked up by the name it reports)",
     )
     d = p.add_argument_group("request defaults", "used when a request leaves the field unset")
-    d.add_argument("--policy", choices=POLICIES, default="speculative", help="default: %(default)s")
-    d.add_argument("--strategy", choices=STRATEGIES, default="chain", help="default: %(default)s")
+    d.add_argument(
+        "--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY.value, help="default: %(default)s"
+    )
+    d.add_argument(
+        "--strategy", choices=STRATEGY_CLI_NAMES, default=DEFAULT_STRATEGY.cli, help="default: %(default)s"
+    )
     d.add_argument("--max-nodes", type=int, default=None, help="tree nodes per round (default strategy)")
     d.add_argument("--max-depth", type=int, default=None, help="draft depth per round (default strategy)")
     d.add_argument("--branching", type=int, default=None, help="children per node (static tree)")
@@ -53,7 +66,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prompt-lookup tokens the draft merges into model-drafted trees, on top of the "
-        "tree's nodes (every model strategy; 0 = off; default 8)",
+        f"tree's nodes (every model strategy; 0 = off; default {LOOKUP_TOKENS})",
     )
     d.add_argument(
         "--adaptive",
@@ -63,7 +76,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "costs, down to no draft at all when the target alone is faster (default: only on request)",
     )
     d.add_argument(
-        "--draft-chunk", type=int, default=8, help="tokens per draft call under the draft policy (default 8)"
+        "--draft-chunk",
+        type=int,
+        default=DRAFT_CHUNK,
+        help="tokens per draft call under the draft policy (default %(default)s)",
     )
     from services.runtime.settings import add_server_args
 
@@ -94,19 +110,22 @@ def options_from_args(args: argparse.Namespace):
     """GatewayOptions from parsed flags (raises SpecmeshError / ValueError on bad values)."""
     from dataclasses import replace
 
-    from gateway.budget import DEFAULT_BUDGETS, BudgetLimits, strategy_value
-    from gateway.config import POLICY_NAMES, GatewayConfig
+    from gateway.budget import (
+        DEFAULT_BUDGETS,
+        STRATEGY_BY_WIRE,
+        resolve_budget,
+        strategy_name,
+        strategy_value,
+    )
+    from gateway.config import GatewayConfig, policy_value
     from gateway.server import GatewayOptions
+    from services.core.errors import SpecmeshError
     from services.core.model_store import resolve_model
 
     strategy = strategy_value(args.strategy)
     budgets = dict(DEFAULT_BUDGETS)
-    limits = BudgetLimits()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("max_nodes", "max_depth", "branching", "num_candidates")
-        if getattr(args, name) is not None
-    }
+    limits = LIMITS
+    overrides = {name: getattr(args, name) for name in BUDGET_FIELDS if getattr(args, name) is not None}
     for name, value in overrides.items():
         if not 1 <= value <= getattr(limits, name):
             raise ValueError(
@@ -117,12 +136,20 @@ def options_from_args(args: argparse.Namespace):
     if lookup is not None:
         if not 0 <= lookup <= limits.lookup_tokens:
             raise ValueError(f"--lookup-tokens must be in [0, {limits.lookup_tokens}], got {lookup}")
-        # only the model strategies (those with a default) merge lookup tokens
-        budgets = {k: replace(b, lookup_tokens=lookup) if b.lookup_tokens else b for k, b in budgets.items()}
+        # only the model strategies merge lookup tokens
+        budgets = {
+            k: replace(b, lookup_tokens=lookup) if STRATEGY_BY_WIRE[k].uses_model else b
+            for k, b in budgets.items()
+        }
+    for key in budgets:  # the request check, on the defaults: a request that sets nothing must pass
+        try:
+            resolve_budget(key, None, defaults=budgets, limits=limits)
+        except SpecmeshError as exc:
+            raise ValueError(f"the default {strategy_name(key)} budget: {exc.message}") from None
     if args.draft_chunk < 1:
         raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
     config = GatewayConfig(
-        default_policy=POLICY_NAMES[args.policy],
+        default_policy=policy_value(args.policy),
         default_strategy=strategy,
         default_budgets=budgets,
         adaptive=args.adaptive,

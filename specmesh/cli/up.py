@@ -83,9 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s, so an idle service leaves the cores to the busy one; -1 = OpenMP's "
         "default; an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins)",
     )
+    from services.core.strategies import STRATEGY_CLI_NAMES
+
     p.add_argument(
         "--strategy",
-        choices=("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup"),
+        choices=STRATEGY_CLI_NAMES,
         default=None,
         help="the gateway's default draft strategy",
     )

@@ -155,7 +155,7 @@ def test_prompt_lookup_path_is_merged_into_model_trees(stack) -> None:
     expect_error(lambda: t_stub.Verify(bad), "INVALID_ARGUMENT", "rule")
     v = t_stub.Verify(verify)  # the session survived the refusals
     assert v.session_length == len(prompt) + len(v.accepted_tokens)
-    expect_error(lambda: propose("lk-3", 33), "INVALID_ARGUMENT", "budget.lookup_tokens")
+    expect_error(lambda: propose("lk-3", 33), "OUT_OF_RANGE", "budget.lookup_tokens")
     for sid in ("lk-0", "lk-1", "lk-2", "lk-3"):
         d_stub.Release(common_pb2.ReleaseRequest(session_id=sid))
         t_stub.Release(common_pb2.ReleaseRequest(session_id=sid))
@@ -248,7 +248,7 @@ def test_bad_trees_are_refused_and_the_session_survives(stack) -> None:
                 session=ref("bad-trees", [], len(prompt)), budget=common_pb2.TreeBudget(max_nodes=100000)
             )
         ),
-        "INVALID_ARGUMENT",
+        "OUT_OF_RANGE",
         "budget.max_nodes",
     )
     # None of that touched the session: the good request still works.
