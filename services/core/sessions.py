@@ -3,10 +3,16 @@
 Implements the wire contract's SessionRef rule: a call appends `new_tokens` and states
 the length it expects afterwards; any disagreement is FAILED_PRECONDITION (the caller
 resends the full prefix), so retries are idempotent and nothing is silently corrupted.
+
+A state-changing call is a :class:`Turn`: it begins (the session is found or created), then
+either commits the tokens it added or rolls back to the session as it was before the call. An
+identical retry of the last state-changing call (same request bytes, see :func:`fingerprint`)
+gets the remembered reply instead of being run again (:meth:`SessionStore.replay`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +37,39 @@ class Session:
     @property
     def length(self) -> int:
         return len(self.tokens)
+
+    def commit(self, tokens: list[int]) -> None:
+        """Add tokens to the committed history (their KV is in `seq`, or computed lazily later)."""
+        self.tokens += tokens
+
+    def remember(self, request_fingerprint: bytes, reply: Any) -> None:
+        """Keep the reply of this state-changing call for an identical retry."""
+        self.last_reply = (request_fingerprint, reply)
+
+    def replay(self, request_fingerprint: bytes) -> Any | None:
+        """The remembered reply when request_fingerprint is the last state-changing call's, else None."""
+        if self.last_reply and self.last_reply[0] == request_fingerprint:
+            return self.last_reply[1]
+        return None
+
+
+def fingerprint(request: bytes) -> bytes:
+    """sha256 of a request's deterministic serialisation: the key of the replay cache."""
+    return hashlib.sha256(request).digest()
+
+
+@dataclass
+class Turn:
+    """One state-changing call on a session: the session (its committed tokens as they were
+    when the call began), the tokens the call appends, and whether the call created it."""
+
+    session: Session
+    new: list[int]
+    created: bool
+
+    @property
+    def seq(self) -> SequenceKV:
+        return self.session.seq
 
 
 class SessionStore:
@@ -84,8 +123,34 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def begin(
+        self, session_id: str, new_tokens: list[int], expected_length: int, field: str = "session"
+    ) -> Turn:
+        """open() as one call's Turn, noting whether the call created the session."""
+        self.expire_idle()  # first, so an expired session counts as created by this call
+        created = session_id not in self._sessions
+        return Turn(self.open(session_id, new_tokens, expected_length, field), new_tokens, created)
+
+    def rollback(self, turn: Turn) -> None:
+        """Undo a turn that did not finish: as if the call never came. A session the call created
+        is released; an existing one keeps its committed tokens and drops any KV past them."""
+        if turn.created:
+            self.release(turn.session.session_id)
+        else:
+            turn.seq.truncate(turn.session.length)
+
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
+
+    def length(self, session_id: str) -> int:
+        """Committed tokens of the session; 0 for one this store does not hold."""
+        session = self._sessions.get(session_id)
+        return session.length if session else 0
+
+    def replay(self, session_id: str, request_fingerprint: bytes) -> Any | None:
+        """The reply to an identical retry of the session's last state-changing call, else None."""
+        session = self._sessions.get(session_id)
+        return session.replay(request_fingerprint) if session else None
 
     def release(self, session_id: str) -> bool:
         session = self._sessions.pop(session_id, None)

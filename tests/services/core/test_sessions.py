@@ -5,7 +5,7 @@ from tiny_models import tiny_config
 
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.core.sessions import SessionStore
+from services.core.sessions import SessionStore, fingerprint
 
 
 @pytest.fixture
@@ -46,3 +46,49 @@ def test_limits_and_expiry_release_blocks(engine: Engine) -> None:
     assert store.expire_idle(now=store.get("a").last_used + 60) == 2
     assert len(store) == 0 and engine.pool.free_blocks == free
     assert store.release("a") is False
+
+
+def test_commit_adds_to_the_history(engine: Engine) -> None:
+    store = SessionStore(engine.new_sequence)
+    turn = store.begin("a", [1, 2], 2)
+    assert turn.created and turn.new == [1, 2] and turn.session.length == 0
+    turn.session.commit(turn.new)
+    assert store.length("a") == 2 and store.length("unknown") == 0
+    again = store.begin("a", [3], 3)
+    assert not again.created and again.session is turn.session
+
+
+def test_rollback_releases_a_session_the_call_created(engine: Engine) -> None:
+    free = engine.pool.free_blocks
+    store = SessionStore(engine.new_sequence)
+    turn = store.begin("a", [1] * 9, 9)
+    engine.prefill(turn.seq, [1] * 9)  # forwarded, never committed
+    store.rollback(turn)
+    assert "a" not in store and engine.pool.free_blocks == free
+
+
+def test_rollback_keeps_an_existing_session_as_it_was(engine: Engine) -> None:
+    store = SessionStore(engine.new_sequence)
+    first = store.begin("a", [1, 2, 3], 3)
+    engine.prefill(first.seq, [1, 2, 3])
+    first.session.commit(first.new)
+    turn = store.begin("a", [4] * 6, 9)
+    engine.prefill(turn.seq, [4] * 6)  # KV past the committed tokens
+    store.rollback(turn)
+    session = store.get("a")
+    assert session is first.session and session.tokens == [1, 2, 3] and session.seq.length == 3
+
+
+def test_replay_answers_only_the_identical_last_call(engine: Engine) -> None:
+    store = SessionStore(engine.new_sequence)
+    key, other = fingerprint(b"request"), fingerprint(b"other request")
+    assert key == fingerprint(b"request") and key != other and len(key) == 32  # sha256
+    assert store.replay("a", key) is None  # no such session
+    session = store.begin("a", [1], 1).session
+    assert store.replay("a", key) is None  # nothing remembered yet
+    reply = object()
+    session.remember(key, reply)
+    assert store.replay("a", key) is reply
+    assert store.replay("a", other) is None
+    session.remember(other, "newer")
+    assert store.replay("a", key) is None and store.replay("a", other) == "newer"
