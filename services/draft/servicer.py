@@ -1,16 +1,13 @@
-"""DraftService servicer: per-session draft KV, proposals as token trees."""
+"""DraftService servicer: per-session draft KV, proposals as token trees. Model info, the engine
+thread, sessions, replay and Release come from services.runtime.model_servicer."""
 
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Callable
-from typing import TypeVar
 
 from services.core.drafting import Drafter, add_prompt_lookup, prompt_lookup_tree
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.sampling import round_generator
-from services.core.sessions import Session, SessionStore
+from services.core.sessions import Session
 from services.core.strategies import DEFAULT_STRATEGY, Budget, Strategy
 from services.draft.convert import (
     RULES,
@@ -20,15 +17,19 @@ from services.draft.convert import (
     strategy_from_proto,
     tree_to_proto,
 )
+from services.runtime.model_servicer import ModelServicer
 from services.runtime.protocol import sampling_config
 from services.runtime.worker import Clock, EngineWorker
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
-T = TypeVar("T")
 NO_TOKENS = "session has no tokens yet: send the prompt as new_tokens"
 
 
-class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
+    # ModelInfo.dtype stays unset here, as it always was: with int8 projections the first
+    # parameter's dtype does not say what the draft computes in
+    reports_dtype = False
+
     def __init__(
         self,
         engine: Engine,
@@ -39,40 +40,31 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         license: str = "",
         worker: EngineWorker | None = None,
     ) -> None:
-        self.engine = engine
-        self.default_strategy = default_strategy
-        self.license = license
-        self.drafter = Drafter(engine)
-        self.sessions = SessionStore(
-            engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
+        super().__init__(
+            engine,
+            max_sessions=max_sessions,
+            session_ttl_seconds=session_ttl_seconds,
+            license=license,
+            worker=worker,
         )
-        # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
-        self._worker = worker or EngineWorker(engine.name)
-
-    async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        return await self._worker.run(clock, fn, *args)
-
-    def _check_model(self, name: str) -> None:
-        if name and name != self.engine.name:
-            raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
+        self.default_strategy = default_strategy
+        self.drafter = Drafter(engine)
 
     def _commit(self, ref: common_pb2.SessionRef, *, model: bool, budget: Budget | None = None) -> Session:
         """Append new tokens to the session's history; their KV is computed lazily (a model-free
         strategy never needs it). Every check that could refuse the call comes first, so a refused
         call neither opens a session nor commits tokens. model: the call runs the draft model (it
         needs at least one token); budget: the tree about to be drafted must fit in the context."""
-        new = list(ref.new_tokens)
-        self.engine.check_tokens(new, "session.new_tokens")
-        existing = self.sessions.get(ref.session_id)
-        have = existing.length if existing else 0
-        self.engine.check_room(have, len(new), "session.new_tokens")
-        if model and ref.expected_length == have + len(new) == 0:
-            raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
-        if budget is not None:
-            check_tree_room(have + len(new), budget, self.engine.max_context)
-        session = self.sessions.open(ref.session_id, new, ref.expected_length)
-        session.tokens += new
-        return session
+
+        def check(length: int) -> None:
+            if model and ref.expected_length == length == 0:
+                raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
+            if budget is not None:
+                check_tree_room(length, budget, self.engine.max_context)
+
+        turn = self._open_session(ref, check=check)
+        turn.session.commit(turn.new)
+        return turn.session
 
     def _root_logits(self, session: Session):
         pending = session.tokens[session.seq.length :]
@@ -81,18 +73,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if session.last_logits is None:
             raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
         return session.last_logits
-
-    async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
-        cfg = self.engine.config
-        return common_pb2.ModelInfo(
-            name=self.engine.name,
-            family="llama",
-            vocab_size=cfg.vocab_size,
-            max_context=self.engine.max_context,
-            digest=self.engine.digest,
-            parameters=self.engine.parameter_count(),
-            license=self.license,
-        )
 
     async def Prefill(
         self, request: draft_pb2.DraftPrefillRequest, context
@@ -124,12 +104,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 f"must be in [0, {columns}] (the draft's vocabulary; 0 = all), got {request.vocab_limit}",
                 "vocab_limit",
             )
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        fingerprint = self._fingerprint(request)
 
         def run() -> draft_pb2.ProposeResponse:
-            existing = self.sessions.get(request.session.session_id)
-            if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
-                return existing.last_reply[1]
+            replay = self._replayed(request.session.session_id, fingerprint)
+            if replay is not None:
+                return replay
             model = strategy is not Strategy.PROMPT_LOOKUP
             session = self._commit(request.session, model=model, budget=budget)
             if strategy is Strategy.PROMPT_LOOKUP:
@@ -144,20 +124,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             reply = draft_pb2.ProposeResponse(
                 tree=tree_to_proto(tree), session_length=session.length, rule=RULES[tree.rule]
             )
-            session.last_reply = (fingerprint, reply)
+            session.remember(fingerprint, reply)
             return reply
 
-        reply = await self._on_engine(clock, run)
-        out = draft_pb2.ProposeResponse()
-        out.CopyFrom(reply)
-        out.timing.CopyFrom(clock.timing())
-        return out
-
-    async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
-        if not request.session_id:
-            raise InvalidArgument("session_id is empty", "session_id")
-        released = await self._on_engine(Clock(), self.sessions.release, request.session_id)
-        return common_pb2.ReleaseResponse(released=released)
-
-    def close(self) -> None:
-        self._worker.close()
+        return self._timed(await self._on_engine(clock, run), clock)

@@ -1,12 +1,10 @@
-"""TargetService servicer: protobuf -> engine calls -> protobuf. All model work runs on one
-engine thread so the event loop (health checks, other RPCs) stays responsive."""
+"""TargetService servicer: protobuf -> engine calls -> protobuf. Model info, the engine thread,
+sessions, replay and Release come from services.runtime.model_servicer."""
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -16,20 +14,20 @@ from services.core.generation import generate
 from services.core.params import GenerationParams
 from services.core.sampling import next_token, round_generator
 from services.core.scoring import token_scores
-from services.core.sessions import Session, SessionStore
+from services.core.sessions import Turn
 from services.core.spec import Rule
 from services.core.tokenizer import Tokenizer
 from services.core.verification import check_draft_tree, verify_round
+from services.runtime.model_servicer import ModelServicer
 from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
 from services.runtime.worker import Clock, EngineWorker
 from services.target.convert import draft_distributions, verify_params
 from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
 
-T = TypeVar("T")
 MAX_TOP_LOGPROBS = 20
 
 
-class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
     def __init__(
         self,
         engine: Engine,
@@ -41,69 +39,25 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         worker: EngineWorker | None = None,
         max_tree_nodes: int = 256,
     ) -> None:
-        self.engine = engine
+        super().__init__(
+            engine,
+            max_sessions=max_sessions,
+            session_ttl_seconds=session_ttl_seconds,
+            license=license,
+            worker=worker,
+        )
         self.max_tree_nodes = max_tree_nodes
         self.tokenizer = tokenizer
-        self.license = license
-        self.sessions = SessionStore(
-            engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
-        )
-        # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
-        self._worker = worker or EngineWorker(engine.name)
-
-    async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        return await self._worker.run(clock, fn, *args)
-
-    def _check_model(self, name: str) -> None:
-        if name and name != self.engine.name:
-            raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
-
-    def _open_session(
-        self, ref: common_pb2.SessionRef, then: int = 0, then_field: str = ""
-    ) -> tuple[Session, list[int]]:
-        """Find or create the session after every check that could refuse the call, so a refused
-        call never leaves a new session behind. `then`: positions the call needs after the new
-        tokens (a tree and its bonus position), checked against the context as `then_field`."""
-        new = list(ref.new_tokens)
-        self.engine.check_tokens(new, "session.new_tokens")
-        existing = self.sessions.get(ref.session_id)
-        have = existing.length if existing else 0
-        self.engine.check_room(have, len(new), "session.new_tokens")
-        if then:
-            self.engine.check_room(have + len(new), then, then_field)
-        return self.sessions.open(ref.session_id, new, ref.expected_length), new
-
-    def _append(self, session: Session, new: list[int]) -> torch.Tensor:
-        """Forward new tokens into a session, returning the next-token logits [V]."""
-        logits = self.engine.prefill(session.seq, new)
-        session.tokens += new
-        return logits
-
-    def _model_info(self) -> common_pb2.ModelInfo:
-        cfg = self.engine.config
-        return common_pb2.ModelInfo(
-            name=self.engine.name,
-            family="llama",
-            vocab_size=cfg.vocab_size,
-            max_context=self.engine.max_context,
-            digest=self.engine.digest,
-            dtype=str(next(self.engine.model.parameters()).dtype).removeprefix("torch."),
-            parameters=self.engine.parameter_count(),
-            license=self.license,
-        )
-
-    async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
-        return self._model_info()
 
     async def Prefill(self, request: target_pb2.PrefillRequest, context) -> target_pb2.PrefillResponse:
         clock = Clock()
         self._check_model(request.model)
 
         def run() -> int:
-            session, new = self._open_session(request.session)
-            if new:
-                self._append(session, new)
-            return session.length
+            turn = self._open_session(request.session)
+            if turn.new:
+                self._append(turn)
+            return turn.session.length
 
         length = await self._on_engine(clock, run)
         return target_pb2.PrefillResponse(session_length=length, timing=clock.timing())
@@ -115,7 +69,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         cfg, rule = verify_params(request, vocab)
         tokens, parents = list(request.tree.tokens), list(request.tree.parents)
         lookup = frozenset(request.tree.lookup_nodes)
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        fingerprint = self._fingerprint(request)
 
         def run() -> target_pb2.VerifyResponse:
             # tensor work stays on the engine thread (see services.runtime.worker)
@@ -130,35 +84,32 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 lookup,
                 list(request.tree.draft_logprobs),
             )
-            existing = self.sessions.get(request.session.session_id)
-            if existing and existing.last_reply and existing.last_reply[0] == fingerprint:
-                return existing.last_reply[1]  # an identical retry: same tokens, nothing re-run
-            session, new = self._open_session(request.session, len(tokens) + 1, "tree.tokens")
+            replay = self._replayed(request.session.session_id, fingerprint)
+            if replay is not None:
+                return replay  # an identical retry: same tokens, nothing re-run
+            turn = self._open_session(request.session, len(tokens) + 1, "tree.tokens")
             gen = round_generator(request.random.seed, request.random.counter, domain="verify")
             result = verify_round(
-                self.engine, session.seq, new, tokens, parents, dists, cfg, rule, gen, lookup
+                self.engine, turn.seq, turn.new, tokens, parents, dists, cfg, rule, gen, lookup
             )
             path = result.acceptance.path
-            session.tokens += new + [tokens[i] for i in path]
+            accepted = [tokens[i] for i in path]
+            turn.session.commit(turn.new + accepted)
             reply = target_pb2.VerifyResponse(
                 accepted_nodes=path,
-                accepted_tokens=[tokens[i] for i in path],
+                accepted_tokens=accepted,
                 next_token=result.acceptance.next_token,
-                session_length=session.length,
+                session_length=turn.session.length,
             )
             if request.return_hidden_states:
                 h = result.hidden.to(torch.float16).contiguous()
                 reply.hidden_states.CopyFrom(
                     common_pb2.Tensor(dtype="float16", shape=list(h.shape), data=h.numpy().tobytes())
                 )
-            session.last_reply = (fingerprint, reply)
+            turn.session.remember(fingerprint, reply)
             return reply
 
-        reply = await self._on_engine(clock, run)
-        out = target_pb2.VerifyResponse()
-        out.CopyFrom(reply)
-        out.timing.CopyFrom(clock.timing())
-        return out
+        return self._timed(await self._on_engine(clock, run), clock)
 
     async def Extend(self, request: target_pb2.ExtendRequest, context) -> target_pb2.ExtendResponse:
         clock = Clock()
@@ -169,10 +120,10 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             raise InvalidArgument("Extend needs at least one new token", "session.new_tokens")
 
         def run() -> tuple[int, float, int]:
-            session, new = self._open_session(request.session)
-            logits = self._append(session, new)
+            turn = self._open_session(request.session)
+            logits = self._append(turn)
             token = next_token(logits, cfg, round_generator(request.random.seed, request.random.counter))
-            return token, float(logits.float().log_softmax(-1)[token]), session.length
+            return token, float(logits.float().log_softmax(-1)[token]), turn.session.length
 
         token, logprob, length = await self._on_engine(clock, run)
         return target_pb2.ExtendResponse(
@@ -233,16 +184,13 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             vocab_size=self.engine.config.vocab_size, prompt_len=len(ids), max_context=self.engine.max_context
         )
 
-        session: Session | None = None
-        created = False  # a session this call opened, released again if the call does not finish
+        turn: Turn | None = None  # rolled back if the call does not finish
         if request.session_id:
-            existing = self.sessions.get(request.session_id)
-            have = existing.length if existing else 0
+            have = self.sessions.length(request.session_id)
             # every check before opening, so a refused call leaves no session behind
             params = _room_checked(params, have + len(ids), self.engine.max_context)
-            session = self.sessions.open(request.session_id, ids, have + len(ids))
-            created = existing is None
-            seq = session.seq
+            turn = self.sessions.begin(request.session_id, ids, have + len(ids))
+            seq = turn.seq
         else:
             seq = self.engine.new_sequence()
         steps = generate(self.engine, self.tokenizer, seq, ids, params)
@@ -257,9 +205,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 if step.finish is None:
                     yield target_pb2.GenerateResponse(token_ids=step.token_ids, text=step.text)
                     continue
-                if session is not None:  # commit the whole exchange, last token's KV included
+                if turn is not None:  # commit the whole exchange, last token's KV included
                     await self._on_engine(clock, self.engine.extend, seq, produced[-1:])
-                    session.tokens += ids + produced
+                    turn.session.commit(ids + produced)
                 finished = True
                 usage = common_pb2.Usage(
                     prompt_tokens=len(ids), output_tokens=len(produced), seed=params.seed
@@ -272,21 +220,10 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                     timing=clock.timing(),
                 )
         finally:
-            if session is None:
+            if turn is None:
                 await self._on_engine(clock, seq.release)
-            elif not finished and created:  # cancelled or failed: as if the call never came
-                await self._on_engine(clock, self.sessions.release, request.session_id)
-            elif not finished:  # cancelled or failed: keep the session as it was before this call
-                await self._on_engine(clock, seq.truncate, session.length)
-
-    async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
-        if not request.session_id:
-            raise InvalidArgument("session_id is empty", "session_id")
-        released = await self._on_engine(Clock(), self.sessions.release, request.session_id)
-        return common_pb2.ReleaseResponse(released=released)
-
-    def close(self) -> None:
-        self._worker.close()
+            elif not finished:  # cancelled or failed: as if the call never came
+                await self._on_engine(clock, self.sessions.rollback, turn)
 
 
 def _room_checked(params: GenerationParams, length: int, max_context: int) -> GenerationParams:

@@ -1,0 +1,143 @@
+"""The base every model servicer shares: model info, the model-id check, the engine thread,
+session open/commit, idempotent replay and Release.
+
+A service's servicer subclasses :class:`ModelServicer` (with its generated ``*Servicer``
+class) and only converts protobuf to domain calls and back, as TGI's ``server.py`` does.
+Session state itself (commit, rollback, the replay cache) lives in ``services.core.sessions``.
+
+Not imported by ``services.runtime`` itself: the gateway imports that package and never
+loads an engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from google.protobuf.message import Message
+
+from services.core.errors import InvalidArgument
+from services.core.sessions import SessionStore, Turn, fingerprint
+from services.runtime.worker import Clock, EngineWorker
+from specmesh.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from services.core.engine import Engine
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+class ModelServicer:
+    """One engine, its thread and its sessions behind a gRPC service.
+
+    All model work runs on one engine thread (:class:`EngineWorker`), so the event loop
+    (health checks, other RPCs) stays responsive and the KV cache needs no locks.
+    """
+
+    family = "llama"
+    # ModelInfo.dtype is the dtype of the first parameter; a servicer whose engine computes in
+    # another precision than its weights say (the int8 draft) leaves it unset.
+    reports_dtype = True
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_sessions: int = 256,
+        session_ttl_seconds: float = 600.0,
+        license: str = "",
+        worker: EngineWorker | None = None,
+    ) -> None:
+        self.engine = engine
+        self.license = license
+        self.sessions = SessionStore(
+            engine.new_sequence, max_sessions=max_sessions, ttl_seconds=session_ttl_seconds
+        )
+        # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
+        self._worker = worker or EngineWorker(engine.name)
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
+        return await self._worker.run(clock, fn, *args)
+
+    def close(self) -> None:
+        self._worker.close()
+
+    # --- model info and the model-id check ---------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name and name != self.engine.name:
+            raise InvalidArgument(f"unknown model {name!r}; this server serves {self.engine.name!r}", "model")
+
+    def _model_info(self) -> common_pb2.ModelInfo:
+        engine = self.engine
+        info = common_pb2.ModelInfo(
+            name=engine.name,
+            family=self.family,
+            vocab_size=engine.config.vocab_size,
+            max_context=engine.max_context,
+            digest=engine.digest,
+            parameters=engine.parameter_count(),
+            license=self.license,
+        )
+        if self.reports_dtype:
+            info.dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+        return info
+
+    async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
+        return self._model_info()
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def _open_session(
+        self,
+        ref: common_pb2.SessionRef,
+        then: int = 0,
+        then_field: str = "",
+        check: Callable[[int], None] | None = None,
+    ) -> Turn:
+        """Find or create the session after every check that could refuse the call, so a refused
+        call never leaves a new session behind. `then`: positions the call needs after the new
+        tokens (a tree and its bonus position), checked against the context as `then_field`;
+        `check`: the service's own checks, given the session's length with the new tokens."""
+        new = list(ref.new_tokens)
+        self.engine.check_tokens(new, "session.new_tokens")
+        have = self.sessions.length(ref.session_id)
+        self.engine.check_room(have, len(new), "session.new_tokens")
+        if then:
+            self.engine.check_room(have + len(new), then, then_field)
+        if check is not None:
+            check(have + len(new))
+        return self.sessions.begin(ref.session_id, new, ref.expected_length)
+
+    def _append(self, turn: Turn) -> Any:
+        """Forward the turn's new tokens and commit them, returning the next-token logits [V]."""
+        logits = self.engine.prefill(turn.seq, turn.new)
+        turn.session.commit(turn.new)
+        return logits
+
+    async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id is empty", "session_id")
+        released = await self._on_engine(Clock(), self.sessions.release, request.session_id)
+        return common_pb2.ReleaseResponse(released=released)
+
+    # --- idempotent replay --------------------------------------------------------------------
+
+    @staticmethod
+    def _fingerprint(request: Message) -> bytes:
+        return fingerprint(request.SerializeToString(deterministic=True))
+
+    def _replayed(self, session_id: str, request_fingerprint: bytes) -> Any | None:
+        """The reply to an identical retry of the session's last state-changing call, else None."""
+        return self.sessions.replay(session_id, request_fingerprint)
+
+    @staticmethod
+    def _timed(reply: M, clock: Clock) -> M:
+        """A copy of a (possibly remembered) reply carrying this call's timing."""
+        out = type(reply)()
+        out.CopyFrom(reply)
+        out.timing.CopyFrom(clock.timing())
+        return out
