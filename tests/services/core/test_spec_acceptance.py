@@ -233,17 +233,15 @@ MULTI = [
     (Rule.SPECTR_KSEQ, 2, 2, 2),
 ]
 
+CFGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.8)]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "rule,branching,depth,lookup_tokens",
-    MULTI,
-    ids=[m[0].value + ("+lookup" if m[3] else "") for m in MULTI],
-)
-@pytest.mark.parametrize(
-    "cfg",
-    [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.8)],
-    ids=["T1", "top_p0.8"],
+    "rule,branching,depth,lookup_tokens,cfg",
+    # each row at one setting, alternating, to keep the slow suite inside CI's time
+    [(*m, CFGS[i % 2]) for i, m in enumerate(MULTI)],
+    ids=[m[0].value + ("+lookup" if m[3] else "") + ("-T1", "-top_p0.8")[i % 2] for i, m in enumerate(MULTI)],
 )
 def test_multi_token_outputs_follow_target_chi_square(rule, branching, depth, lookup_tokens, cfg) -> None:
     target, draft = Bigram(1), Bigram(2, sharp=1.0)

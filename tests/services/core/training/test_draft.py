@@ -175,14 +175,14 @@ def test_untrained_slice_of_tiny_model(tiny_target: Path, tmp_model_root: Path) 
     assert ms.resolve_model("tiny-draft") == out
 
 
-def train_tiny(**data) -> Path:
+def train_tiny(recipe: D.DraftRecipe | None = None, **data) -> Path:
     """A 5-step CPU training run of a 1-layer draft of the `tiny` target; `data` picks the sources."""
     return D.train_draft(
         "tiny",
         "tiny-draft",
         minutes=0.5,
         device="cpu",
-        recipe=tiny_recipe(),
+        recipe=recipe or tiny_recipe(),
         progress=False,
         measure_cost=False,
         log=lambda s: None,
