@@ -6,6 +6,7 @@ The gateway imports this module, so it must never import torch (directly or thro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from collections.abc import Iterable, Sequence
@@ -46,6 +47,57 @@ def _token_str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
+# Key of the effective tokenizer config that carries generation_config.json's eos ids (not a
+# tokenizer_config.json key in HF's layout; read_tokenizer_sources folds them in).
+GENERATION_EOS_KEY = "generation_eos_token_id"
+
+
+def read_tokenizer_sources(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """A model directory's tokenizer.json text and its effective tokenizer config:
+    tokenizer_config.json with ``chat_template.jinja`` (newer HF layout) folded into
+    ``chat_template`` and generation_config.json's ``eos_token_id`` under `GENERATION_EOS_KEY`."""
+    d = Path(model_dir)
+    tj = d / "tokenizer.json"
+    if not tj.is_file():
+        raise NotFound(f"{d} has no tokenizer.json", field="model_dir")
+    cfg_path = d / "tokenizer_config.json"
+    cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if (d / "chat_template.jinja").is_file():
+        cfg["chat_template"] = (d / "chat_template.jinja").read_text()
+    gen_path = d / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg[GENERATION_EOS_KEY] = eos
+    return tj.read_text(encoding="utf-8"), cfg
+
+
+def encode_sources(tokenizer: Tokenizer) -> tuple[bytes, bytes, str]:
+    """(tokenizer.json bytes, effective config JSON bytes, their sha256) for the wire."""
+    text, cfg = tokenizer.sources()
+    tj, cj = text.encode("utf-8"), json.dumps(cfg, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return tj, cj, sources_sha256(tj, cj)
+
+
+def sources_sha256(tokenizer_json: bytes, tokenizer_config_json: bytes) -> str:
+    """Hex sha256 of tokenizer_json, a NUL byte (JSON text never holds one raw), then the config."""
+    return hashlib.sha256(tokenizer_json + b"\0" + tokenizer_config_json).hexdigest()
+
+
+def decode_sources(tokenizer_json: bytes, tokenizer_config_json: bytes, sha256: str) -> Tokenizer:
+    """Rebuild a tokenizer from `encode_sources`' output, refusing one whose digest differs."""
+    got = sources_sha256(tokenizer_json, tokenizer_config_json)
+    if got != sha256:
+        raise InvalidArgument(f"tokenizer sha256 mismatch: got {got}, expected {sha256}", field="sha256")
+    try:
+        cfg = json.loads(tokenizer_config_json.decode("utf-8")) if tokenizer_config_json else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidArgument(f"tokenizer config is not JSON: {e}", field="tokenizer_config_json") from e
+    if not isinstance(cfg, dict):
+        raise InvalidArgument("tokenizer config is not a JSON object", field="tokenizer_config_json")
+    return Tokenizer.from_json(tokenizer_json.decode("utf-8", errors="replace"), cfg)
+
+
 class Tokenizer:
     """A HF `tokenizer.json` plus the bits of `tokenizer_config.json` that generation needs."""
 
@@ -70,30 +122,31 @@ class Tokenizer:
         ids += list(extra_eos_token_ids)
         # Order-preserving de-dup; the primary eos (tokenizer_config) comes first.
         self._eos_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
+        self._sources: tuple[str, dict[str, Any]] | None = None  # set by from_json
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         """Load tokenizer.json + tokenizer_config.json (+ generation_config.json eos ids if present)."""
-        d = Path(model_dir)
-        tj = d / "tokenizer.json"
-        if not tj.is_file():
-            raise NotFound(f"{d} has no tokenizer.json", field="model_dir")
-        cfg_path = d / "tokenizer_config.json"
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        return cls.from_json(*read_tokenizer_sources(model_dir))
+
+    @classmethod
+    def from_json(cls, tokenizer_json: str, tokenizer_config: dict[str, Any]) -> Tokenizer:
+        """Build from a ``tokenizer.json`` text and the effective tokenizer config (see
+        :func:`read_tokenizer_sources`): what `from_dir` reads, or what a target serves."""
+        cfg = tokenizer_config
         template = cfg.get("chat_template")
         if isinstance(template, list):  # HF's named-template form
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
-        if (d / "chat_template.jinja").is_file():  # newer HF layout keeps it in its own file
-            template = (d / "chat_template.jinja").read_text()
-        extra_eos: list[int] = []
-        gen_path = d / "generation_config.json"
-        if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id")
-            extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = cfg.get(GENERATION_EOS_KEY)
+        extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
         max_len = cfg.get("model_max_length")
-        return cls(
-            _HFTokenizer.from_file(str(tj)),
+        try:
+            backend = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise InvalidArgument(f"tokenizer.json does not parse: {e}", field="tokenizer_json") from e
+        tok = cls(
+            backend,
             chat_template=template,
             bos_token=_token_str(cfg.get("bos_token")),
             eos_token=_token_str(cfg.get("eos_token")),
@@ -103,6 +156,23 @@ class Tokenizer:
             # HF writes a huge sentinel when unknown; treat that as "no limit".
             model_max_length=int(max_len) if isinstance(max_len, int | float) and max_len < 1e12 else None,
         )
+        tok._sources = (tokenizer_json, dict(cfg))
+        return tok
+
+    def sources(self) -> tuple[str, dict[str, Any]]:
+        """(tokenizer.json text, effective config) that `from_json` rebuilds this tokenizer from."""
+        if self._sources is not None:
+            return self._sources
+        cfg: dict[str, Any] = {
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "model_max_length": self.model_max_length,
+            GENERATION_EOS_KEY: list(self._eos_ids),
+        }
+        return self._tok.to_str(), {k: v for k, v in cfg.items() if v is not None}
 
     # --- vocabulary -------------------------------------------------------------------------
 

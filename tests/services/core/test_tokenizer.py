@@ -192,3 +192,41 @@ def test_real_incremental_emoji(real_tok: Tokenizer) -> None:
     deltas = _stream(real_tok, ids)
     assert "".join(deltas) == real_tok.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_from_json_matches_from_dir_on_the_real_model(smollm2_dir) -> None:
+    """The wire form a target serves (encode_sources -> decode_sources) rebuilds the same tokenizer."""
+    from services.core.tokenizer import decode_sources, encode_sources, read_tokenizer_sources
+
+    a = Tokenizer.from_dir(smollm2_dir)
+    b = Tokenizer.from_json(*read_tokenizer_sources(smollm2_dir))
+    c = decode_sources(*encode_sources(a))
+    texts = [
+        "Hello, world!",
+        "naïve café — 日本語 🙂",
+        "  spaces\n\ttabs  ",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    for t in (b, c):
+        assert t.vocab_size == a.vocab_size
+        assert t.eos_token_ids == a.eos_token_ids and t.bos_token_id == a.bos_token_id
+        assert t.model_max_length == a.model_max_length and t.chat_template == a.chat_template
+        for text in texts:
+            ids = a.encode(text)
+            assert t.encode(text) == ids and t.decode(ids) == a.decode(ids)
+        assert t.apply_chat_template(messages) == a.apply_chat_template(messages)
+        assert t.encode_chat(messages) == a.encode_chat(messages)
+    assert a.chat_template and a.eos_token_ids
+
+
+def test_decode_sources_refuses_a_wrong_digest(smollm2_dir) -> None:
+    from services.core.errors import InvalidArgument
+    from services.core.tokenizer import decode_sources, encode_sources
+
+    tj, cj, digest = encode_sources(Tokenizer.from_dir(smollm2_dir))
+    with pytest.raises(InvalidArgument, match="sha256"):
+        decode_sources(tj, cj + b" ", digest)
