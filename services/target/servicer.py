@@ -16,7 +16,7 @@ from services.core.sampling import next_token, round_generator
 from services.core.scoring import token_scores
 from services.core.sessions import Turn
 from services.core.spec import Rule
-from services.core.tokenizer import Tokenizer
+from services.core.tokenizer import Tokenizer, encode_sources
 from services.core.verification import check_draft_tree, verify_round
 from services.runtime.model_servicer import ModelServicer
 from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
@@ -48,6 +48,15 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         )
         self.max_tree_nodes = max_tree_nodes
         self.tokenizer = tokenizer
+        self._tokenizer_reply: target_pb2.GetTokenizerResponse | None = None
+
+    async def GetTokenizer(self, request, context) -> target_pb2.GetTokenizerResponse:
+        if self._tokenizer_reply is None:  # built once: a ~2 MB JSON and its digest
+            tj, cj, digest = encode_sources(self.tokenizer)
+            self._tokenizer_reply = target_pb2.GetTokenizerResponse(
+                tokenizer_json=tj, tokenizer_config_json=cj, sha256=digest
+            )
+        return self._tokenizer_reply
 
     async def Prefill(self, request: target_pb2.PrefillRequest, context) -> target_pb2.PrefillResponse:
         clock = Clock()

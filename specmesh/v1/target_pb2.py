@@ -25,35 +25,39 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/target.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"I\n\x0ePrefillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\"e\n\x0fPrefillResponse\x12\x16\n\x0esession_length\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x91\x02\n\rVerifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12$\n\x04tree\x18\x03 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x04rule\x18\x05 \x01(\x0e\x32\x1b.specmesh.v1.AcceptanceRule\x12)\n\x06random\x18\x06 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\x12\x1c\n\x14return_hidden_states\x18\x07 \x01(\x08\"\xbe\x01\n\x0eVerifyResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x01 \x03(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x03(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x16\n\x0esession_length\x18\x04 \x01(\x05\x12*\n\rhidden_states\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Tensor\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\xa2\x01\n\rExtendRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x06random\x18\x04 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\"w\n\x0e\x45xtendResponse\x12\x12\n\nnext_token\x18\x01 \x01(\x05\x12\x14\n\x0cnext_logprob\x18\x02 \x01(\x02\x12\x16\n\x0esession_length\x18\x03 \x01(\x05\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\"f\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\x05\"u\n\nTokenScore\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x02\x12\x0f\n\x07top_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"\x87\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.specmesh.v1.TokenScore\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x88\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xad\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Timing2\xf6\x03\n\rTargetService\x12H\n\x0cGetModelInfo\x12 .specmesh.v1.GetModelInfoRequest\x1a\x16.specmesh.v1.ModelInfo\x12\x44\n\x07Prefill\x12\x1b.specmesh.v1.PrefillRequest\x1a\x1c.specmesh.v1.PrefillResponse\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12\x41\n\x06\x45xtend\x12\x1a.specmesh.v1.ExtendRequest\x1a\x1b.specmesh.v1.ExtendResponse\x12>\n\x05Score\x12\x19.specmesh.v1.ScoreRequest\x1a\x1a.specmesh.v1.ScoreResponse\x12I\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse0\x01\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specmesh/v1/target.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\x15\n\x13GetTokenizerRequest\"]\n\x14GetTokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\x0c\x12\x1d\n\x15tokenizer_config_json\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"I\n\x0ePrefillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\"e\n\x0fPrefillResponse\x12\x16\n\x0esession_length\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x91\x02\n\rVerifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12$\n\x04tree\x18\x03 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x04rule\x18\x05 \x01(\x0e\x32\x1b.specmesh.v1.AcceptanceRule\x12)\n\x06random\x18\x06 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\x12\x1c\n\x14return_hidden_states\x18\x07 \x01(\x08\"\xbe\x01\n\x0eVerifyResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x01 \x03(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x03(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x16\n\x0esession_length\x18\x04 \x01(\x05\x12*\n\rhidden_states\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Tensor\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\xa2\x01\n\rExtendRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x06random\x18\x04 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\"w\n\x0e\x45xtendResponse\x12\x12\n\nnext_token\x18\x01 \x01(\x05\x12\x14\n\x0cnext_logprob\x18\x02 \x01(\x02\x12\x16\n\x0esession_length\x18\x03 \x01(\x05\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\"f\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\x05\"u\n\nTokenScore\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x02\x12\x0f\n\x07top_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"\x87\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.specmesh.v1.TokenScore\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x88\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xad\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Timing2\xcb\x04\n\rTargetService\x12H\n\x0cGetModelInfo\x12 .specmesh.v1.GetModelInfoRequest\x1a\x16.specmesh.v1.ModelInfo\x12S\n\x0cGetTokenizer\x12 .specmesh.v1.GetTokenizerRequest\x1a!.specmesh.v1.GetTokenizerResponse\x12\x44\n\x07Prefill\x12\x1b.specmesh.v1.PrefillRequest\x1a\x1c.specmesh.v1.PrefillResponse\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12\x41\n\x06\x45xtend\x12\x1a.specmesh.v1.ExtendRequest\x1a\x1b.specmesh.v1.ExtendResponse\x12>\n\x05Score\x12\x19.specmesh.v1.ScoreRequest\x1a\x1a.specmesh.v1.ScoreResponse\x12I\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse0\x01\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.target_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLREQUEST']._serialized_start=67
-  _globals['_PREFILLREQUEST']._serialized_end=140
-  _globals['_PREFILLRESPONSE']._serialized_start=142
-  _globals['_PREFILLRESPONSE']._serialized_end=243
-  _globals['_VERIFYREQUEST']._serialized_start=246
-  _globals['_VERIFYREQUEST']._serialized_end=519
-  _globals['_VERIFYRESPONSE']._serialized_start=522
-  _globals['_VERIFYRESPONSE']._serialized_end=712
-  _globals['_EXTENDREQUEST']._serialized_start=715
-  _globals['_EXTENDREQUEST']._serialized_end=877
-  _globals['_EXTENDRESPONSE']._serialized_start=879
-  _globals['_EXTENDRESPONSE']._serialized_end=998
-  _globals['_SCOREREQUEST']._serialized_start=1000
-  _globals['_SCOREREQUEST']._serialized_end=1102
-  _globals['_TOKENSCORE']._serialized_start=1104
-  _globals['_TOKENSCORE']._serialized_end=1221
-  _globals['_SCORERESPONSE']._serialized_start=1224
-  _globals['_SCORERESPONSE']._serialized_end=1359
-  _globals['_GENERATEREQUEST']._serialized_start=1362
-  _globals['_GENERATEREQUEST']._serialized_end=1498
-  _globals['_GENERATERESPONSE']._serialized_start=1501
-  _globals['_GENERATERESPONSE']._serialized_end=1674
-  _globals['_TARGETSERVICE']._serialized_start=1677
-  _globals['_TARGETSERVICE']._serialized_end=2179
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=67
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=88
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=90
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=183
+  _globals['_PREFILLREQUEST']._serialized_start=185
+  _globals['_PREFILLREQUEST']._serialized_end=258
+  _globals['_PREFILLRESPONSE']._serialized_start=260
+  _globals['_PREFILLRESPONSE']._serialized_end=361
+  _globals['_VERIFYREQUEST']._serialized_start=364
+  _globals['_VERIFYREQUEST']._serialized_end=637
+  _globals['_VERIFYRESPONSE']._serialized_start=640
+  _globals['_VERIFYRESPONSE']._serialized_end=830
+  _globals['_EXTENDREQUEST']._serialized_start=833
+  _globals['_EXTENDREQUEST']._serialized_end=995
+  _globals['_EXTENDRESPONSE']._serialized_start=997
+  _globals['_EXTENDRESPONSE']._serialized_end=1116
+  _globals['_SCOREREQUEST']._serialized_start=1118
+  _globals['_SCOREREQUEST']._serialized_end=1220
+  _globals['_TOKENSCORE']._serialized_start=1222
+  _globals['_TOKENSCORE']._serialized_end=1339
+  _globals['_SCORERESPONSE']._serialized_start=1342
+  _globals['_SCORERESPONSE']._serialized_end=1477
+  _globals['_GENERATEREQUEST']._serialized_start=1480
+  _globals['_GENERATEREQUEST']._serialized_end=1616
+  _globals['_GENERATERESPONSE']._serialized_start=1619
+  _globals['_GENERATERESPONSE']._serialized_end=1792
+  _globals['_TARGETSERVICE']._serialized_start=1795
+  _globals['_TARGETSERVICE']._serialized_end=2382
 # @@protoc_insertion_point(module_scope)

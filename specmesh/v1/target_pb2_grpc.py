@@ -40,6 +40,11 @@ class TargetServiceStub:
                 request_serializer=specmesh_dot_v1_dot_common__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=specmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetTokenizer = channel.unary_unary(
+                '/specmesh.v1.TargetService/GetTokenizer',
+                request_serializer=specmesh_dot_v1_dot_target__pb2.GetTokenizerRequest.SerializeToString,
+                response_deserializer=specmesh_dot_v1_dot_target__pb2.GetTokenizerResponse.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/specmesh.v1.TargetService/Prefill',
                 request_serializer=specmesh_dot_v1_dot_target__pb2.PrefillRequest.SerializeToString,
@@ -77,6 +82,13 @@ class TargetServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTokenizer(self, request, context):
+        """The served model's tokenizer and chat template, so a gateway needs no model directory.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -129,6 +141,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=specmesh_dot_v1_dot_common__pb2.GetModelInfoRequest.FromString,
                     response_serializer=specmesh_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizer,
+                    request_deserializer=specmesh_dot_v1_dot_target__pb2.GetTokenizerRequest.FromString,
+                    response_serializer=specmesh_dot_v1_dot_target__pb2.GetTokenizerResponse.SerializeToString,
             ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
@@ -188,6 +205,33 @@ class TargetService:
             '/specmesh.v1.TargetService/GetModelInfo',
             specmesh_dot_v1_dot_common__pb2.GetModelInfoRequest.SerializeToString,
             specmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specmesh.v1.TargetService/GetTokenizer',
+            specmesh_dot_v1_dot_target__pb2.GetTokenizerRequest.SerializeToString,
+            specmesh_dot_v1_dot_target__pb2.GetTokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

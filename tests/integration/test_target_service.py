@@ -61,6 +61,22 @@ def test_model_info(target) -> None:
     assert len(info.digest) == 64 and info.parameters > 100_000_000
 
 
+def test_get_tokenizer_serves_the_model_tokenizer(target, smollm2_dir) -> None:
+    from services.core.tokenizer import Tokenizer, decode_sources
+
+    _, stub, _ = target
+    reply = stub.GetTokenizer(target_pb2.GetTokenizerRequest())
+    assert reply.tokenizer_json == (smollm2_dir / "tokenizer.json").read_bytes()  # the file as it is
+    tok, ref = (
+        decode_sources(reply.tokenizer_json, reply.tokenizer_config_json, reply.sha256),
+        Tokenizer.from_dir(smollm2_dir),
+    )
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok.encode_chat(messages) == ref.encode_chat(messages)
+    assert tok.eos_token_ids == ref.eos_token_ids
+    assert stub.GetTokenizer(target_pb2.GetTokenizerRequest()) == reply
+
+
 def test_greedy_chat_answers_paris(target) -> None:
     _, stub, _ = target
     ids, text, last = generate(stub, chat("What is the capital of France?"), max_new_tokens=48)
