@@ -2,7 +2,8 @@
 
 This is the gateway's entry module and stays free of torch (its container image is small):
 it imports the runtime, the generated stubs and, from services.core, only the tokenizer,
-text streaming, params, errors and model-store lookup modules.
+text streaming, params and errors modules. It needs no model directory: the tokenizer comes
+from the target (TargetService.GetTokenizer).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ DEFAULT_PORT = 50050
 class GatewayOptions:
     target: str  # host:port of the target service
     draft: str | None = None  # host:port of the draft service (None: target policy only)
-    tokenizer_dir: str | Path | None = None  # default: the target model's directory in the store
+    tokenizer_dir: str | Path | None = None  # default: fetched from the target (GetTokenizer)
     config: GatewayConfig = GatewayConfig()
 
 

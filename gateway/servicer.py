@@ -11,10 +11,16 @@ from pathlib import Path
 import grpc
 from opentelemetry import trace
 
-from services.core.errors import FailedPrecondition, SpecmeshError
-from services.core.model_store import resolve_model
-from services.core.tokenizer import Tokenizer
-from specmesh.v1 import common_pb2, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc, target_pb2_grpc
+from services.core.errors import FailedPrecondition, SpecmeshError, Unavailable
+from services.core.tokenizer import Tokenizer, decode_sources
+from specmesh.v1 import (
+    common_pb2,
+    draft_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
 
 from . import metrics as m
 from .budget import strategy_name
@@ -26,14 +32,15 @@ log = logging.getLogger("specmesh.gateway")
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 RELEASE_TIMEOUT_S = 10.0
+TOKENIZER_TIMEOUT_S = 30.0
 _NEEDS_DRAFT = (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_SPECULATIVE)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """`Gateway` service over a target stub and (optionally) a draft stub.
 
-    The tokenizer is `tokenizer`, else loaded from `tokenizer_dir`, else from the model
-    directory of the target's model name (``resolve_model(GetModelInfo().name)``) on first use.
+    The tokenizer is `tokenizer`, else loaded from `tokenizer_dir`, else fetched from the target
+    (``TargetService.GetTokenizer``, sha256 checked) on first use, so no model directory is needed.
     """
 
     def __init__(
@@ -72,19 +79,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self._tokenizer is None:
             async with self._load_lock:
                 if self._tokenizer is None:
-                    source = self._tokenizer_dir
-                    if source is None:
-                        name = (await self.model_info("target")).name
-                        try:
-                            source = resolve_model(name)
-                        except SpecmeshError as exc:
-                            raise FailedPrecondition(
-                                f"the gateway cannot find the tokenizer of the target model {name!r} "
-                                f"({exc.message}); start it with --tokenizer DIR",
-                                "model",
-                            ) from exc
-                    self._tokenizer = await asyncio.to_thread(Tokenizer.from_dir, source)
+                    if self._tokenizer_dir is not None:
+                        self._tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self._tokenizer_dir)
+                    else:
+                        self._tokenizer = await self._fetch_tokenizer()
         return self._tokenizer
+
+    async def _fetch_tokenizer(self) -> Tokenizer:
+        """The target's tokenizer and chat template over gRPC (``GetTokenizer``), checked by sha256."""
+        try:
+            reply = await self.target.GetTokenizer(
+                target_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            text = f"the gateway cannot fetch the tokenizer from the target ({code.name}: {details})"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(text, "model") from exc
+            raise FailedPrecondition(f"{text}; start the gateway with --tokenizer DIR", "model") from exc
+        try:
+            return await asyncio.to_thread(
+                decode_sources, reply.tokenizer_json, reply.tokenizer_config_json, reply.sha256
+            )
+        except SpecmeshError as exc:
+            raise FailedPrecondition(
+                f"the target served an unusable tokenizer ({exc.message}); "
+                "start the gateway with --tokenizer DIR",
+                "model",
+            ) from exc
 
     async def orchestrator(self) -> Orchestrator:
         if self._orchestrator is None:

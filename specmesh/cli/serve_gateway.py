@@ -48,7 +48,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME_OR_DIR",
         help="model (name in the model directory, or HF directory) whose tokenizer the gateway uses "
-        "(default: the target's model, looked up by the name it reports)",
+        "(default: fetched from the target over gRPC, so no model directory is needed)",
     )
     d = p.add_argument_group("request defaults", "used when a request leaves the field unset")
     d.add_argument(

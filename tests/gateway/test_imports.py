@@ -12,6 +12,8 @@ def test_gateway_does_not_import_torch() -> None:
         "serve_gateway.build_parser()\n"
         "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not leaked, f'torch imported: {leaked[:5]}'\n"
+        "# no model directory either: the tokenizer comes from the target (GetTokenizer)\n"
+        "assert 'services.core.model_store' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

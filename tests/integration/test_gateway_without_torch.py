@@ -1,5 +1,7 @@
-"""The gateway serves without torch: `specmesh serve gateway` in a process where `import torch`
-fails, in front of real target and draft service processes on SmolLM2.
+"""The gateway serves without torch and without a model directory: `specmesh serve gateway` in a
+process where `import torch` fails and `SPECMESH_MODEL_DIR` is an empty directory, in front of
+real target and draft service processes on SmolLM2. It gets the tokenizer and chat template from
+the target (TargetService.GetTokenizer).
 
 A `torch` package that raises ImportError sits first on the gateway's PYTHONPATH, so any import
 of torch on the gateway's path (module level or inside a function it calls) fails the request or
@@ -66,13 +68,17 @@ def test_gateway_serves_without_torch(smollm2_dir, tmp_path: Path) -> None:
     ]
     gateway = supervisor.Child(
         "gateway",
-        [*cli, "gateway", "--target", addr["target"], "--draft", addr["draft"], "--model", MODEL]
+        [*cli, "gateway", "--target", addr["target"], "--draft", addr["draft"]]
         + ["--port", str(ports["gateway"])],
         addr["gateway"],
         lambda: False,
     )
     env = dict(os.environ, OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
-    no_torch.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
+    empty_models = tmp_path / "no-models"
+    empty_models.mkdir()
+    no_torch.update(
+        OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", SPECMESH_MODEL_DIR=str(empty_models)
+    )
     children = [*services, gateway]
     try:
         for child in services:
@@ -118,3 +124,4 @@ def test_gateway_serves_without_torch(smollm2_dir, tmp_path: Path) -> None:
     assert spec.spec_stats.rounds >= 1 and spec.text  # it went through draft and verify rounds
     assert [t for c in streamed for t in c.token_ids] == target_only
     assert BLOCKED not in log.getvalue()
+    assert not any(empty_models.iterdir())  # the gateway built no model directory either
