@@ -1,7 +1,7 @@
 """The gateway in front of the real target (and draft) services on SmolLM2, all in this process.
 
-Without a draft: the gateway finding the target model's tokenizer by the name the target
-reports, text and chat prompts, and the target policy matching the target's own Generate stream
+Without a draft: the gateway fetching the target model's tokenizer from the target
+(GetTokenizer), text and chat prompts, and the target policy matching the target's own Generate stream
 token for token. With the target model as its own draft: greedy speculative output equals
 target-only output for every strategy, with (almost) every chain draft accepted.
 """
@@ -30,7 +30,7 @@ def servers(smollm2_dir):
 
     async def start():
         state["target"] = await start_target(servicer, settings)
-        # no tokenizer given: the gateway resolves the name the target reports in the model store
+        # no tokenizer given: the gateway fetches it from the target (GetTokenizer)
         gw = await start_gateway(GatewayOptions(target=state["target"].address), settings)
         return gw
 
