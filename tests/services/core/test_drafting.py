@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lossless import dense
 from tiny_models import tiny_config
 
 from services.core.drafting import (
@@ -32,15 +33,6 @@ def engines(vocab: int = 97) -> tuple[Engine, Engine]:
     target = Engine.from_config(tiny_config(vocab_size=vocab), seed=1, block_size=4)
     draft = Engine.from_config(tiny_config(vocab_size=vocab, num_hidden_layers=1), seed=2, block_size=4)
     return target, draft
-
-
-def dense(dists: dict, vocab: int) -> dict[int, torch.Tensor]:
-    out = {}
-    for node, (ids, probs) in dists.items():
-        q = torch.zeros(vocab, dtype=torch.float64)
-        q[ids] = torch.tensor(probs, dtype=torch.float64)
-        out[node] = q
-    return out
 
 
 def speculative(
