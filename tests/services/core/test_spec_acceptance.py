@@ -17,6 +17,7 @@ import zlib
 
 import pytest
 import torch
+from lossless import chi_square, sample_law
 
 from services.core.drafting import DraftTree, add_prompt_lookup
 from services.core.params import SamplingConfig
@@ -256,6 +257,9 @@ def test_multi_token_outputs_follow_target_chi_square(rule, branching, depth, lo
     tv = 0.5 * sum(abs(counts.get(s, 0) / n - law[s]) for s in law)
     assert ok, f"chi2={chi2:.1f} >= {crit:.1f} (TV={tv:.4f})"
     assert tv < 0.03
+    # Negative control: the same statistic rejects the draft's own samples.
+    wrong, _ = chi_square(sample_law(exact_sequence_law(draft, cfg, length), n, seed=13), law, n)
+    assert wrong > crit, f"the draft's own samples pass: chi2={wrong:.1f} < {crit:.1f}"
 
 
 @pytest.mark.parametrize(
