@@ -207,6 +207,26 @@ class AdaptiveBudget:
                 best, best_rate = d, rate
         return best
 
+    def state(self) -> dict:
+        """What the budget has learned, as JSON types (for the request record)."""
+        return {
+            "depth": self.depth,
+            "successes": self.successes,
+            "failures": self.failures,
+            "draft_level_s": self.draft_level_s,
+            "verify_s": {str(n): s for n, s in self.verify_s.items()},
+            "rounds_without_draft": self.rounds_without_draft,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state` (same initial budget and bounds)."""
+        self.depth = state["depth"]
+        self.successes = state["successes"]
+        self.failures = state["failures"]
+        self.draft_level_s = state["draft_level_s"]
+        self.verify_s = {int(n): s for n, s in state["verify_s"].items()}
+        self.rounds_without_draft = state["rounds_without_draft"]
+
     def update(
         self,
         accepted: int,

@@ -1,4 +1,4 @@
-"""Validating a GatewayGenerateRequest into a :class:`Plan` the orchestrator runs.
+"""Validating a GatewayGenerateRequest into a :class:`Plan` the policy loops run.
 
 Every problem raises a ``services.core.errors`` exception naming the field, which the runtime's
 exception interceptor turns into INVALID_ARGUMENT / OUT_OF_RANGE / FAILED_PRECONDITION with a

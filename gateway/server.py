@@ -1,4 +1,4 @@
-"""Gateway process: channels to the target and draft services, the servicer, runtime.serve().
+"""Gateway process: pools of target and draft replicas, the servicer, runtime.serve().
 
 This is the gateway's entry module and stays free of torch (its container image is small):
 it imports the runtime, the generated stubs and, from services.core, only the tokenizer,
@@ -8,6 +8,7 @@ from the target (TargetService.GetTokenizer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,20 +18,28 @@ import grpc.aio
 from services.runtime.server import RunningServer, aio_channel, run_forever, serve
 from services.runtime.settings import ServerSettings
 from services.runtime.telemetry import Telemetry
-from specmesh.v1 import draft_pb2_grpc, gateway_pb2_grpc, target_pb2_grpc
+from specmesh.v1 import draft_pb2, draft_pb2_grpc, gateway_pb2_grpc, target_pb2, target_pb2_grpc
 
 from .config import GatewayConfig
+from .pool import RESOLVE_EVERY_S, UpstreamPool, split_addresses
 from .servicer import SERVICE_NAME, GatewayServicer
 
 DEFAULT_PORT = 50050
 
 
+TARGET_SERVICE = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+DRAFT_SERVICE = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
 @dataclass(frozen=True)
 class GatewayOptions:
-    target: str  # host:port of the target service
-    draft: str | None = None  # host:port of the draft service (None: target policy only)
+    # host:port of each target replica: a list, or a comma-separated string; a name that
+    # resolves to several addresses (a headless service) stands for all of them
+    target: str | Sequence[str]
+    draft: str | Sequence[str] | None = None  # the same for draft replicas (None: target policy only)
     tokenizer_dir: str | Path | None = None  # default: fetched from the target (GetTokenizer)
     config: GatewayConfig = GatewayConfig()
+    resolve_every_s: float = RESOLVE_EVERY_S  # how often names are re-resolved (0: never)
 
 
 class GatewayApp:
@@ -42,21 +51,30 @@ class GatewayApp:
         self.options = options
         self.settings = settings
         self.telemetry = telemetry
-        self.channels: list[grpc.aio.Channel] = []
         self.servicer: GatewayServicer | None = None
+
+    def _pool(self, role: str, specs: str | Sequence[str], service: str, stub: type) -> UpstreamPool:
+        def connect(address: str) -> tuple[grpc.aio.Channel, object]:
+            channel = aio_channel(address, self.settings, telemetry=self.telemetry)
+            return channel, stub(channel)
+
+        return UpstreamPool.connect(
+            role,
+            split_addresses(specs),
+            service_name=service,
+            connect=connect,
+            resolve_every_s=self.options.resolve_every_s,
+        )
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         o = self.options
-        target_channel = aio_channel(o.target, self.settings, telemetry=self.telemetry)
-        self.channels.append(target_channel)
-        draft_stub = None
-        if o.draft:
-            draft_channel = aio_channel(o.draft, self.settings, telemetry=self.telemetry)
-            self.channels.append(draft_channel)
-            draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
+        target = self._pool("target", o.target, TARGET_SERVICE, target_pb2_grpc.TargetServiceStub)
+        draft = None
+        if split_addresses(o.draft):
+            draft = self._pool("draft", o.draft, DRAFT_SERVICE, draft_pb2_grpc.DraftServiceStub)
         self.servicer = GatewayServicer(
-            target_pb2_grpc.TargetServiceStub(target_channel),
-            draft_stub,
+            target,
+            draft,
             config=o.config,
             tokenizer_dir=o.tokenizer_dir,
             telemetry=self.telemetry,
@@ -65,12 +83,9 @@ class GatewayApp:
         return [SERVICE_NAME]
 
     async def close(self) -> None:
-        """Finish background releases and close the upstream channels (after the server stopped)."""
+        """Finish background releases and close the upstream pools (after the server stopped)."""
         if self.servicer is not None:
             await self.servicer.close()
-        for channel in self.channels:
-            await channel.close()
-        self.channels.clear()
 
 
 class GatewayServer:
@@ -120,9 +135,10 @@ async def run_gateway(
     app = GatewayApp(options, settings, telemetry)
 
     def announce(running: RunningServer) -> None:
-        draft = options.draft or "none"
+        target = ",".join(split_addresses(options.target))
+        draft = ",".join(split_addresses(options.draft)) or "none"
         print(
-            f"specmesh gateway serving on {running.address} (target {options.target}, draft {draft})",
+            f"specmesh gateway serving on {running.address} (target {target}, draft {draft})",
             flush=True,
         )
 

@@ -1,31 +1,27 @@
-"""Gateway servicer: validate, pick the loop for the policy, stream chunks, report usage and stats."""
+"""Gateway servicer: validate, run the policy loop, stream chunks, report usage and stats."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 
 from services.core.errors import FailedPrecondition, SpecmeshError, Unavailable
 from services.core.tokenizer import Tokenizer, decode_sources
-from specmesh.v1 import (
-    common_pb2,
-    draft_pb2_grpc,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    target_pb2,
-    target_pb2_grpc,
-)
+from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, target_pb2
 
 from . import metrics as m
 from .budget import strategy_name
 from .config import GatewayConfig, policy_name
-from .orchestrator import Orchestrator, RequestResult, new_session_id
+from .policies import PolicyContext, run_policy
+from .pool import Replica, UpstreamPool
+from .record import RequestRecord, new_session_id
 from .requests import Plan, validate
 
 log = logging.getLogger("specmesh.gateway")
@@ -37,24 +33,27 @@ _NEEDS_DRAFT = (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_SPECULATIVE)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """`Gateway` service over a target stub and (optionally) a draft stub.
+    """`Gateway` service over a pool of target replicas and (optionally) a pool of draft replicas.
 
-    The tokenizer is `tokenizer`, else loaded from `tokenizer_dir`, else fetched from the target
-    (``TargetService.GetTokenizer``, sha256 checked) on first use, so no model directory is needed.
+    A bare stub is accepted for either and becomes a one-replica pool without health watching.
+    The tokenizer is `tokenizer`, else loaded from `tokenizer_dir`, else fetched from a target
+    replica (``TargetService.GetTokenizer``, sha256 checked) on first use, so no model directory
+    is needed.
     """
 
     def __init__(
         self,
-        target: target_pb2_grpc.TargetServiceStub,
-        draft: draft_pb2_grpc.DraftServiceStub | None = None,
+        target: UpstreamPool | Any,
+        draft: UpstreamPool | Any | None = None,
         *,
         config: GatewayConfig | None = None,
         tokenizer: Tokenizer | None = None,
         tokenizer_dir: str | Path | None = None,
         telemetry=None,
     ) -> None:
-        self.target = target
-        self.draft = draft
+        self.pools: dict[str, UpstreamPool] = {"target": _as_pool("target", target)}
+        if draft is not None:
+            self.pools["draft"] = _as_pool("draft", draft)
         self.config = config or GatewayConfig()
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
@@ -62,16 +61,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._infos: dict[str, common_pb2.ModelInfo] = {}
         self._load_lock = asyncio.Lock()
         self._releases: set[asyncio.Task] = set()
-        self._orchestrator: Orchestrator | None = None
+
+    @property
+    def has_draft(self) -> bool:
+        return "draft" in self.pools
 
     # -- upstream facts, fetched once ---------------------------------------------------------
 
     async def model_info(self, service: str) -> common_pb2.ModelInfo:
+        """The model a role serves (every replica of a pool serves the same one), asked once."""
         info = self._infos.get(service)
         if info is None:
-            stub = self.target if service == "target" else self.draft
-            assert stub is not None
-            info = await stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
+            replica = self.pools[service].pick()
+            info = await replica.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
             self._infos[service] = info
         return info
 
@@ -88,8 +90,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _fetch_tokenizer(self) -> Tokenizer:
         """The target's tokenizer and chat template over gRPC (``GetTokenizer``), checked by sha256."""
         try:
-            reply = await self.target.GetTokenizer(
-                target_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S
+            reply = (
+                await self.pools["target"]
+                .pick()
+                .stub.GetTokenizer(target_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S)
             )
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
@@ -108,34 +112,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "model",
             ) from exc
 
-    async def orchestrator(self) -> Orchestrator:
-        if self._orchestrator is None:
-            self._orchestrator = Orchestrator(
-                self.target,
-                self.draft,
-                tokenizer=await self.tokenizer(),
-                config=self.config,
-                instruments=self.ins,
-                release=self.schedule_release,
-            )
-        return self._orchestrator
-
     # -- sessions ----------------------------------------------------------------------------
 
-    def schedule_release(self, service: str, session_id: str) -> None:
-        """Release an upstream session in the background (also runs when the request was cancelled)."""
-        stub = self.target if service == "target" else self.draft
-        if stub is None:
+    def schedule_release(self, role: str, address: str, session_id: str) -> None:
+        """Release a session on one replica in the background (also when the request was cancelled)."""
+        replica = self.pools[role].get(address)
+        if replica is None:  # the replica left the pool; its sessions went with it
             return
-        task = asyncio.get_running_loop().create_task(self._release(stub, service, session_id))
+        replica.sessions = max(0, replica.sessions - 1)
+        task = asyncio.get_running_loop().create_task(self._release(replica, role, session_id))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _release(self, stub, service: str, session_id: str) -> None:
+    async def _release(self, replica: Replica, role: str, session_id: str) -> None:
         try:
-            await stub.Release(common_pb2.ReleaseRequest(session_id=session_id), timeout=RELEASE_TIMEOUT_S)
-        except grpc.RpcError as exc:  # the session expires on its own; nothing else to do
-            log.warning("releasing %s session %s failed: %s", service, session_id, exc)
+            await replica.stub.Release(
+                common_pb2.ReleaseRequest(session_id=session_id), timeout=RELEASE_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:  # the session expires on its own (or died with its replica)
+            log.warning("releasing %s session %s on %s failed: %s", role, session_id, replica.address, exc)
 
     async def drain(self) -> None:
         """Wait for the background releases still in flight."""
@@ -146,7 +141,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
         models = [await self.model_info("target")]
-        if self.draft is not None:
+        if self.has_draft:
             models.append(await self.model_info("draft"))
         return gateway_pb2.ListModelsResponse(models=models)
 
@@ -174,12 +169,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # -- one request -------------------------------------------------------------------------------
 
-    async def _plan(self, request: gateway_pb2.GatewayGenerateRequest) -> tuple[Plan, int]:
+    async def policy_context(
+        self,
+        span: trace.Span,
+        *,
+        timeout: Callable[[], float | None],
+        deadline: Callable[[], float | None] = lambda: None,
+    ) -> PolicyContext:
+        """What a policy loop needs to run one request under `span`."""
+        return PolicyContext(
+            pools=self.pools,
+            tokenizer=await self.tokenizer(),
+            config=self.config,
+            instruments=self.ins,
+            release=self.schedule_release,
+            span=span,
+            timeout=timeout,
+            deadline=deadline,
+        )
+
+    async def plan(self, request: gateway_pb2.GatewayGenerateRequest) -> tuple[Plan, int]:
+        """The validated request and the context length both its models allow."""
         tokenizer = await self.tokenizer()
         target_info = await self.model_info("target")
         policy = request.policy or self.config.default_policy
         draft_info = None
-        if policy in _NEEDS_DRAFT and self.draft is not None:
+        if policy in _NEEDS_DRAFT and self.has_draft:
             draft_info = await self.model_info("draft")
         plan = validate(
             request,
@@ -187,7 +202,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             target_info=target_info,
             draft_info=draft_info,
             config=self.config,
-            has_draft=self.draft is not None,
+            has_draft=self.has_draft,
         )
         max_context = target_info.max_context
         if draft_info is not None and draft_info.max_context:
@@ -200,8 +215,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         start = time.perf_counter()
         session_id = new_session_id()
         span = self.ins.tracer.start_span(m.REQUEST_SPAN, attributes={m.SESSION_ID: session_id})
-        result = RequestResult(tokens=[])
-        plan: Plan | None = None
+        record: RequestRecord | None = None
+        first_token_at: float | None = None
 
         def deadline() -> float | None:
             return context.time_remaining() if context is not None else None
@@ -212,31 +227,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         try:
             with trace.use_span(span, end_on_exit=False):
-                plan, max_context = await self._plan(request)
-                orchestrator = await self.orchestrator()
+                plan, max_context = await self.plan(request)
+                ctx = await self.policy_context(span, timeout=timeout, deadline=deadline)
+            record = RequestRecord(session_id=session_id, plan=plan, max_context=max_context)
             span.set_attributes(_request_attributes(plan))
-            chunks = orchestrator.run(
-                plan,
-                result,
-                session_id=session_id,
-                max_context=max_context,
-                span=span,
-                timeout=timeout,
-                deadline=deadline,
-            )
+            chunks = run_policy(ctx, record)
             try:
                 async for chunk in chunks:
+                    if chunk.token_ids and first_token_at is None:
+                        first_token_at = time.perf_counter()
                     chunk.session_id = session_id
                     if chunk.finish_reason:
                         chunk.usage.CopyFrom(
                             common_pb2.Usage(
                                 prompt_tokens=len(plan.prompt_ids),
-                                output_tokens=len(result.tokens),
+                                output_tokens=len(record.tokens),
                                 seed=plan.seed,
                             )
                         )
-                        chunk.spec_stats.CopyFrom(result.stats.to_proto())
-                        result.finish = chunk.finish_reason
+                        chunk.spec_stats.CopyFrom(record.stats.to_proto())
                     yield chunk
             finally:
                 await chunks.aclose()  # runs the loop's cleanup (session releases) now
@@ -248,23 +257,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             raise
         finally:
-            self._finish(span, plan, result, start)
+            self._finish(span, record, start, first_token_at)
 
-    def _finish(self, span: trace.Span, plan: Plan | None, result: RequestResult, start: float) -> None:
+    def _finish(
+        self, span: trace.Span, record: RequestRecord | None, start: float, first_token_at: float | None
+    ) -> None:
         end = time.perf_counter()
-        if plan is not None:
-            stats = result.stats
+        if record is not None:
+            plan, stats = record.plan, record.stats
             span.set_attributes(
                 {
                     m.USAGE_INPUT_TOKENS: len(plan.prompt_ids),
-                    m.USAGE_OUTPUT_TOKENS: len(result.tokens),
+                    m.USAGE_OUTPUT_TOKENS: len(record.tokens),
                     m.ROUNDS: stats.rounds,
                     m.TAU: stats.tau,
                     m.ACCEPTANCE_RATE: stats.acceptance_rate,
                 }
             )
-            if result.finish:
-                reason = common_pb2.FinishReason.Name(result.finish).removeprefix("FINISH_REASON_").lower()
+            if record.finish:
+                reason = common_pb2.FinishReason.Name(record.finish).removeprefix("FINISH_REASON_").lower()
                 span.set_attribute(m.RESPONSE_FINISH_REASONS, [reason])
             attrs = {
                 m.REQUEST_MODEL: plan.model,
@@ -272,16 +283,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 m.POLICY: policy_name(plan.policy),
             }
             self.ins.request_duration.record(end - start, attrs)
-            if result.first_token_at is not None:
-                self.ins.time_to_first_token.record(result.first_token_at - start, attrs)
-                if len(result.tokens) > 1:
+            if first_token_at is not None:
+                self.ins.time_to_first_token.record(first_token_at - start, attrs)
+                if len(record.tokens) > 1:
                     self.ins.time_per_output_token.record(
-                        (end - result.first_token_at) / (len(result.tokens) - 1), attrs
+                        (end - first_token_at) / (len(record.tokens) - 1), attrs
                     )
         span.end()
 
     async def close(self) -> None:
         await self.drain()
+        for pool in self.pools.values():
+            await pool.close()
 
 
 def _request_attributes(plan: Plan) -> dict:
@@ -302,3 +315,10 @@ def _request_attributes(plan: Plan) -> dict:
         attrs[m.BUDGET_DEPTH] = plan.budget.max_depth
         attrs["specmesh.spec.adaptive"] = plan.adaptive
     return attrs
+
+
+def _as_pool(role: str, upstream: UpstreamPool | Any) -> UpstreamPool:
+    """A pool as is; a bare stub as a one-replica pool (no channel of ours, no health watch)."""
+    if isinstance(upstream, UpstreamPool):
+        return upstream
+    return UpstreamPool(role, [Replica(address=f"{role}-stub", stub=upstream)])

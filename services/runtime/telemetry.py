@@ -517,6 +517,8 @@ def server_interceptors(telemetry: Telemetry | None = None) -> list[grpc.aio.Ser
 
 def client_interceptors(telemetry: Telemetry | None = None) -> list[grpc.aio.ClientInterceptor]:
     """OpenTelemetry interceptors for ``grpc.aio`` channels: a client span per call and W3C
-    trace context injected into the request metadata."""
+    trace context injected into the request metadata (not for health checks and reflection,
+    like the server side: the gateway's health watches would be traces of their own)."""
     t = _resolve(telemetry)
-    return list(aio_client_interceptors(tracer_provider=t.tracer_provider if t is not None else None))
+    provider = t.tracer_provider if t is not None else None
+    return list(aio_client_interceptors(tracer_provider=provider, filter_=_default_trace_filter()))

@@ -32,14 +32,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default=os.environ.get(ENV_TARGET, DEFAULT_TARGET),
-        metavar="ADDR",
-        help=f"target service host:port [{ENV_TARGET}, default %(default)s]",
+        metavar="ADDR[,ADDR...]",
+        help="target replicas, host:port each, comma-separated; a name that resolves to several "
+        "addresses (a Kubernetes headless service) stands for all of them and is re-resolved "
+        "periodically. Requests go to the least-loaded healthy replica and stay there "
+        f"(session affinity) until it goes away [{ENV_TARGET}, default %(default)s]",
     )
     p.add_argument(
         "--draft",
         default=os.environ.get(ENV_DRAFT),
-        metavar="ADDR",
-        help=f"draft service host:port; without one only the target policy works [{ENV_DRAFT}]",
+        metavar="ADDR[,ADDR...]",
+        help="draft replicas, as for --target; without one only the target policy works "
+        f"[{ENV_DRAFT}]",
     )
     p.add_argument(
         "--model",

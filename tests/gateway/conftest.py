@@ -79,6 +79,9 @@ def toy(toy_tokenizer_dir: Path) -> SimpleNamespace:
         tokenizer_dir=toy_tokenizer_dir,
         FakeTarget=FakeTarget,
         FakeDraft=FakeDraft,
+        register_target=toy_services.register_target,
+        register_draft=toy_services.register_draft,
+        settings=_settings,
     )
 
 

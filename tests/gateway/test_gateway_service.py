@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import metrics as m
 from gateway.config import GatewayConfig
-from gateway.orchestrator import draft_seed
+from gateway.record import draft_seed
 from services.runtime.errors import status_details
 from specmesh.v1 import common_pb2, gateway_pb2
 

@@ -7,7 +7,8 @@ import sys
 def test_gateway_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import gateway.server, gateway.servicer, gateway.orchestrator, specmesh.cli.serve_gateway\n"
+        "import gateway.server, gateway.servicer, gateway.policies, gateway.pool\n"
+        "import specmesh.cli.serve_gateway\n"
         "from specmesh.cli import serve_gateway\n"
         "serve_gateway.build_parser()\n"
         "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

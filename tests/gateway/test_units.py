@@ -20,7 +20,9 @@ from gateway.budget import (
     strategy_value,
 )
 from gateway.config import GatewayConfig
-from gateway.orchestrator import _chain_tokens, _checked_path, draft_seed
+from gateway.policies.draft import chain_tokens
+from gateway.policies.speculative import checked_path
+from gateway.record import draft_seed
 from gateway.requests import validate
 from gateway.stats import SpecCounter, tree_depth
 from gateway.stops import OutputState
@@ -108,17 +110,17 @@ def test_tree_depth() -> None:
     assert tree_depth([-1, 0, 1, -1, 3, 4, 5]) == 4  # two candidates, the second longer
 
 
-def test_chain_tokens_and_checked_path() -> None:
+def test_chain_tokens_andchecked_path() -> None:
     chain = common_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, 0, 1])
-    assert _chain_tokens(chain) == [5, 6, 7]
-    assert _chain_tokens(common_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, -1, 0])) == [5]
+    assert chain_tokens(chain) == [5, 6, 7]
+    assert chain_tokens(common_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, -1, 0])) == [5]
     tree = common_pb2.TokenTree(tokens=[5, 6, 7, 8], parents=[-1, -1, 1, 2])
     ok = target_pb2.VerifyResponse(accepted_nodes=[1, 2], accepted_tokens=[6, 7], next_token=3)
-    assert _checked_path(tree, ok) == [6, 7]
+    assert checked_path(tree, ok) == [6, 7]
     for nodes, tokens in (([0, 2], [5, 7]), ([1, 2], [6, 9]), ([4], [1]), ([1], [6, 7])):
         bad = target_pb2.VerifyResponse(accepted_nodes=nodes, accepted_tokens=tokens)
         with pytest.raises(SpecmeshError):
-            _checked_path(tree, bad)
+            checked_path(tree, bad)
 
 
 def test_draft_seed_is_deterministic_and_distinct() -> None:

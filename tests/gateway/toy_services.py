@@ -78,6 +78,7 @@ class FakeTarget(target_pb2_grpc.TargetServiceServicer):
     name: str = "toy-target"
     forget_every: int = 0  # > 0: drop every session after this many Verify calls (eviction)
     fail_verify: grpc.StatusCode | None = None
+    delay_s: float = 0.0  # > 0: every Verify takes this long (so a test can act between rounds)
     sessions: dict[str, list[int]] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
@@ -100,6 +101,8 @@ class FakeTarget(target_pb2_grpc.TargetServiceServicer):
         if self.fail_verify is not None:
             await context.abort(self.fail_verify, "verify failed on purpose")
         self.verifies += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.forget_every and self.verifies % self.forget_every == 0:
             self.sessions.clear()
         seq = self._open(request.session)

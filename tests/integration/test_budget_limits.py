@@ -83,7 +83,7 @@ AT_LIMITS = [
 def test_a_budget_the_gateway_accepts_at_the_limit_the_draft_accepts(draft_stub, strategy, fields) -> None:
     wire = WIRE_BY_STRATEGY[strategy]
     budget = resolve_budget(wire, common_pb2.TreeBudget(**fields), defaults=GatewayConfig().default_budgets)
-    sent = budget_to_proto(budget)  # what the orchestrator sends in ProposeRequest.budget
+    sent = budget_to_proto(budget)  # what the speculative policy sends in ProposeRequest.budget
     reply = propose(draft_stub, f"{strategy}-{fields['max_nodes']}", strategy, sent)
     assert 0 < len(reply.tree.tokens) <= budget.max_nodes + budget.lookup_tokens
     assert len(reply.tree.lookup_nodes) <= budget.lookup_tokens

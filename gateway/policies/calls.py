@@ -1,0 +1,87 @@
+"""Upstream calls that carry a session: replica choice, re-prefill and failover in one place.
+
+Every session-carrying call goes to the replica that holds the session (affinity). The call
+is retried under a fresh session id with the whole sequence as new tokens (a re-prefill) when:
+
+* the replica answers FAILED_PRECONDITION: it lost or never had the session (once per call);
+* the replica is gone (UNAVAILABLE, or its health watch reports it down): the session moves to
+  the least-loaded other replica, which prefills the whole sequence.
+
+A retried round sends the same random-stream counter, so it draws the same numbers: the
+output is the one an uninterrupted request would have produced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from services.core.errors import Unavailable
+from specmesh.v1 import common_pb2
+
+from ..record import UpstreamSession
+from .context import PolicyContext
+
+log = logging.getLogger("specmesh.gateway")
+
+
+async def session_call(
+    ctx: PolicyContext,
+    method: str,
+    make: Callable[[common_pb2.SessionRef], Any],
+    session: UpstreamSession,
+    sequence: list[int],
+) -> Any:
+    """``replica.stub.<method>(make(session.ref()))`` on `session`'s replica, re-prefilling
+    `sequence` (what the session holds after its pending tokens) where it has to. The call's
+    client span is a child of the current span."""
+    pool = ctx.pools[session.role]
+    failed: list[str] = []  # replicas that answered UNAVAILABLE during this call
+    resynced = False
+    last_error: grpc.aio.AioRpcError | None = None
+    while True:
+        try:
+            replica = pool.pick(session.replica, avoid=failed)
+        except Unavailable:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        if session.replica is not None and replica.address != session.replica:
+            log.warning(
+                "%s session %s moves from %s to %s (re-prefilling %d tokens)",
+                session.role,
+                session.session_id,
+                session.replica,
+                replica.address,
+                len(sequence),
+            )
+            pool.moves += 1
+            _abandon(ctx, session, sequence)  # its replica is gone: re-prefill elsewhere
+        if session.replica is None:
+            session.bind(replica.address)
+            replica.sessions += 1
+        try:
+            return await getattr(replica.stub, method)(make(session.ref()), timeout=ctx.timeout())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                pool.mark_down(replica)
+                failed.append(replica.address)
+                last_error = exc
+                continue
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not resynced:
+                resynced = True
+                _abandon(ctx, session, sequence)
+                continue
+            raise
+
+
+def _abandon(ctx: PolicyContext, session: UpstreamSession, sequence: list[int]) -> None:
+    """Release `session` where it is and start it over with the whole `sequence` pending."""
+    if session.replica is not None:
+        ctx.release(session.role, session.replica, session.session_id)
+        session.opened.remove((session.replica, session.session_id))
+    session.restart(sequence)
