@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from gateway.budget import (
@@ -238,32 +240,55 @@ def test_adaptive_budget_recovers_when_the_draft_is_accepted_again() -> None:
     assert depths[-1] >= 4 and a.acceptance > 0.8
 
 
-def test_adaptive_budget_maximises_expected_tokens_per_second() -> None:
-    """With every cost measured, the chosen depth is the brute-force best of E(d) / cost(d)."""
+def _simulate(depth_of, alpha: float, verify, level_s: float, rounds: int = 3000, seed: int = 0) -> float:
+    """Tokens per simulated second of a chain drafter whose levels are each accepted with
+    probability `alpha` (until the first rejection), against the cost model `verify(tokens)` +
+    `level_s` per drafted level. depth_of(previous round) -> this round's depth; the adaptive
+    budget sees exactly what the gateway would measure."""
+    rng = random.Random(seed)
+    tokens = seconds = 0.0
+    last = None
+    for _ in range(rounds):
+        d = depth_of(last)
+        accepted = 0
+        while accepted < d and rng.random() < alpha:
+            accepted += 1
+        cost = verify(d + 1) + d * level_s
+        tokens += accepted + 1
+        seconds += cost
+        last = (accepted, d, cost - verify(d + 1), verify(d + 1))
+    return tokens / seconds
 
-    def flat_verify(n: int) -> float:  # a GPU-like target: 16 tokens cost what one costs
-        return 0.020
 
-    for verify, level_s in ((cpu_verify, 0.008), (flat_verify, 0.002)):
-        a = AdaptiveBudget(Budget(max_nodes=8, max_depth=8), max_depth=8)
-        for n in range(1, 10):
-            a.update(0, 0, verify_s=verify(n), verified_tokens=n)
-        a.draft_level_s = level_s
-        for alpha in (0.1, 0.3, 0.6, 0.9):
-            a.successes, a.failures = alpha * 100, (1 - alpha) * 100
+def _adaptive_policy(max_depth: int = 8):
+    a = AdaptiveBudget(Budget(max_nodes=max_depth, max_depth=max_depth), max_depth=max_depth)
 
-            def rate(d: int, alpha=alpha, verify=verify, level_s=level_s) -> float:
-                return sum(alpha**i for i in range(d + 1)) / (verify(d + 1) + d * level_s)
+    def depth_of(last) -> int:
+        if last is not None:
+            accepted, d, draft_s, verify_s = last
+            a.update(accepted, d, draft_s=draft_s if d else None, verify_s=verify_s, verified_tokens=d + 1)
+        b = a.current()
+        return b.max_depth if b else 0
 
-            assert a.best_depth() == max(range(0, 9), key=rate)
-    # a weak draft on a CPU target: decode alone; a strong one on a flat-cost target: draft deep
-    a.successes, a.failures = 90.0, 10.0
-    assert a.best_depth() == 8
-    cpu = AdaptiveBudget(Budget(max_nodes=8, max_depth=8))
-    for n in range(1, 10):
-        cpu.update(0, 0, verify_s=cpu_verify(n), verified_tokens=n)
-    cpu.draft_level_s, cpu.successes, cpu.failures = 0.008, 10.0, 90.0
-    assert cpu.best_depth() == 0
+    return depth_of
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize(
+    "verify, level_s",
+    [
+        (cpu_verify, 0.008),
+        (lambda n: 0.020, 0.002),  # a GPU-like target: 9 tokens cost what one costs
+    ],
+    ids=["cpu", "flat"],
+)
+def test_adaptive_budget_gets_close_to_the_best_fixed_depth(alpha, verify, level_s) -> None:
+    """Simulated throughput of the adaptive budget against every fixed depth 0..8: within 10%
+    of the best one, whichever it is. The bound has power: in each case some fixed depth misses it."""
+    fixed = [_simulate(lambda _, d=d: d, alpha, verify, level_s) for d in range(9)]
+    adaptive = _simulate(_adaptive_policy(), alpha, verify, level_s)
+    assert adaptive >= 0.9 * max(fixed), (adaptive, fixed)
+    assert min(fixed) < 0.9 * max(fixed)  # negative control: a wrong depth fails the same bound
 
 
 def test_adaptive_budget_estimates_unmeasured_verification_costs() -> None:
