@@ -41,6 +41,16 @@ WATCH_RETRY_S = (0.1, 2.0)  # first and longest wait before re-opening a failed 
 # watch (which only reports changes) still says SERVING: a refused connection or an overloaded
 # server usually passes within it, and a dead one is reported NOT SERVING by then.
 MARK_DOWN_S = 2.0
+# How long a call waits for some replica to become available before trying one that is not
+# (a replica starting up or restarting is usually back within it).
+READY_WAIT_S = 5.0
+# Reconnect quickly to a replica that is (re)starting: gRPC's default backoff grows to 120 s,
+# and a call made during a backoff fails at once even when the server is up again.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -238,6 +248,20 @@ class UpstreamPool:
             raise Unavailable(f"no {self.role} replica answers (replicas: {tried})", self.role)
         available = [r for r in others if r.available]
         return min(available or others, key=lambda r: r.sessions)  # min() keeps the first of equals
+
+    async def choose(
+        self, prefer: str | None = None, *, avoid: Iterable[str] = (), wait_s: float = READY_WAIT_S
+    ) -> Replica:
+        """:meth:`pick`, after waiting up to `wait_s` for a replica to become available when none
+        is (the gateway started before its upstreams, or the only replica is restarting)."""
+        avoided = set(avoid)
+        end = time.monotonic() + wait_s
+        while True:
+            others = [r for r in self.replicas if r.address not in avoided]
+            if not others or any(r.available for r in others) or time.monotonic() >= end:
+                break
+            await asyncio.sleep(0.05)
+        return self.pick(prefer, avoid=avoided)
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from services.runtime.telemetry import Telemetry
 from specmesh.v1 import draft_pb2, draft_pb2_grpc, gateway_pb2_grpc, target_pb2, target_pb2_grpc
 
 from .config import GatewayConfig
-from .pool import RESOLVE_EVERY_S, UpstreamPool, split_addresses
+from .pool import CHANNEL_OPTIONS, RESOLVE_EVERY_S, UpstreamPool, split_addresses
 from .servicer import SERVICE_NAME, GatewayServicer
 
 DEFAULT_PORT = 50050
@@ -55,7 +55,7 @@ class GatewayApp:
 
     def _pool(self, role: str, specs: str | Sequence[str], service: str, stub: type) -> UpstreamPool:
         def connect(address: str) -> tuple[grpc.aio.Channel, object]:
-            channel = aio_channel(address, self.settings, telemetry=self.telemetry)
+            channel = aio_channel(address, self.settings, telemetry=self.telemetry, options=CHANNEL_OPTIONS)
             return channel, stub(channel)
 
         return UpstreamPool.connect(

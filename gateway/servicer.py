@@ -72,7 +72,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """The model a role serves (every replica of a pool serves the same one), asked once."""
         info = self._infos.get(service)
         if info is None:
-            replica = self.pools[service].pick()
+            replica = await self.pools[service].choose()
             info = await replica.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
             self._infos[service] = info
         return info
@@ -90,10 +90,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _fetch_tokenizer(self) -> Tokenizer:
         """The target's tokenizer and chat template over gRPC (``GetTokenizer``), checked by sha256."""
         try:
-            reply = (
-                await self.pools["target"]
-                .pick()
-                .stub.GetTokenizer(target_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S)
+            replica = await self.pools["target"].choose()
+            reply = await replica.stub.GetTokenizer(
+                target_pb2.GetTokenizerRequest(), timeout=TOKENIZER_TIMEOUT_S
             )
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()

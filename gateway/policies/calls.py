@@ -45,7 +45,7 @@ async def session_call(
     last_error: grpc.aio.AioRpcError | None = None
     while True:
         try:
-            replica = pool.pick(session.replica, avoid=failed)
+            replica = await pool.choose(session.replica, avoid=failed)
         except Unavailable:
             if last_error is not None:
                 raise last_error from None

@@ -28,7 +28,7 @@ async def target_loop(ctx: PolicyContext, record: RequestRecord) -> AsyncIterato
     pool = ctx.pools["target"]
     failed: list[str] = []
     while True:
-        replica = pool.pick(avoid=failed)
+        replica = await pool.choose(avoid=failed)
         replica.sessions += 1
         with trace.use_span(ctx.span, end_on_exit=False):
             # the whole stream: bounded by the client's deadline only, not by a per-call timeout

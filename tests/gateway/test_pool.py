@@ -55,6 +55,27 @@ def test_pick_skips_replicas_that_are_down_until_none_is_left() -> None:
         pool.pick(avoid=["r0:1", "r1:1"])
 
 
+def test_choose_waits_for_a_replica_to_come_up() -> None:
+    pool = _pool(0, 5)
+    for replica in pool.replicas:
+        replica.healthy = False
+
+    async def scenario() -> tuple[str, str]:
+        async def recover() -> None:
+            await asyncio.sleep(0.1)
+            pool.replicas[1].healthy = True  # what its health watch does when it answers SERVING
+
+        task = asyncio.create_task(recover())
+        chosen = await pool.choose()
+        await task
+        # with nothing available for its whole wait, the least loaded is tried anyway
+        pool.replicas[1].healthy = False
+        fallback = await pool.choose(wait_s=0.05)
+        return chosen.address, fallback.address
+
+    assert asyncio.run(scenario()) == ("r1:1", "r0:1")
+
+
 def _wait(predicate, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
