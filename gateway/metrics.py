@@ -43,6 +43,8 @@ TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
 TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
 REQUEST_DURATION = "gen_ai.server.request.duration"
 ACCEPTED_LENGTH = "specmesh.spec.accepted_length"
+SESSION_STORE_ERRORS = "specmesh.session_store.errors"
+RESUMED = "specmesh.resumed"  # span attribute: the request resumed an earlier stream
 
 # bucket boundaries recommended by the GenAI semantic conventions
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -58,6 +60,7 @@ class Instruments:
     time_per_output_token: metrics.Histogram
     request_duration: metrics.Histogram
     accepted_length: metrics.Histogram
+    session_store_errors: metrics.Counter
 
 
 def instruments(telemetry: Telemetry | None) -> Instruments:
@@ -91,5 +94,10 @@ def instruments(telemetry: Telemetry | None) -> Instruments:
             unit="{token}",
             description="Draft tokens accepted per verification round (without the correction/bonus token)",
             explicit_bucket_boundaries_advisory=list(_ACCEPTED_BUCKETS),
+        ),
+        session_store_errors=meter.create_counter(
+            SESSION_STORE_ERRORS,
+            unit="{error}",
+            description="Session-store operations that failed (Redis unreachable); streams stay up",
         ),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from services.core.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.core.params import GenerationParams
 from services.core.tokenizer import Tokenizer
 from services.runtime.protocol import generation_params, prompt_ids
@@ -53,11 +53,8 @@ def validate(
     has_draft: bool,
 ) -> Plan:
     """Check a request against the served models; `draft_info` is needed for draft policies only."""
-    if request.session_id:
-        raise InvalidArgument(
-            "session resume is not supported yet; leave session_id empty (each request is a new session)",
-            "session_id",
-        )
+    if request.resume_from:
+        raise InvalidArgument("resume_from needs the session_id of the stream to resume", "resume_from")
     if request.model and request.model != target_info.name:
         raise InvalidArgument(
             f"unknown model {request.model!r}; this gateway serves {target_info.name!r} (or leave it empty)",
@@ -143,3 +140,31 @@ def validate(
         adaptive=spec.adaptive or config.adaptive,
         vocab_limit=vocab_limit,
     )
+
+
+# fields a resume request must leave unset: the session's record already holds them
+_RESUME_UNSET = ("model", "prompt", "sampling", "policy", "quality", "spec")
+
+
+def check_resume(request: gateway_pb2.GatewayGenerateRequest, emitted: int | None) -> None:
+    """A resume request (`session_id` set): nothing else but `resume_from`, which must not pass
+    the `emitted` tokens of the session (None: the session is unknown or expired)."""
+    for name in _RESUME_UNSET:
+        value = getattr(request, name)
+        if request.HasField(name) if hasattr(value, "ListFields") else value:
+            raise InvalidArgument(
+                f"a resume request (session_id set) carries only session_id and resume_from; "
+                f"{name} comes from the session",
+                name,
+            )
+    if emitted is None:
+        raise NotFound(
+            f"no session {request.session_id!r} (unknown, expired, or kept by a gateway that does not "
+            "share this one's session store); start a new request",
+            "session_id",
+        )
+    if request.resume_from > emitted:
+        raise OutOfRange(
+            f"the session has emitted {emitted} tokens; resume_from {request.resume_from} is past them",
+            "resume_from",
+        )

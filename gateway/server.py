@@ -23,6 +23,7 @@ from specmesh.v1 import draft_pb2, draft_pb2_grpc, gateway_pb2_grpc, target_pb2,
 from .config import GatewayConfig
 from .pool import CHANNEL_OPTIONS, RESOLVE_EVERY_S, UpstreamPool, split_addresses
 from .servicer import SERVICE_NAME, GatewayServicer
+from .session_store import RedisStore
 
 DEFAULT_PORT = 50050
 
@@ -40,6 +41,9 @@ class GatewayOptions:
     tokenizer_dir: str | Path | None = None  # default: fetched from the target (GetTokenizer)
     config: GatewayConfig = GatewayConfig()
     resolve_every_s: float = RESOLVE_EVERY_S  # how often names are re-resolved (0: never)
+    # Redis / Valkey holding request records, shared by gateway replicas so that any of them can
+    # resume a stream (None: records stay in this process)
+    redis_url: str | None = None
 
 
 class GatewayApp:
@@ -66,15 +70,23 @@ class GatewayApp:
             resolve_every_s=self.options.resolve_every_s,
         )
 
+    def _count_store_error(self, operation: str) -> None:
+        if self.servicer is not None:
+            self.servicer.ins.session_store_errors.add(1, {"operation": operation})
+
     def register(self, server: grpc.aio.Server) -> list[str]:
         o = self.options
         target = self._pool("target", o.target, TARGET_SERVICE, target_pb2_grpc.TargetServiceStub)
         draft = None
         if split_addresses(o.draft):
             draft = self._pool("draft", o.draft, DRAFT_SERVICE, draft_pb2_grpc.DraftServiceStub)
+        store = None
+        if o.redis_url:
+            store = RedisStore(o.redis_url, on_error=self._count_store_error)
         self.servicer = GatewayServicer(
             target,
             draft,
+            store=store,
             config=o.config,
             tokenizer_dir=o.tokenizer_dir,
             telemetry=self.telemetry,

@@ -22,7 +22,8 @@ from .config import GatewayConfig, policy_name
 from .policies import PolicyContext, run_policy
 from .pool import Replica, UpstreamPool
 from .record import RequestRecord, new_session_id
-from .requests import Plan, validate
+from .requests import Plan, check_resume, validate
+from .session_store import MemoryStore, SessionStore
 
 log = logging.getLogger("specmesh.gateway")
 
@@ -50,11 +51,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tokenizer: Tokenizer | None = None,
         tokenizer_dir: str | Path | None = None,
         telemetry=None,
+        store: SessionStore | None = None,
     ) -> None:
         self.pools: dict[str, UpstreamPool] = {"target": _as_pool("target", target)}
         if draft is not None:
             self.pools["draft"] = _as_pool("draft", draft)
         self.config = config or GatewayConfig()
+        self.store: SessionStore = store if store is not None else MemoryStore()
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
         self.ins = m.instruments(telemetry)
@@ -212,7 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GatewayGenerateRequest, context
     ) -> AsyncIterator[gateway_pb2.GenerateChunk]:
         start = time.perf_counter()
-        session_id = new_session_id()
+        session_id = request.session_id or new_session_id()
         span = self.ins.tracer.start_span(m.REQUEST_SPAN, attributes={m.SESSION_ID: session_id})
         record: RequestRecord | None = None
         first_token_at: float | None = None
@@ -226,26 +229,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         try:
             with trace.use_span(span, end_on_exit=False):
-                plan, max_context = await self.plan(request)
                 ctx = await self.policy_context(span, timeout=timeout, deadline=deadline)
-            record = RequestRecord(session_id=session_id, plan=plan, max_context=max_context)
-            span.set_attributes(_request_attributes(plan))
+                if request.session_id:
+                    record = await self._resumed(request)
+                else:
+                    plan, max_context = await self.plan(request)
+                    record = RequestRecord(session_id=session_id, plan=plan, max_context=max_context)
+            span.set_attributes(_request_attributes(record.plan))
+            if request.session_id:
+                span.set_attribute(m.RESUMED, True)
+                missed = self._missed(record, request.resume_from)
+                if missed is not None:
+                    first_token_at = time.perf_counter()
+                    yield missed
+                if record.finish:
+                    return
             chunks = run_policy(ctx, record)
             try:
                 async for chunk in chunks:
                     if chunk.token_ids and first_token_at is None:
                         first_token_at = time.perf_counter()
-                    chunk.session_id = session_id
-                    if chunk.finish_reason:
-                        chunk.usage.CopyFrom(
-                            common_pb2.Usage(
-                                prompt_tokens=len(plan.prompt_ids),
-                                output_tokens=len(record.tokens),
-                                seed=plan.seed,
-                            )
-                        )
-                        chunk.spec_stats.CopyFrom(record.stats.to_proto())
-                    yield chunk
+                    # saved before it is sent: a stored record covers every token a client has
+                    if record.plan.policy != gateway_pb2.POLICY_TARGET or chunk.finish_reason:
+                        await self.store.save(record)
+                    yield self._labelled(chunk, record, offset=len(record.tokens) - len(chunk.token_ids))
             finally:
                 await chunks.aclose()  # runs the loop's cleanup (session releases) now
         except BaseException as exc:
@@ -257,6 +264,41 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         finally:
             self._finish(span, record, start, first_token_at)
+
+    async def _resumed(self, request: gateway_pb2.GatewayGenerateRequest) -> RequestRecord:
+        """The stored record of the stream `request` resumes (checked)."""
+        record = await self.store.load(request.session_id)
+        check_resume(request, len(record.tokens) if record is not None else None)
+        assert record is not None
+        return record
+
+    def _missed(self, record: RequestRecord, received: int) -> gateway_pb2.GenerateChunk | None:
+        """One chunk with the tokens the client missed (and the finish, if the stream had ended)."""
+        tokens = record.tokens[received:]
+        if not tokens and not record.finish:
+            return None
+        tokenizer = self._tokenizer
+        assert tokenizer is not None  # policy_context() loaded it
+        text = tokenizer.decode(record.tokens)[len(tokenizer.decode(record.tokens[:received])) :]
+        chunk = gateway_pb2.GenerateChunk(token_ids=tokens, text=text, finish_reason=record.finish)
+        return self._labelled(chunk, record, offset=received)
+
+    def _labelled(
+        self, chunk: gateway_pb2.GenerateChunk, record: RequestRecord, *, offset: int
+    ) -> gateway_pb2.GenerateChunk:
+        """`chunk` with its session id and offset, and usage and stats if it is the last one."""
+        chunk.session_id = record.session_id
+        chunk.offset = offset
+        if chunk.finish_reason:
+            chunk.usage.CopyFrom(
+                common_pb2.Usage(
+                    prompt_tokens=len(record.plan.prompt_ids),
+                    output_tokens=len(record.tokens),
+                    seed=record.plan.seed,
+                )
+            )
+            chunk.spec_stats.CopyFrom(record.stats.to_proto())
+        return chunk
 
     def _finish(
         self, span: trace.Span, record: RequestRecord | None, start: float, first_token_at: float | None
@@ -294,6 +336,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await self.drain()
         for pool in self.pools.values():
             await pool.close()
+        await self.store.close()
 
 
 def _request_attributes(plan: Plan) -> dict:

@@ -205,3 +205,15 @@ def draft_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train_draft(
         smollm2_dir, "slice-draft", untrained=True, root=root, progress=False, log=lambda _: None
     )
+
+
+@pytest.fixture
+def redis_server():
+    """A real Valkey / Redis server on a free loopback port (see tests/redis_server.py)."""
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -26,6 +26,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50050
 ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
+ENV_REDIS_URL = "SPECMESH_REDIS_URL"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +43,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--draft",
         default=os.environ.get(ENV_DRAFT),
         metavar="ADDR[,ADDR...]",
-        help="draft replicas, as for --target; without one only the target policy works "
-        f"[{ENV_DRAFT}]",
+        help=f"draft replicas, as for --target; without one only the target policy works [{ENV_DRAFT}]",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get(ENV_REDIS_URL) or None,
+        metavar="URL",
+        help="Redis / Valkey for request records (redis://[:password@]host:port/db, rediss:// for "
+        "TLS), shared by gateway replicas so that any of them resumes a stream a client reconnects "
+        f"to with its session id; without one, records stay in this process [{ENV_REDIS_URL}]",
     )
     p.add_argument(
         "--model",
@@ -161,7 +169,9 @@ def options_from_args(args: argparse.Namespace):
     )
     draft = args.draft if args.draft and args.draft.lower() != "none" else None
     tokenizer_dir = resolve_model(args.model) if args.model else None
-    return GatewayOptions(target=args.target, draft=draft, tokenizer_dir=tokenizer_dir, config=config)
+    return GatewayOptions(
+        target=args.target, draft=draft, tokenizer_dir=tokenizer_dir, config=config, redis_url=args.redis_url
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ class SpecOptions(_message.Message):
     def __init__(self, strategy: _Optional[_Union[_common_pb2.DraftStrategy, str]] = ..., budget: _Optional[_Union[_common_pb2.TreeBudget, _Mapping]] = ..., adaptive: _Optional[bool] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id")
+    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id", "resume_from")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GatewayGenerateRequest(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
@@ -62,23 +63,26 @@ class GatewayGenerateRequest(_message.Message):
     quality: Quality
     spec: SpecOptions
     session_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    resume_from: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id")
+    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "offset")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SPEC_STATS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     spec_stats: _common_pb2.SpecStats
     session_id: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id")

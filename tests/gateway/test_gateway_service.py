@@ -308,10 +308,16 @@ def test_cancelled_stream_releases_sessions(stack) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "model",
         ),
-        (
+        (  # a resume request carries nothing the session already holds
             gateway_pb2.GatewayGenerateRequest(session_id="s1", prompt=ids(PROMPT)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "session_id",
+            "prompt",
+        ),
+        (gateway_pb2.GatewayGenerateRequest(session_id="s1"), grpc.StatusCode.NOT_FOUND, "session_id"),
+        (
+            gateway_pb2.GatewayGenerateRequest(prompt=ids(PROMPT), resume_from=3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "resume_from",
         ),
     ],
 )

@@ -352,7 +352,7 @@ def ids(*tokens: int) -> common_pb2.Prompt:
 @pytest.mark.parametrize(
     "kw, error, field",
     [
-        (dict(session_id="abc"), InvalidArgument, "session_id"),
+        (dict(resume_from=2), InvalidArgument, "resume_from"),
         (dict(model="llama-70b"), InvalidArgument, "model"),
         (dict(policy=gateway_pb2.POLICY_R2R), InvalidArgument, "policy"),
         (dict(policy=17), InvalidArgument, "policy"),
