@@ -1,7 +1,8 @@
 """Replica failover on real services: two target and two draft service processes on SmolLM2
 (the draft an untrained 4-layer slice, so rounds reject as well as accept) behind the real
-gateway. One target replica is SIGKILLed between rounds of a long greedy request; the request
-completes on the other replica with the tokens an uninterrupted request produces."""
+gateway. The target replica holding a long greedy request is SIGKILLed between rounds, then the
+draft replica holding the next one; each request completes on the surviving replica with the
+tokens an uninterrupted request produces."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _request() -> gateway_pb2.GatewayGenerateRequest:
     )
 
 
-def test_sigkilled_target_replica_between_rounds(smollm2_dir, draft_dir) -> None:
+def test_sigkilled_target_and_draft_replicas_between_rounds(smollm2_dir, draft_dir) -> None:
     log = io.StringIO()
     sink = supervisor.LogSink(log, color=False)
     cli = [sys.executable, "-m", "specmesh.cli.main", "serve"]
@@ -72,24 +73,27 @@ def test_sigkilled_target_replica_between_rounds(smollm2_dir, draft_dir) -> None
             assert len(uninterrupted.token_ids) == MAX_NEW
             assert uninterrupted.spec_stats.rounds < MAX_NEW  # rounds accepted drafted tokens
 
-            pool = gateway.server.servicer.pools["target"]
-            assert pool.moves == 0
-            stream = stub.GenerateStream(_request(), timeout=600)
-            tokens: list[int] = []
-            for _ in range(3):
-                tokens += next(stream).token_ids
-            (holder,) = [r for r in pool.replicas if r.sessions > 0]
-            (victim,) = [c for c in children["target"] if c.address == holder.address]
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            chunks = list(stream)
-            assert pool.moves == 1  # the request's target session moved to the survivor mid-request
-            tokens += [t for c in chunks for t in c.token_ids]
-        assert victim.proc.wait(timeout=10) == -signal.SIGKILL
-        assert all(c.alive for c in every if c is not victim), log.getvalue()
+            servicer = gateway.server.servicer
+            victims, outputs = [], []
+            for role in ("target", "draft"):  # one stream loses its target replica, the next its draft
+                pool = servicer.pools[role]
+                assert pool.moves == 0
+                stream = stub.GenerateStream(_request(), timeout=600)
+                chunks = [next(stream) for _ in range(3)]
+                (holder,) = [r for r in pool.replicas if r.sessions > 0]
+                (victim,) = [c for c in children[role] if c.address == holder.address]
+                os.kill(victim.proc.pid, signal.SIGKILL)
+                chunks += list(stream)
+                assert pool.moves == 1, role  # the request's session moved to the survivor mid-request
+                victims.append(victim)
+                outputs.append(chunks)
+        for victim in victims:
+            assert victim.proc.wait(timeout=10) == -signal.SIGKILL
+        assert all(c.alive for c in every if c not in victims), log.getvalue()
     finally:
         for child in reversed(every):
             child.stop(timeout=15)
 
-    assert tokens == list(uninterrupted.token_ids)
-    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert chunks[-1].spec_stats.rounds > 3  # rounds ran on the surviving replica after the kill
+    for chunks in outputs:
+        assert [t for c in chunks for t in c.token_ids] == list(uninterrupted.token_ids)
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
