@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "models": "models",
     "train": "train",
     "serve": "serve",
+    "health": "health",
     "bench": "bench",
     "protos": "protos",
 }

