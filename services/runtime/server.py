@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
 
+from . import security
 from .errors import ExceptionInterceptor
 from .settings import ServerSettings
 from .telemetry import Telemetry, client_interceptors, server_interceptors, setup_telemetry
@@ -207,7 +208,17 @@ async def serve(
     settings = settings if settings is not None else ServerSettings.from_env()
     if telemetry is None:
         telemetry = setup_telemetry(settings.service_name)
-    chain = [*server_interceptors(telemetry), ExceptionInterceptor(), *interceptors]
+    try:
+        credentials = security.server_credentials(settings)
+    except security.SecurityError as exc:
+        raise ServerStartError(str(exc)) from None
+    # auth after tracing (refused calls are traced), before the servicers
+    chain = [
+        *server_interceptors(telemetry),
+        *security.server_interceptors(settings),
+        ExceptionInterceptor(),
+        *interceptors,
+    ]
     server = grpc.aio.server(
         interceptors=chain,
         options=settings.server_options(),
@@ -231,7 +242,10 @@ async def serve(
 
     bind = _join(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(bind)
+        if credentials is None:
+            port = server.add_insecure_port(bind)
+        else:
+            port = server.add_secure_port(bind, credentials)
     except RuntimeError as exc:
         raise ServerStartError(
             f"cannot bind {bind}: {exc} (is the port in use, or the host not local?)"
@@ -324,17 +338,19 @@ def aio_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` matching a server with `settings`.
+    """A grpc.aio channel to `address` matching a server with `settings`.
 
-    Same message size limit, keepalive pings the server accepts, and OpenTelemetry client
-    interceptors (client spans + trace context in metadata), then `interceptors`. `options`
-    override individual channel arguments. Create it inside the event loop that uses it.
+    Same message size limit, keepalive pings the server accepts, TLS when ``tls_ca_file`` is
+    set (mTLS with this process's own certificate), the ``upstream_auth_token`` on every call,
+    OpenTelemetry client interceptors (client spans + trace context in metadata), then
+    `interceptors`. `options` override individual channel arguments. Create it inside the event
+    loop that uses it.
     """
     settings = settings if settings is not None else ServerSettings.from_env()
     merged = dict(settings.channel_options())
     merged.update(dict(options))
-    return grpc.aio.insecure_channel(
-        address,
-        options=list(merged.items()),
-        interceptors=[*client_interceptors(telemetry), *interceptors],
-    )
+    chain = [*client_interceptors(telemetry), *security.client_interceptors(settings), *interceptors]
+    credentials = security.channel_credentials(settings)
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=chain)
+    return grpc.aio.secure_channel(address, credentials, options=list(merged.items()), interceptors=chain)

@@ -81,6 +81,11 @@ def parse_optional_int(text: str) -> int | None:
     return parse_int(text)
 
 
+def parse_optional_str(text: str) -> str | None:
+    """Empty means unset."""
+    return text.strip() or None
+
+
 def parse_str(text: str) -> str:
     value = text.strip()
     if not value:
@@ -91,8 +96,9 @@ def parse_str(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _field(default: Any, parser: Callable[[str], Any], help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parser, "help": help})
+def _field(default: Any, parser: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    # secret: kept out of repr(), so settings can be logged without leaking it
+    return dataclasses.field(default=default, repr=not secret, metadata={"parse": parser, "help": help})
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,27 @@ class ServerSettings:
         None, parse_optional_int, "RPCs served at once before RESOURCE_EXHAUSTED (0/none: no limit)"
     )
     service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
+    # security (services/runtime/security.py)
+    tls_cert_file: str | None = _field(
+        None, parse_optional_str, "PEM certificate chain: serve TLS (and present it to TLS upstreams)"
+    )
+    tls_key_file: str | None = _field(None, parse_optional_str, "PEM private key of tls_cert_file")
+    tls_client_ca_file: str | None = _field(
+        None, parse_optional_str, "PEM CA: require client certificates it signed (mTLS)"
+    )
+    tls_ca_file: str | None = _field(
+        None, parse_optional_str, "PEM CA: connect to upstream services with TLS, trusting it"
+    )
+    auth_token: str | None = _field(
+        None,
+        parse_optional_str,
+        "bearer token every RPC but health checks must carry (prefer the environment variable: "
+        "flags show in ps)",
+        secret=True,
+    )
+    upstream_auth_token: str | None = _field(
+        None, parse_optional_str, "bearer token sent to upstream services", secret=True
+    )
 
     def __post_init__(self) -> None:
         problems = _problems(dataclasses.asdict(self))

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from services.core.strategies import POLICY_NAMES, STRATEGY_CLI_NAMES
 
@@ -42,6 +43,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY),
         metavar="ADDR",
         help=f"gateway host:port [{ENV_GATEWAY}, default %(default)s]",
+    )
+    p.add_argument(
+        "--tls-ca-file",
+        default=os.environ.get("SPECMESH_TLS_CA_FILE"),
+        metavar="PEM",
+        help="connect with TLS, trusting this CA [SPECMESH_TLS_CA_FILE]",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("SPECMESH_AUTH_TOKEN"),
+        metavar="TOKEN",
+        help="bearer token the gateway requires [SPECMESH_AUTH_TOKEN; prefer it: flags show in ps]",
     )
     p.add_argument("--model", default="", help="target model name (default: the gateway's)")
     p.add_argument(
@@ -149,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     from services.core.errors import SpecmeshError
     from services.runtime.errors import status_details
+    from services.runtime.security import call_metadata
     from specmesh.v1 import gateway_pb2_grpc
 
     try:
@@ -161,10 +175,21 @@ def run(args: argparse.Namespace) -> int:
     last = None
     start = time.perf_counter()
     first = None
-    with grpc.insecure_channel(args.gateway) as channel:
+    if args.tls_ca_file:
+        try:
+            ca = Path(args.tls_ca_file).read_bytes()
+        except OSError as exc:
+            print(f"specmesh generate: --tls-ca-file {args.tls_ca_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        channel = grpc.secure_channel(args.gateway, grpc.ssl_channel_credentials(root_certificates=ca))
+    else:
+        channel = grpc.insecure_channel(args.gateway)
+    with channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
-            for chunk in stub.GenerateStream(request, timeout=args.timeout):
+            metadata = call_metadata(args.auth_token)
+            chunks = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
+            for chunk in chunks:
                 if chunk.token_ids and first is None:
                     first = time.perf_counter()
                 tokens.extend(chunk.token_ids)
