@@ -76,7 +76,12 @@ def validate(
             "policy",
         )
 
-    ids = prompt_ids(request.prompt, tokenizer)
+    max_context = target_info.max_context
+    if uses_draft and draft_info is not None and draft_info.max_context:
+        max_context = min(max_context, draft_info.max_context)
+    ids = prompt_ids(request.prompt, tokenizer, max_tokens=max_context)
+    if len(ids) >= max_context:  # before the sampling checks: the prompt is what is too long
+        raise OutOfRange(f"{len(ids)} prompt tokens fill the model context of {max_context}", "prompt")
     field = "prompt.token_ids.ids"
     ids = tokenizer.check_ids(ids, field)
     vocab = target_info.vocab_size or tokenizer.vocab_size
@@ -92,12 +97,7 @@ def validate(
     if not sampling.HasField("seed"):
         sampling.seed = random.SystemRandom().randrange(1 << SEED_BITS)
     params = generation_params(sampling)
-    max_context = target_info.max_context
-    if uses_draft and draft_info is not None and draft_info.max_context:
-        max_context = min(max_context, draft_info.max_context)
     params.validate(vocab_size=vocab, prompt_len=len(ids), max_context=max_context)
-    if len(ids) >= max_context:
-        raise OutOfRange(f"{len(ids)} prompt tokens fill the model context of {max_context}", "prompt")
 
     plan = Plan(
         policy=policy,

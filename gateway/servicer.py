@@ -198,7 +198,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         draft_info = None
         if policy in _NEEDS_DRAFT and self.has_draft:
             draft_info = await self.model_info("draft")
-        plan = validate(
+        # in a thread: tokenizing a long prompt must not stall the event loop (health checks,
+        # other streams)
+        plan = await asyncio.to_thread(
+            validate,
             request,
             tokenizer=tokenizer,
             target_info=target_info,

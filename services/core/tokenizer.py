@@ -176,6 +176,15 @@ class Tokenizer:
 
     # --- vocabulary -------------------------------------------------------------------------
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes one token stands for: a text longer than
+        ``n * max_token_bytes`` characters cannot fit in n tokens (checked before encoding)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        # byte-level BPE spells each byte as one character (at most 2 UTF-8 bytes); other
+        # models' pieces are text; a normaliser may expand, hence the factor 4
+        return 4 * max((len(t.encode()) for t in vocab), default=1)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -34,8 +34,14 @@ def yields_responses(handler: grpc.RpcMethodHandler) -> bool:
     return handler.response_streaming and not inspect.iscoroutinefunction(behavior_of(handler))
 
 
-def rewrap(handler: grpc.RpcMethodHandler, coro: CoroWrapper, gen: GenWrapper) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behavior is wrapped by `gen` (yielding streams) or `coro` (the rest)."""
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    coro: CoroWrapper,
+    gen: GenWrapper,
+    deserializer: Callable[[Any], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behavior is wrapped by `gen` (yielding streams) or `coro` (the
+    rest), and whose request deserializer is `deserializer` when one is given."""
     behavior = behavior_of(handler)
     wrapped = gen(behavior) if yields_responses(handler) else coro(behavior)
     if handler.request_streaming and handler.response_streaming:
@@ -48,7 +54,7 @@ def rewrap(handler: grpc.RpcMethodHandler, coro: CoroWrapper, gen: GenWrapper) -
         factory = grpc.unary_unary_rpc_method_handler
     return factory(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 

@@ -26,15 +26,17 @@ Client side, :func:`status_details` returns ``(code, message, field_violations)`
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from services.core.errors import SpecmeshError
+from services.core.errors import InvalidArgument, SpecmeshError
 
 from ._handlers import call_unary, iterate, rewrap
 
@@ -165,6 +167,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         def coro(behavior):
             async def wrapper(request, context):
                 try:
+                    _raise_if_undecodable(request)
                     return await call_unary(behavior, request, context)
                 except Exception as exc:
                     await handle(context, exc)
@@ -174,6 +177,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         def gen(behavior):
             async def wrapper(request, context):
                 try:
+                    _raise_if_undecodable(request)
                     async with aclosing(iterate(behavior, request, context)) as responses:
                         async for response in responses:
                             yield response
@@ -182,7 +186,38 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        return rewrap(handler, coro, gen)
+        tolerant = None
+        if not handler.request_streaming and handler.request_deserializer is not None:
+            tolerant = _tolerant(handler.request_deserializer)
+        return rewrap(handler, coro, gen, tolerant)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request that protobuf could not parse becomes, so the handler can refuse it."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserializer`, except that a message protobuf cannot parse (invalid UTF-8 in a string
+    field, truncated bytes, a wrong wire type) becomes an :class:`_Undecodable` instead of an
+    exception inside gRPC, which would answer INTERNAL with no word on what was wrong."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _raise_if_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request message cannot be parsed ({request.error}); string fields must be valid UTF-8"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.core.errors import InvalidArgument
+from services.core.errors import InvalidArgument, OutOfRange
 from services.core.params import GenerationParams, SamplingConfig
 from services.core.tokenizer import Tokenizer
 from specmesh.v1 import common_pb2
@@ -30,9 +30,24 @@ def generation_params(pb: common_pb2.SamplingParams, seed: int | None = None) ->
     )
 
 
-def prompt_ids(pb: common_pb2.Prompt, tokenizer: Tokenizer, field: str = "prompt") -> list[int]:
-    """Token ids of a Prompt; text and chat go through the model's tokenizer / chat template."""
+def prompt_ids(
+    pb: common_pb2.Prompt, tokenizer: Tokenizer, field: str = "prompt", max_tokens: int | None = None
+) -> list[int]:
+    """Token ids of a Prompt; text and chat go through the model's tokenizer / chat template.
+
+    With `max_tokens`, text too long to fit in that many tokens is refused (OUT_OF_RANGE) before
+    it is tokenized, so a huge prompt costs a length check, not seconds of tokenization.
+    """
     kind = pb.WhichOneof("kind")
+    if max_tokens is not None and kind in ("text", "chat"):
+        chars = len(pb.text) if kind == "text" else sum(len(m.content) for m in pb.chat.messages)
+        limit = max_tokens * tokenizer.max_token_bytes
+        if chars > limit:
+            raise OutOfRange(
+                f"{chars} characters cannot fit in the model context of {max_tokens} tokens "
+                f"(at most {limit} characters)",
+                f"{field}.{kind}",
+            )
     if kind is None:
         raise InvalidArgument("is empty: set text, token_ids or chat", field)
     if kind == "text":

@@ -401,3 +401,34 @@ def test_target_policy_trace(make_stack) -> None:
     (server,) = [s for s in stack.telemetry["target"].finished_spans() if s.name.endswith("/Generate")]
     assert server.context.trace_id == request_span.context.trace_id
     assert request_span.attributes[m.USAGE_OUTPUT_TOKENS] == 5
+
+
+def test_invalid_utf8_is_invalid_argument(stack) -> None:
+    """A message protobuf cannot parse (invalid UTF-8 in prompt.text) is INVALID_ARGUMENT, not INTERNAL."""
+    good = gateway_pb2.GatewayGenerateRequest(prompt=common_pb2.Prompt(text="w5 w6")).SerializeToString()
+    bad = good.replace(b"w5 w6", b"w5\xff\xfe")
+    assert bad != good
+    for method in ("Generate", "GenerateStream"):
+        call = (stack.channel.unary_unary if method == "Generate" else stack.channel.unary_stream)(
+            f"/specmesh.v1.Gateway/{method}",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(bad, timeout=10)) if method == "GenerateStream" else call(bad, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "UTF-8" in info.value.details()
+    health = health_pb2_grpc.HealthStub(stack.channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert stack.stub.Generate(req(max_new_tokens=3)).usage.output_tokens == 3
+
+
+def test_prompts_too_long_name_the_prompt(stack, toy) -> None:
+    # 30 MB of text: refused by its length before it is tokenized
+    huge = gateway_pb2.GatewayGenerateRequest(prompt=common_pb2.Prompt(text="w5 " * 10_000_000))
+    code, message, violations = rpc_error(stack.stub.Generate, huge)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and [v.field for v in violations] == ["prompt.text"], message
+    # short enough to tokenize, too many tokens: the prompt is named, not max_new_tokens
+    long = gateway_pb2.GatewayGenerateRequest(prompt=common_pb2.Prompt(text="w5 " * toy.MAX_CONTEXT))
+    code, message, violations = rpc_error(stack.stub.Generate, long)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and [v.field for v in violations] == ["prompt"], message
