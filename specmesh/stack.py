@@ -16,6 +16,7 @@ arguments and call this; the benchmarks import it and never the CLI. Importing i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -143,6 +144,33 @@ class LogSink:
             self.stream.flush()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the process that started it dies.
+
+    Linux only (prctl PR_SET_PDEATHSIG; elsewhere None: children of a killed `up` survive it).
+    The death signal follows the *thread* that forked, so children are started from the main
+    thread. libc is resolved here, before the fork, so the child runs only the prctl call and
+    the parent check between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+            os._exit(1)
+
+    return set_death_signal
+
+
 @dataclass
 class Child:
     name: str
@@ -165,6 +193,8 @@ class Child:
             errors="replace",
             bufsize=1,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the children in order
+            # and if `up` dies without stopping them (SIGKILL, the OOM killer), so do they
+            preexec_fn=_die_with_parent(),
         )
 
         def pump() -> None:

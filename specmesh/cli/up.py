@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     def on_term(signum, frame):
         raise _Terminate()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGHUP (a closed terminal, a dropped SSH session) stops the stack like SIGTERM and Ctrl-C
+    previous = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGHUP)}
     code = 0
     try:
         stack.start()
@@ -192,5 +193,6 @@ def run(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, _Terminate):
             stack.kill()
             code = code or 130
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return code

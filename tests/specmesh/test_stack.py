@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,38 @@ def test_wait_returns_the_child_that_exits() -> None:
         local.kill()
         for child in local.children:
             child.stop(timeout=5)
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of `pid` (Z = zombie), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_children_die_with_a_sigkilled_parent() -> None:
+    """What `specmesh up` leaves when the OOM killer or SIGKILL takes it: no running children."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, time\n"
+            "from specmesh.stack import Child, LogSink\n"
+            "c = Child('sleeper', ['sleep', '120'], '', lambda: False)\n"
+            "c.start(dict(os.environ), LogSink())\n"
+            "print(c.proc.pid, flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    assert _state(child) not in (None, "Z")  # running (or sleeping)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _state(child) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(child) in (None, "Z"), "the child outlived its SIGKILLed parent"
