@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,25 @@ class RunningServer:
         await self.stop()
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound right now (None: it can, or port 0), found with a plain
+    socket so that a taken port is one clear line instead of gRPC's own log of the failure."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 async def serve(
     register: RegisterFn,
     settings: ServerSettings | None = None,
@@ -241,6 +261,9 @@ async def serve(
     reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME], server)
 
     bind = _join(settings.host, settings.port)
+    taken = _port_taken(settings.host, settings.port)
+    if taken:
+        raise ServerStartError(f"cannot bind {bind}: {taken} (is another server on that port? pick another)")
     try:
         if credentials is None:
             port = server.add_insecure_port(bind)

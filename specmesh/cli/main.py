@@ -36,12 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _foreseeable() -> tuple[type[BaseException], ...]:
+    """Errors that are a user's to fix (a taken port, a bad setting or file): one line, no traceback."""
+    from services.core.errors import SpecmeshError
+    from services.runtime.security import SecurityError
+    from services.runtime.server import ServerStartError
+    from services.runtime.settings import SettingsError
+    from services.runtime.telemetry import TelemetryConfigError
+
+    return (SpecmeshError, SecurityError, ServerStartError, SettingsError, TelemetryConfigError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not isinstance(exc, _foreseeable()):
+            raise
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"specmesh {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
