@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,6 +537,70 @@ def greedy_mismatches(runs: Sequence[RunConfig], records: Sequence[Record]) -> l
     return out
 
 
+# Logit gap under which a greedy mismatch counts as a floating-point near-tie. Target-only decoding
+# (1-2 token forwards, BLAS) and verification (3+ tokens, oneDNN-packed weights) sum in different
+# orders; in fp32 over 30 layers their logits differ by ~1e-5 to 1e-3 (services/core/model.py,
+# `linear`), so two candidates closer than this can swap. A wider gap is not explained by rounding.
+NEAR_TIE_LOGIT_GAP = 1e-2
+
+
+def greedy_identity(runs: Sequence[RunConfig], records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """Per speculative run: outputs compared with the target-only output of the same prompt (both
+    requests completed) and how many of them are identical token for token."""
+    target = {r.key: r.tokens for r in records if r.run == TARGET_RUN and r.ok}
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if not run.speculative:
+            continue
+        pairs = [(target[r.key], r.tokens) for r in records if r.run == run.name and r.ok and r.key in target]
+        same = sum(ref == toks for ref, toks in pairs)
+        out[run.name] = {"compared": len(pairs), "identical": same, "fraction": _div(same, len(pairs))}
+    return out
+
+
+def identical_fraction(identity: dict[str, dict[str, Any]]) -> float | None:
+    """Identical outputs over outputs compared, all speculative runs together."""
+    return _div(sum(v["identical"] for v in identity.values()), sum(v["compared"] for v in identity.values()))
+
+
+def add_logit_margins(
+    mismatches: list[dict[str, Any]],
+    records: Sequence[Record],
+    prompt_ids: dict[tuple[str, int], list[int]],
+    next_logits: Callable[[list[int]], Sequence[float]],
+) -> None:
+    """Annotate each mismatch with the target's logits at its first divergence: the top-2 margin
+    and the gap between the target-only token and the speculative one (``near_tie`` when that gap
+    is under NEAR_TIE_LOGIT_GAP). `next_logits(ids)` is the target's next-token logits after `ids`.
+    A divergence where one output has ended (EOS) has no token pair to compare and gets None."""
+    target = {r.key: r.tokens for r in records if r.run == TARGET_RUN and r.ok}
+    for m in mismatches:
+        m.update(target_top2_margin=None, target_vs_run_logit_gap=None, near_tie=None)
+        if m["target_token"] is None or m["run_token"] is None:
+            continue
+        key = (m["set"], m["prompt_index"])
+        logits = list(next_logits(prompt_ids[key] + target[key][: m["first_diff_index"]]))
+        top1, top2 = sorted(logits, reverse=True)[:2]
+        gap = logits[m["target_token"]] - logits[m["run_token"]]
+        m.update(
+            target_top2_margin=top1 - top2,
+            target_vs_run_logit_gap=gap,
+            near_tie=abs(gap) < NEAR_TIE_LOGIT_GAP,
+        )
+
+
+def hf_next_logits(model: Any) -> Callable[[list[int]], list[float]]:
+    """`next_logits` for add_logit_margins from a transformers causal LM (fp32, one full forward):
+    an arithmetic independent of both specmesh paths, so it shows how close the two tokens are."""
+    import torch
+
+    def next_logits(ids: list[int]) -> list[float]:
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits[0, -1].float().tolist()
+
+    return next_logits
+
+
 # --- machine / provenance ---------------------------------------------------------------------
 
 
@@ -618,9 +682,28 @@ def format_summary(result: dict[str, Any]) -> str:
             f"greedy identical: {gi}"
             + ("" if gi else f" ({len(result['mismatches'])} mismatching outputs, see 'mismatches')")
         )
+        lines += _identity_lines(result)
     m = result["machine"]
     lines.append(f"load average: start {m['loadavg_start']}, end {m['loadavg_end']} ({m['cpu_count']} CPUs)")
     return "\n".join(lines)
+
+
+def _identity_lines(result: dict[str, Any]) -> list[str]:
+    """Identical fraction per speculative run, and each mismatch with the target's logit margins."""
+    lines = []
+    for run, v in (result.get("greedy_identity") or {}).items():
+        lines.append(
+            f"  {run}: {v['identical']}/{v['compared']} outputs identical ({_fmt(v['fraction'], '.1%')})"
+        )
+    for m in result["mismatches"]:
+        tie = {True: "near-tie", False: "NOT a near-tie", None: "no token pair"}[m.get("near_tie")]
+        lines.append(
+            f"  mismatch {m['set']}[{m['prompt_index']}] {m['run']}: first difference at token "
+            f"{m['first_diff_index']} ({m['target_token']} vs {m['run_token']}), target top-2 margin "
+            f"{_fmt(m.get('target_top2_margin'), '.2e')}, "
+            f"logit gap {_fmt(m.get('target_vs_run_logit_gap'), '.2e')}: {tie}"
+        )
+    return lines
 
 
 def _write_png(result: dict[str, Any], path: Path) -> str | None:
@@ -979,6 +1062,10 @@ def run_spec_bench(
     overall["num_prompts"] = sum(len(ps.items) for ps in sets)
 
     mismatches = greedy_mismatches(runs, records) if temperature == 0 else []
+    identity = greedy_identity(runs, records) if temperature == 0 else None
+    if mismatches:
+        model = hf_runner.target if hf_runner is not None else _load_hf_target(target_dir)
+        add_logit_margins(mismatches, records, prompt_ids, hf_next_logits(model))
     failed = [
         {"set": r.set, "prompt_index": r.prompt_index, "run": r.run, "error": r.error}
         for r in records
@@ -1062,6 +1149,9 @@ def run_spec_bench(
         "notes": notes,
         "greedy_identical": greedy_identical,
         "greedy_identical_note": greedy_note,
+        "greedy_identical_fraction": identical_fraction(identity) if identity is not None else None,
+        "greedy_identity": identity,
+        "near_tie_logit_gap": NEAR_TIE_LOGIT_GAP,
         "mismatches": mismatches,
         "hf_outputs_equal_to_target": hf_vs_target,
         "failed_requests": failed,
@@ -1082,6 +1172,13 @@ def run_spec_bench(
         result["png_note"] = "PNG disabled"
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def _load_hf_target(target_dir: Path) -> Any:
+    import torch
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
 
 def _torch_threads() -> int | None:
