@@ -296,7 +296,7 @@ def test_identical_fraction_and_mismatch_margins(spec_bench) -> None:
         "mismatches": [tie, wide[0], ended],
         "config": {"temperature": 0.0},
     }
-    lines = spec_bench._identity_lines(result)
+    lines = spec_bench.identity_lines(result)
     assert lines[0] == "  speculative:chain: 1/3 outputs identical (33.3%)"
     assert lines[1] == "  speculative:static_tree: 2/2 outputs identical (100.0%)"
     assert lines[2].startswith("  mismatch s[1] speculative:chain: first difference at token 1 (5 vs 0)")
