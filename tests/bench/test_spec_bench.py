@@ -315,3 +315,22 @@ def test_hf_next_logits_reads_the_last_position(spec_bench) -> None:
         return Out(torch.stack([torch.arange(x.shape[1]), x[0]], dim=-1)[None].float())
 
     assert spec_bench.hf_next_logits(model)([7, 8, 9]) == [2.0, 9.0]
+
+
+def test_config_checks_and_fills_defaults(spec_bench, monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    cfg = spec_bench.SpecBenchConfig(["a.jsonl"], out="o.json", strategies=["Chain", "dynamic-tree", "chain"])
+    assert cfg.strategies == ["chain", "dynamic_tree"]
+    assert (cfg.target_threads, cfg.draft_threads, cfg.hf_threads) == (6, 6, 6)
+    assert cfg.greedy and str(cfg.paths[0]) == "a.jsonl"
+    assert spec_bench.SpecBenchConfig(["a"], out="o", target_threads=2).hf_threads == 2
+    for bad in (
+        {"temperature": -1.0},
+        {"max_new_tokens": 0},
+        {"omp_wait_policy": "spin"},
+        {"strategies": ["beam"]},
+    ):
+        with pytest.raises(ValueError):
+            spec_bench.SpecBenchConfig(["a.jsonl"], out="o.json", **bad)
+    with pytest.raises(ValueError, match="no prompt files"):
+        spec_bench.SpecBenchConfig([], out="o.json")
