@@ -52,7 +52,8 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         "unless --gateway is given. Reports tokens/s, tau (mean tokens per verification round "
         "counting the bonus token), acceptance rate, speedup_vs_target, speedup_vs_hf_assisted and "
         "greedy_identical (T=0: every speculative output equals the target-only output; exit "
-        "status 1 if not, or if requests failed).",
+        "status 1 if not, or if requests failed), greedy_identical_fraction, and for each mismatch "
+        "the target's logit margin at the first differing token (a floating-point near-tie or not).",
         epilog="Example: specmesh bench spec --prompts bench/prompts/chat.jsonl "
         "--prompts bench/prompts/code.jsonl --max-new-tokens 64 --temperature 0 --out spec.json",
     )

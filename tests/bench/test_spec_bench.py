@@ -236,3 +236,101 @@ def test_cli_parses_spec_args() -> None:
         parser.parse_args(["spec", "--prompts", "a.jsonl", "--out", "s.json", "--strategies", "beam"])
     with pytest.raises(SystemExit):
         parser.parse_args(["spec", "--prompts", "a.jsonl", "--out", "s.json", "--temperature", "-1"])
+
+
+def test_identical_fraction_and_mismatch_margins(spec_bench) -> None:
+    Record = spec_bench.Record
+    runs = spec_bench.plan_runs(["chain", "static_tree"], adaptive=False, draft_policy=False, hf=False)
+
+    def rec(run, i, tokens, error=None):
+        r = Record(run, "s", i, 2, i, 0, tokens, 1.0)
+        r.error = error
+        return r
+
+    records = [
+        rec("target", 0, [1, 2, 3]),
+        rec("target", 1, [4, 5, 6]),
+        rec("target", 2, [7, 8]),
+        rec("target", 3, [1], error="UNAVAILABLE: gone"),  # nothing to compare prompt 3 against
+        rec("speculative:chain", 0, [1, 2, 3]),
+        rec("speculative:chain", 1, [4, 0, 6]),  # differs at 1
+        rec("speculative:chain", 2, [7]),  # ended early: no token pair at the divergence
+        rec("speculative:chain", 3, [1]),
+        rec("speculative:static_tree", 0, [1, 2, 3]),
+        rec("speculative:static_tree", 1, [4, 5, 6]),
+        rec("speculative:static_tree", 2, [7, 8], error="DEADLINE_EXCEEDED: slow"),
+    ]
+    identity = spec_bench.greedy_identity(runs, records)
+    assert identity == {
+        "speculative:chain": {"compared": 3, "identical": 1, "fraction": pytest.approx(1 / 3)},
+        "speculative:static_tree": {"compared": 2, "identical": 2, "fraction": 1.0},
+    }
+    assert spec_bench.identical_fraction(identity) == pytest.approx(3 / 5)
+
+    mismatches = spec_bench.greedy_mismatches(runs, records)
+    assert [(m["prompt_index"], m["first_diff_index"]) for m in mismatches] == [(1, 1), (2, 1)]
+    prompt_ids = {("s", i): [100 + i, 200 + i] for i in range(4)}
+    seen: list[list[int]] = []
+
+    def next_logits(ids: list[int]) -> list[float]:
+        seen.append(ids)
+        logits = [0.0] * 10
+        logits[5], logits[0], logits[9] = 3.0, 2.995, 2.0  # target's 5 leads the draft's 0 by 0.005
+        return logits
+
+    spec_bench.add_logit_margins(mismatches, records, prompt_ids, next_logits)
+    assert seen == [[101, 201, 4]]  # the prompt and the target's tokens before the divergence
+    tie, ended = mismatches
+    assert tie["target_top2_margin"] == pytest.approx(0.005)
+    assert tie["target_vs_run_logit_gap"] == pytest.approx(0.005) and tie["near_tie"] is True
+    assert ended["near_tie"] is None and ended["target_top2_margin"] is None
+
+    # a gap far above rounding error is reported as not a near-tie
+    wide = spec_bench.greedy_mismatches(runs, records)[:1]
+    spec_bench.add_logit_margins(wide, records, prompt_ids, lambda ids: [1.0, 0, 0, 0, 0, 3.0])
+    assert wide[0]["near_tie"] is False and wide[0]["target_vs_run_logit_gap"] == pytest.approx(2.0)
+
+    result = {
+        "greedy_identical": False,
+        "greedy_identity": identity,
+        "mismatches": [tie, wide[0], ended],
+        "config": {"temperature": 0.0},
+    }
+    lines = spec_bench.identity_lines(result)
+    assert lines[0] == "  speculative:chain: 1/3 outputs identical (33.3%)"
+    assert lines[1] == "  speculative:static_tree: 2/2 outputs identical (100.0%)"
+    assert lines[2].startswith("  mismatch s[1] speculative:chain: first difference at token 1 (5 vs 0)")
+    assert lines[2].endswith(": near-tie") and lines[3].endswith(": NOT a near-tie")
+    assert lines[4].endswith(": no token pair")
+
+
+def test_hf_next_logits_reads_the_last_position(spec_bench) -> None:
+    torch = pytest.importorskip("torch")
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    def model(x):  # batch 1: logits[0, j] = [j, ids[j]]
+        return Out(torch.stack([torch.arange(x.shape[1]), x[0]], dim=-1)[None].float())
+
+    assert spec_bench.hf_next_logits(model)([7, 8, 9]) == [2.0, 9.0]
+
+
+def test_config_checks_and_fills_defaults(spec_bench, monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    cfg = spec_bench.SpecBenchConfig(["a.jsonl"], out="o.json", strategies=["Chain", "dynamic-tree", "chain"])
+    assert cfg.strategies == ["chain", "dynamic_tree"]
+    assert (cfg.target_threads, cfg.draft_threads, cfg.hf_threads) == (6, 6, 6)
+    assert cfg.greedy and str(cfg.paths[0]) == "a.jsonl"
+    assert spec_bench.SpecBenchConfig(["a"], out="o", target_threads=2).hf_threads == 2
+    for bad in (
+        {"temperature": -1.0},
+        {"max_new_tokens": 0},
+        {"omp_wait_policy": "spin"},
+        {"strategies": ["beam"]},
+    ):
+        with pytest.raises(ValueError):
+            spec_bench.SpecBenchConfig(["a.jsonl"], out="o.json", **bad)
+    with pytest.raises(ValueError, match="no prompt files"):
+        spec_bench.SpecBenchConfig([], out="o.json")
