@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -81,6 +82,16 @@ def parse_optional_int(text: str) -> int | None:
     return parse_int(text)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
 def parse_optional_str(text: str) -> str | None:
     """Empty means unset."""
     return text.strip() or None
@@ -130,6 +141,7 @@ class ServerSettings:
         None, parse_optional_int, "RPCs served at once before RESOURCE_EXHAUSTED (0/none: no limit)"
     )
     service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
+    log_level: str = _field("info", parse_log_level, "log level: " + ", ".join(LOG_LEVELS))
     # security (services/runtime/security.py)
     tls_cert_file: str | None = _field(
         None, parse_optional_str, "PEM certificate chain: serve TLS (and present it to TLS upstreams)"
@@ -212,6 +224,12 @@ class ServerSettings:
 
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)
+
+    def configure_logging(self) -> None:
+        """Process-wide logging at :attr:`log_level` (call once, in a server's main)."""
+        logging.basicConfig(
+            level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
 
     # -- gRPC channel arguments ------------------------------------------------------------------
 

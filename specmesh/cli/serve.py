@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy
 
@@ -92,8 +91,8 @@ def run_target(args: argparse.Namespace) -> int:
     from services.runtime.telemetry import setup_telemetry
     from services.target.server import load_target, registrar
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings.from_env_and_args(args)
+    settings.configure_logging()
     setup_telemetry("specmesh-target")
     servicer = load_target(
         args.model,
@@ -120,8 +119,8 @@ def run_draft(args: argparse.Namespace) -> int:
     from services.runtime.settings import ServerSettings
     from services.runtime.telemetry import setup_telemetry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings.from_env_and_args(args)
+    settings.configure_logging()
     setup_telemetry("specmesh-draft")
     servicer = load_draft(
         args.model,

@@ -176,16 +176,15 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gateway.server import run_gateway
     from services.core.errors import SpecmeshError
     from services.runtime.settings import ServerSettings, SettingsError
     from services.runtime.telemetry import setup_telemetry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = ServerSettings.from_env_and_args(args, port=DEFAULT_PORT, service_name="specmesh-gateway")
+        settings.configure_logging()
         options = options_from_args(args)
     except (SpecmeshError, SettingsError, ValueError) as exc:
         print(f"specmesh serve gateway: {exc}", file=sys.stderr)

@@ -124,3 +124,9 @@ def test_grpc_options_accept_client_pings():
     client = dict(s.channel_options())
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
     assert client["grpc.max_send_message_length"] == s.max_message_bytes
+
+
+def test_log_level() -> None:
+    assert ServerSettings.from_env({"SPECMESH_LOG_LEVEL": "DEBUG"}).log_level == "debug"
+    with pytest.raises(SettingsError, match="SPECMESH_LOG_LEVEL='loud'.*debug, info, warning, error"):
+        ServerSettings.from_env({"SPECMESH_LOG_LEVEL": "loud"})
