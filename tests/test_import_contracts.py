@@ -24,6 +24,7 @@ pytest.importorskip("importlinter", reason="import-linter is in the `test` extra
 EXPECTED = {
     "services.core imports nothing above it (and no gRPC)",
     "services never import each other or the gateway",
+    "services.scoring imports only services.core and services.runtime of ours (and the stubs)",
     "services.runtime imports no service, the gateway, the CLI or the benchmarks",
     "the gateway (and its CLI entry) never imports torch or a service",
     "the benchmarks and the stack supervisor never import the CLI",
@@ -72,6 +73,8 @@ _BAD_TREE = {
     "services/target/servicer.py": "import services.draft.servicer\n",
     "services/draft/__init__.py": "",
     "services/draft/servicer.py": "",
+    "services/scoring/__init__.py": "",
+    "services/scoring/servicer.py": "import specmesh.stack\n",
     "gateway/__init__.py": "",
     "gateway/server.py": "import services.core.tok\n",
     "specmesh/__init__.py": "",

@@ -80,6 +80,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_server_args(d)
     d.set_defaults(func=run_draft)
 
+    sc = ssub.add_parser(
+        "scoring",
+        help="the scoring service: Detect, Membership, Uncertainty",
+        description="Serve machine-text detection (log-likelihood, log-rank, entropy, Binoculars, "
+        "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD) and token uncertainty "
+        "over --model. Binoculars needs --observer, a second model sharing the tokenizer: --model "
+        "is its performer, the observer weights its cross-perplexity term.",
+    )
+    sc.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="scored model (Binoculars' performer; default: %(default)s)",
+    )
+    sc.add_argument(
+        "--observer",
+        default=None,
+        help="Binoculars' observer, same tokenizer (e.g. smollm2-135m-instruct-draft); without it "
+        "BINOCULARS is unavailable",
+    )
+    sc.add_argument(
+        "--reference",
+        default=None,
+        help="DC-PDD token-count table (.npy from `python -m services.scoring.reference_corpus`); "
+        "default: the shipped table for the model's tokenizer, when there is one",
+    )
+    sc.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    sc.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
+    sc.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for concurrent ones to share its forward (default: %(default)s)",
+    )
+    sc.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="skip the oneDNN-packed weight copy",
+    )
+    add_server_args(sc)
+    sc.set_defaults(func=run_scoring)
+
     from specmesh.cli import serve_gateway
 
     serve_gateway.add_parser(ssub)
@@ -135,6 +177,40 @@ def run_draft(args: argparse.Namespace) -> int:
 
     def announce(server) -> None:
         print(f"specmesh draft serving {servicer.engine.name} on {server.address}", flush=True)
+
+    async def main() -> None:
+        await run_forever(registrar(servicer), settings, on_start=announce)
+
+    asyncio.run(main())
+    servicer.close()
+    return 0
+
+
+def run_scoring(args: argparse.Namespace) -> int:
+    from services.runtime.server import run_forever
+    from services.runtime.settings import ServerSettings
+    from services.runtime.telemetry import setup_telemetry
+    from services.scoring.server import load_scoring, registrar
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings.from_env_and_args(args)
+    setup_telemetry("specmesh-scoring")
+    servicer = load_scoring(
+        args.model,
+        observer=args.observer,
+        reference=args.reference,
+        threads=args.threads,
+        max_kv_tokens=args.max_kv_tokens,
+        pack_weights=args.pack_weights,
+    )
+    servicer.batcher.window_s = args.batch_window_ms / 1000
+
+    def announce(server) -> None:
+        observer = servicer.observer.name if servicer.observer else "none"
+        print(
+            f"specmesh scoring serving {servicer.engine.name} (observer: {observer}) on {server.address}",
+            flush=True,
+        )
 
     async def main() -> None:
         await run_forever(registrar(servicer), settings, on_start=announce)

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/scoring.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"r\n\rDetectRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12*\n\x07methods\x18\x02 \x03(\x0e\x32\x19.specmesh.v1.DetectMethod\x12\x11\n\tper_token\x18\x03 \x01(\x08\"\x94\x01\n\x0bMethodScore\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.specmesh.v1.DetectMethod\x12\r\n\x05score\x18\x02 \x01(\x01\x12 \n\x13machine_probability\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tper_token\x18\x04 \x03(\x02\x42\x16\n\x14_machine_probability\"r\n\x0e\x44\x65tectResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.specmesh.v1.MethodScore\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.specmesh.v1.Timing\"{\n\x11MembershipRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12.\n\x07methods\x18\x02 \x03(\x0e\x32\x1d.specmesh.v1.MembershipMethod\x12\x12\n\nk_fraction\x18\x03 \x01(\x02\"O\n\x0fMembershipScore\x12-\n\x06method\x18\x01 \x01(\x0e\x32\x1d.specmesh.v1.MembershipMethod\x12\r\n\x05score\x18\x02 \x01(\x01\"g\n\x12MembershipResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.specmesh.v1.MembershipScore\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Timing\"G\n\x12UncertaintyRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\r\n\x05start\x18\x02 \x01(\x05\"\x85\x01\n\x13UncertaintyResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07\x65ntropy\x18\x02 \x03(\x02\x12\x0f\n\x07logprob\x18\x03 \x03(\x02\x12\x14\n\x0cmean_entropy\x18\x04 \x01(\x01\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x92\x01\n\x10\x41ttributeRequest\x12$\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\x13\n\x0btarget_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15replace_ratio_percent\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"<\n\x10TokenAttribution\x12\x14\n\x0ctarget_index\x18\x01 \x01(\x05\x12\x12\n\nimportance\x18\x02 \x03(\x02\"\xdc\x01\n\x11\x41ttributeResponse\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\x05\x12\x18\n\x10target_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0c\x61ttributions\x18\x03 \x03(\x0b\x32\x1d.specmesh.v1.TokenAttribution\x12\x18\n\x10soft_sufficiency\x18\x04 \x01(\x01\x12\x1e\n\x16soft_comprehensiveness\x18\x05 \x01(\x01\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.specmesh.v1.Timing*\xde\x01\n\x0c\x44\x65tectMethod\x12\x1d\n\x19\x44\x45TECT_METHOD_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45TECT_METHOD_LOG_LIKELIHOOD\x10\x01\x12\x1a\n\x16\x44\x45TECT_METHOD_LOG_RANK\x10\x02\x12\x19\n\x15\x44\x45TECT_METHOD_ENTROPY\x10\x03\x12\x1c\n\x18\x44\x45TECT_METHOD_BINOCULARS\x10\x04\x12 \n\x1c\x44\x45TECT_METHOD_FAST_DETECTGPT\x10\x05\x12\x16\n\x12\x44\x45TECT_METHOD_PAWN\x10\x06*\x97\x01\n\x10MembershipMethod\x12!\n\x1dMEMBERSHIP_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17MEMBERSHIP_METHOD_MIN_K\x10\x01\x12%\n!MEMBERSHIP_METHOD_MIN_K_PLUS_PLUS\x10\x02\x12\x1c\n\x18MEMBERSHIP_METHOD_DC_PDD\x10\x03\x32\xc0\x02\n\x0eScoringService\x12\x41\n\x06\x44\x65tect\x12\x1a.specmesh.v1.DetectRequest\x1a\x1b.specmesh.v1.DetectResponse\x12M\n\nMembership\x12\x1e.specmesh.v1.MembershipRequest\x1a\x1f.specmesh.v1.MembershipResponse\x12P\n\x0bUncertainty\x12\x1f.specmesh.v1.UncertaintyRequest\x1a .specmesh.v1.UncertaintyResponse\x12J\n\tAttribute\x12\x1d.specmesh.v1.AttributeRequest\x1a\x1e.specmesh.v1.AttributeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/scoring.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"r\n\rDetectRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12*\n\x07methods\x18\x02 \x03(\x0e\x32\x19.specmesh.v1.DetectMethod\x12\x11\n\tper_token\x18\x03 \x01(\x08\"\xb2\x01\n\x0bMethodScore\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.specmesh.v1.DetectMethod\x12\r\n\x05score\x18\x02 \x01(\x01\x12 \n\x13machine_probability\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tper_token\x18\x04 \x03(\x02\x12\x1c\n\x14higher_means_machine\x18\x05 \x01(\x08\x42\x16\n\x14_machine_probability\"r\n\x0e\x44\x65tectResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.specmesh.v1.MethodScore\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.specmesh.v1.Timing\"{\n\x11MembershipRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12.\n\x07methods\x18\x02 \x03(\x0e\x32\x1d.specmesh.v1.MembershipMethod\x12\x12\n\nk_fraction\x18\x03 \x01(\x02\"O\n\x0fMembershipScore\x12-\n\x06method\x18\x01 \x01(\x0e\x32\x1d.specmesh.v1.MembershipMethod\x12\r\n\x05score\x18\x02 \x01(\x01\"g\n\x12MembershipResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.specmesh.v1.MembershipScore\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Timing\"G\n\x12UncertaintyRequest\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\r\n\x05start\x18\x02 \x01(\x05\"\xe9\x01\n\x13UncertaintyResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07\x65ntropy\x18\x02 \x03(\x02\x12\x0f\n\x07logprob\x18\x03 \x03(\x02\x12\x14\n\x0cmean_entropy\x18\x04 \x01(\x01\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.specmesh.v1.Timing\x12\x10\n\x08kurtosis\x18\x06 \x03(\x02\x12\x1b\n\x13geometric_mean_prob\x18\x07 \x01(\x01\x12\x1c\n\x14\x61rithmetic_mean_prob\x18\x08 \x01(\x01\x12\x15\n\rmean_kurtosis\x18\t \x01(\x01\"\x92\x01\n\x10\x41ttributeRequest\x12$\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12\x13\n\x0btarget_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15replace_ratio_percent\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"<\n\x10TokenAttribution\x12\x14\n\x0ctarget_index\x18\x01 \x01(\x05\x12\x12\n\nimportance\x18\x02 \x03(\x02\"\xdc\x01\n\x11\x41ttributeResponse\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\x05\x12\x18\n\x10target_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0c\x61ttributions\x18\x03 \x03(\x0b\x32\x1d.specmesh.v1.TokenAttribution\x12\x18\n\x10soft_sufficiency\x18\x04 \x01(\x01\x12\x1e\n\x16soft_comprehensiveness\x18\x05 \x01(\x01\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.specmesh.v1.Timing*\xde\x01\n\x0c\x44\x65tectMethod\x12\x1d\n\x19\x44\x45TECT_METHOD_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45TECT_METHOD_LOG_LIKELIHOOD\x10\x01\x12\x1a\n\x16\x44\x45TECT_METHOD_LOG_RANK\x10\x02\x12\x19\n\x15\x44\x45TECT_METHOD_ENTROPY\x10\x03\x12\x1c\n\x18\x44\x45TECT_METHOD_BINOCULARS\x10\x04\x12 \n\x1c\x44\x45TECT_METHOD_FAST_DETECTGPT\x10\x05\x12\x16\n\x12\x44\x45TECT_METHOD_PAWN\x10\x06*\x97\x01\n\x10MembershipMethod\x12!\n\x1dMEMBERSHIP_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17MEMBERSHIP_METHOD_MIN_K\x10\x01\x12%\n!MEMBERSHIP_METHOD_MIN_K_PLUS_PLUS\x10\x02\x12\x1c\n\x18MEMBERSHIP_METHOD_DC_PDD\x10\x03\x32\xc0\x02\n\x0eScoringService\x12\x41\n\x06\x44\x65tect\x12\x1a.specmesh.v1.DetectRequest\x1a\x1b.specmesh.v1.DetectResponse\x12M\n\nMembership\x12\x1e.specmesh.v1.MembershipRequest\x1a\x1f.specmesh.v1.MembershipResponse\x12P\n\x0bUncertainty\x12\x1f.specmesh.v1.UncertaintyRequest\x1a .specmesh.v1.UncertaintyResponse\x12J\n\tAttribute\x12\x1d.specmesh.v1.AttributeRequest\x1a\x1e.specmesh.v1.AttributeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DETECTMETHOD']._serialized_start=1406
-  _globals['_DETECTMETHOD']._serialized_end=1628
-  _globals['_MEMBERSHIPMETHOD']._serialized_start=1631
-  _globals['_MEMBERSHIPMETHOD']._serialized_end=1782
+  _globals['_DETECTMETHOD']._serialized_start=1536
+  _globals['_DETECTMETHOD']._serialized_end=1758
+  _globals['_MEMBERSHIPMETHOD']._serialized_start=1761
+  _globals['_MEMBERSHIPMETHOD']._serialized_end=1912
   _globals['_DETECTREQUEST']._serialized_start=68
   _globals['_DETECTREQUEST']._serialized_end=182
   _globals['_METHODSCORE']._serialized_start=185
-  _globals['_METHODSCORE']._serialized_end=333
-  _globals['_DETECTRESPONSE']._serialized_start=335
-  _globals['_DETECTRESPONSE']._serialized_end=449
-  _globals['_MEMBERSHIPREQUEST']._serialized_start=451
-  _globals['_MEMBERSHIPREQUEST']._serialized_end=574
-  _globals['_MEMBERSHIPSCORE']._serialized_start=576
-  _globals['_MEMBERSHIPSCORE']._serialized_end=655
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=657
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=760
-  _globals['_UNCERTAINTYREQUEST']._serialized_start=762
-  _globals['_UNCERTAINTYREQUEST']._serialized_end=833
-  _globals['_UNCERTAINTYRESPONSE']._serialized_start=836
-  _globals['_UNCERTAINTYRESPONSE']._serialized_end=969
-  _globals['_ATTRIBUTEREQUEST']._serialized_start=972
-  _globals['_ATTRIBUTEREQUEST']._serialized_end=1118
-  _globals['_TOKENATTRIBUTION']._serialized_start=1120
-  _globals['_TOKENATTRIBUTION']._serialized_end=1180
-  _globals['_ATTRIBUTERESPONSE']._serialized_start=1183
-  _globals['_ATTRIBUTERESPONSE']._serialized_end=1403
-  _globals['_SCORINGSERVICE']._serialized_start=1785
-  _globals['_SCORINGSERVICE']._serialized_end=2105
+  _globals['_METHODSCORE']._serialized_end=363
+  _globals['_DETECTRESPONSE']._serialized_start=365
+  _globals['_DETECTRESPONSE']._serialized_end=479
+  _globals['_MEMBERSHIPREQUEST']._serialized_start=481
+  _globals['_MEMBERSHIPREQUEST']._serialized_end=604
+  _globals['_MEMBERSHIPSCORE']._serialized_start=606
+  _globals['_MEMBERSHIPSCORE']._serialized_end=685
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=687
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=790
+  _globals['_UNCERTAINTYREQUEST']._serialized_start=792
+  _globals['_UNCERTAINTYREQUEST']._serialized_end=863
+  _globals['_UNCERTAINTYRESPONSE']._serialized_start=866
+  _globals['_UNCERTAINTYRESPONSE']._serialized_end=1099
+  _globals['_ATTRIBUTEREQUEST']._serialized_start=1102
+  _globals['_ATTRIBUTEREQUEST']._serialized_end=1248
+  _globals['_TOKENATTRIBUTION']._serialized_start=1250
+  _globals['_TOKENATTRIBUTION']._serialized_end=1310
+  _globals['_ATTRIBUTERESPONSE']._serialized_start=1313
+  _globals['_ATTRIBUTERESPONSE']._serialized_end=1533
+  _globals['_SCORINGSERVICE']._serialized_start=1915
+  _globals['_SCORINGSERVICE']._serialized_end=2235
 # @@protoc_insertion_point(module_scope)

@@ -47,16 +47,18 @@ class DetectRequest(_message.Message):
     def __init__(self, input: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[DetectMethod, str]]] = ..., per_token: _Optional[bool] = ...) -> None: ...
 
 class MethodScore(_message.Message):
-    __slots__ = ("method", "score", "machine_probability", "per_token")
+    __slots__ = ("method", "score", "machine_probability", "per_token", "higher_means_machine")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     MACHINE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_MEANS_MACHINE_FIELD_NUMBER: _ClassVar[int]
     method: DetectMethod
     score: float
     machine_probability: float
     per_token: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, method: _Optional[_Union[DetectMethod, str]] = ..., score: _Optional[float] = ..., machine_probability: _Optional[float] = ..., per_token: _Optional[_Iterable[float]] = ...) -> None: ...
+    higher_means_machine: bool
+    def __init__(self, method: _Optional[_Union[DetectMethod, str]] = ..., score: _Optional[float] = ..., machine_probability: _Optional[float] = ..., per_token: _Optional[_Iterable[float]] = ..., higher_means_machine: _Optional[bool] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
     __slots__ = ("token_ids", "scores", "timing")
@@ -103,18 +105,26 @@ class UncertaintyRequest(_message.Message):
     def __init__(self, input: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., start: _Optional[int] = ...) -> None: ...
 
 class UncertaintyResponse(_message.Message):
-    __slots__ = ("token_ids", "entropy", "logprob", "mean_entropy", "timing")
+    __slots__ = ("token_ids", "entropy", "logprob", "mean_entropy", "timing", "kurtosis", "geometric_mean_prob", "arithmetic_mean_prob", "mean_kurtosis")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     MEAN_ENTROPY_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    KURTOSIS_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRIC_MEAN_PROB_FIELD_NUMBER: _ClassVar[int]
+    ARITHMETIC_MEAN_PROB_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KURTOSIS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     entropy: _containers.RepeatedScalarFieldContainer[float]
     logprob: _containers.RepeatedScalarFieldContainer[float]
     mean_entropy: float
     timing: _common_pb2.Timing
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., entropy: _Optional[_Iterable[float]] = ..., logprob: _Optional[_Iterable[float]] = ..., mean_entropy: _Optional[float] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    kurtosis: _containers.RepeatedScalarFieldContainer[float]
+    geometric_mean_prob: float
+    arithmetic_mean_prob: float
+    mean_kurtosis: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., entropy: _Optional[_Iterable[float]] = ..., logprob: _Optional[_Iterable[float]] = ..., mean_entropy: _Optional[float] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., kurtosis: _Optional[_Iterable[float]] = ..., geometric_mean_prob: _Optional[float] = ..., arithmetic_mean_prob: _Optional[float] = ..., mean_kurtosis: _Optional[float] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
     __slots__ = ("context", "target_text", "max_new_tokens", "replace_ratio_percent", "seed")

@@ -1,0 +1,2 @@
+"""ScoringService: machine-text detection, membership inference and uncertainty over the target
+model (the Binoculars performer) and, optionally, an observer model sharing its tokenizer."""

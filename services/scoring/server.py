@@ -1,0 +1,97 @@
+"""Scoring service process: load the target (performer) and an optional observer on one engine
+thread, register the servicer on runtime.serve()."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from services.core.model_store import resolve_model
+from services.core.scoring.reference import load_counts, log_frequencies, vocab_digest
+from services.core.tokenizer import Tokenizer
+from services.runtime.lenient import unary_handlers
+from services.runtime.loading import load_engine
+from services.runtime.server import RunningServer, serve
+from services.runtime.settings import ServerSettings
+from services.scoring.reference_corpus import DATA_DIR
+from services.scoring.servicer import ScoringServicer
+from specmesh.v1 import scoring_pb2
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+
+
+def find_reference(tokenizer: Tokenizer, path: str | Path | None = None):
+    """log f [V] for DC-PDD: from `path`, else the shipped table made with this tokenizer's
+    vocabulary (services/scoring/data), else None (DC-PDD unavailable)."""
+    digest = vocab_digest(tokenizer)
+    candidates = [Path(path)] if path else sorted(DATA_DIR.glob("*.token_counts.npy"))
+    for p in candidates:
+        counts, meta = load_counts(p)
+        if meta.get("tokenizer_vocab_sha256") == digest and len(counts) == tokenizer.vocab_size:
+            log.info("DC-PDD reference: %s (%d tokens)", p, counts.sum())
+            return log_frequencies(counts)
+        if path:
+            raise ValueError(f"{p} was not counted with this model's tokenizer")
+    log.warning("no DC-PDD reference table for this tokenizer: DC_PDD is unavailable")
+    return None
+
+
+def load_scoring(
+    model: str,
+    *,
+    observer: str | None = None,
+    reference: str | None = None,
+    threads: int | None = None,
+    max_kv_tokens: int = 65536,
+    pack_weights: bool = True,
+) -> ScoringServicer:
+    from services.core.engine import Engine  # lazy: torch
+
+    loaded = load_engine(model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights)
+    tokenizer = Tokenizer.from_dir(loaded.model_dir)
+    observer_engine = None
+    if observer:
+        obs_dir = Path(resolve_model(observer))
+        if vocab_digest(Tokenizer.from_dir(obs_dir)) != vocab_digest(tokenizer):
+            raise ValueError(f"observer {obs_dir.name} does not share the target's tokenizer")
+        # the same engine thread as the target (see services.runtime.worker)
+        observer_engine = loaded.worker.call(lambda: Engine.from_dir(obs_dir, max_kv_tokens=max_kv_tokens))
+        if pack_weights:
+            loaded.worker.call(observer_engine.pack_weights)
+        log.info("observer %s loaded from %s", observer_engine.name, obs_dir)
+    return ScoringServicer(
+        loaded.engine,
+        tokenizer,
+        observer=observer_engine,
+        reference_logfreq=find_reference(tokenizer, reference),
+        license=loaded.license,
+        worker=loaded.worker,
+    )
+
+
+def registrar(servicer: ScoringServicer) -> Callable[[grpc.aio.Server], list[str]]:
+    s = scoring_pb2
+    methods = {
+        "Detect": (servicer.Detect, s.DetectRequest, s.DetectResponse),
+        "Membership": (servicer.Membership, s.MembershipRequest, s.MembershipResponse),
+        "Uncertainty": (servicer.Uncertainty, s.UncertaintyRequest, s.UncertaintyResponse),
+        "Attribute": (servicer.Attribute, s.AttributeRequest, s.AttributeResponse),
+    }
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        # the generated add_ScoringServiceServicer_to_server, but parsing leniently so non-UTF-8
+        # text is INVALID_ARGUMENT naming its field (services.runtime.lenient)
+        handlers = unary_handlers(methods)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        return [SERVICE_NAME]
+
+    return register
+
+
+async def start_scoring(servicer: ScoringServicer, settings: ServerSettings) -> RunningServer:
+    return await serve(registrar(servicer), settings)
