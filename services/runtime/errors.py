@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 from services.core.errors import InvalidArgument, SpecmeshError
 
 from ._handlers import call_unary, iterate, rewrap
+from .utf8_fields import invalid_utf8_field
 
 logger = logging.getLogger("specmesh.runtime.errors")
 
@@ -197,6 +198,7 @@ class _Undecodable:
     """What a request that protobuf could not parse becomes, so the handler can refuse it."""
 
     error: str
+    field: str | None  # the string field that is not UTF-8, when that is the cause
 
 
 def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -204,17 +206,23 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     field, truncated bytes, a wrong wire type) becomes an :class:`_Undecodable` instead of an
     exception inside gRPC, which would answer INTERNAL with no word on what was wrong."""
 
+    message_type = getattr(deserializer, "__self__", None)  # Message.FromString is a classmethod
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
         except DecodeError as exc:
-            return _Undecodable(str(exc))
+            field = invalid_utf8_field(descriptor, data) if descriptor is not None else None
+            return _Undecodable(str(exc), field)
 
     return parse
 
 
 def _raise_if_undecodable(request: Any) -> None:
     if isinstance(request, _Undecodable):
+        if request.field:
+            raise InvalidArgument("is not valid UTF-8", request.field)
         raise InvalidArgument(
             f"the request message cannot be parsed ({request.error}); string fields must be valid UTF-8"
         )

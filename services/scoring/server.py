@@ -12,13 +12,12 @@ import grpc
 from services.core.model_store import resolve_model
 from services.core.scoring.reference import load_counts, log_frequencies, vocab_digest
 from services.core.tokenizer import Tokenizer
-from services.runtime.lenient import unary_handlers
 from services.runtime.loading import load_engine
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
 from services.scoring.reference_corpus import DATA_DIR
 from services.scoring.servicer import ScoringServicer
-from specmesh.v1 import scoring_pb2
+from specmesh.v1 import scoring_pb2, scoring_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
@@ -74,20 +73,8 @@ def load_scoring(
 
 
 def registrar(servicer: ScoringServicer) -> Callable[[grpc.aio.Server], list[str]]:
-    s = scoring_pb2
-    methods = {
-        "Detect": (servicer.Detect, s.DetectRequest, s.DetectResponse),
-        "Membership": (servicer.Membership, s.MembershipRequest, s.MembershipResponse),
-        "Uncertainty": (servicer.Uncertainty, s.UncertaintyRequest, s.UncertaintyResponse),
-        "Attribute": (servicer.Attribute, s.AttributeRequest, s.AttributeResponse),
-    }
-
     def register(server: grpc.aio.Server) -> list[str]:
-        # the generated add_ScoringServiceServicer_to_server, but parsing leniently so non-UTF-8
-        # text is INVALID_ARGUMENT naming its field (services.runtime.lenient)
-        handlers = unary_handlers(methods)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     return register

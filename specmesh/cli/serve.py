@@ -192,8 +192,8 @@ def run_scoring(args: argparse.Namespace) -> int:
     from services.runtime.telemetry import setup_telemetry
     from services.scoring.server import load_scoring, registrar
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings.from_env_and_args(args)
+    settings.configure_logging()
     setup_telemetry("specmesh-scoring")
     servicer = load_scoring(
         args.model,
