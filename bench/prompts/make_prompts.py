@@ -4,7 +4,7 @@
 
 chat: single-line questions of the zlib and xz-utils FAQs shipped in /usr/share/doc.
 code: signature + docstring of public functions of a few CPython stdlib modules, verbatim.
-Both sources are excluded from draft training (services/core/training/data.py: is_excluded).
+Both sources are excluded from draft training (services/draft/training/data.py: is_excluded).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from services.core.training.data import BENCH_CHAT_FILES, BENCH_CODE_MODULES, STDLIB, faq_questions
+from services.draft.training.data import BENCH_CHAT_FILES, BENCH_CODE_MODULES, STDLIB, faq_questions
 
 HERE = Path(__file__).resolve().parent
 # Questions that only point at a download, a URL or a mailing list say little about speed.

@@ -13,8 +13,8 @@ from services.core import model_store as ms
 from services.core.config import LlamaConfig
 from services.core.engine import Engine
 from services.core.loaders.hf_dir import load_hf_dir
-from services.core.training import draft as D
-from services.core.training.tmodel import TrainLlama, generate_batch
+from services.draft.training import draft as D
+from services.draft.training.tmodel import TrainLlama, generate_batch
 
 TINY_PROMPTS = [f"Question number {i}: what is in the {w}?" for i, w in enumerate("abcdefghijkl")]
 TINY_DOCS = [

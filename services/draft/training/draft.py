@@ -50,8 +50,8 @@ from services.core.model_store import (
     write_manifest,
 )
 from services.core.tokenizer import Tokenizer
-from services.core.training.pack import load_pack, pack_documents, tokenizer_sha256
-from services.core.training.tmodel import TrainLlama, generate_batch
+from services.draft.training.pack import load_pack, pack_documents, tokenizer_sha256
+from services.draft.training.tmodel import TrainLlama, generate_batch
 
 REPORT_FILE = "train_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
@@ -492,7 +492,7 @@ def train_draft(
 
     from tqdm import tqdm
 
-    from services.core.training import data
+    from services.draft.training import data
 
     rng = random.Random(recipe.seed)
     gen = torch.Generator(device=dev).manual_seed(recipe.seed)  # sampling runs on the device

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from services.core.errors import InvalidArgument, NotFound
-from services.core.training import draft as D
-from services.core.training.pack import build_pack, load_pack, pack_documents, tokenizer_sha256
+from services.draft.training import draft as D
+from services.draft.training.pack import build_pack, load_pack, pack_documents, tokenizer_sha256
 
 from .test_draft import TINY_DOCS, TINY_PROMPTS, tiny_recipe, train_tiny
 
