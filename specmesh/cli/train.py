@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from services.draft.training.draft import REPORT_FILE, DraftRecipe, pick_device, train_draft
+    from services.draft.training.checkpoint import REPORT_FILE
+    from services.draft.training.device import pick_device
+    from services.draft.training.recipe import DraftRecipe
+    from services.draft.training.train import train_draft
 
     if args.threads:
         torch.set_num_threads(args.threads)
