@@ -199,7 +199,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyGGU
 def draft_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 4-layer slice of the target (about a second to build): losslessness must
     hold for any draft, and a weak one exercises rejections and residual sampling."""
-    from services.core.training.draft import train_draft
+    from services.draft.training.train import train_draft
 
     root = tmp_path_factory.mktemp("drafts")
     return train_draft(

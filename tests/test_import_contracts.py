@@ -28,6 +28,7 @@ EXPECTED = {
     "services.runtime imports no service, the gateway, the CLI or the benchmarks",
     "the gateway (and its CLI entry) never imports torch or a service",
     "the benchmarks and the stack supervisor never import the CLI",
+    "only the CLI imports a service (the benchmarks, kernels and the stack supervisor do not)",
 }
 
 
@@ -85,6 +86,7 @@ _BAD_TREE = {
     "bench/__init__.py": "",
     "bench/spec.py": "from specmesh.cli import up\n",
     "kernels/__init__.py": "",
+    "kernels/matmul.py": "def pick():\n    from services.draft import servicer  # noqa\n",
 }
 
 

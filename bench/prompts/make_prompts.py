@@ -4,7 +4,7 @@
 
 chat: single-line questions of the zlib and xz-utils FAQs shipped in /usr/share/doc.
 code: signature + docstring of public functions of a few CPython stdlib modules, verbatim.
-Both sources are excluded from draft training (services/core/training/data.py: is_excluded).
+Both sources are excluded from draft training (services/draft/training/data.py: is_excluded).
 identity: a larger mixed set for the greedy identity check (questions of other FAQs, opening
 paragraphs of /usr/share/doc READMEs and NEWS files, stdlib function prefixes); it may overlap
 draft training, so its acceptance rates are not speed figures.
@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from services.core.training.data import (
+from services.draft.training.data import (
     BENCH_CHAT_FILES,
     BENCH_CODE_MODULES,
     DOC_ROOT,

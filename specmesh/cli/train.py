@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from services.core.training.draft import REPORT_FILE, DraftRecipe, pick_device, train_draft
+    from services.draft.training.checkpoint import REPORT_FILE
+    from services.draft.training.device import pick_device
+    from services.draft.training.recipe import DraftRecipe
+    from services.draft.training.train import train_draft
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,8 +141,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
     from services.core.model_store import resolve_model
     from services.core.tokenizer import Tokenizer
-    from services.core.training import data
-    from services.core.training.pack import build_pack, tokenizer_sha256
+    from services.draft.training import data
+    from services.draft.training.pack import build_pack, tokenizer_sha256
 
     target_dir = resolve_model(args.target)
     tok = Tokenizer.from_dir(target_dir)

@@ -13,8 +13,14 @@ from services.core import model_store as ms
 from services.core.config import LlamaConfig
 from services.core.engine import Engine
 from services.core.loaders.hf_dir import load_hf_dir
-from services.core.training import draft as D
-from services.core.training.tmodel import TrainLlama, generate_batch
+from services.draft.training.checkpoint import REPORT_FILE
+from services.draft.training.evaluation import expected_tau
+from services.draft.training.labels import label_tokens
+from services.draft.training.loss import sparse_kl
+from services.draft.training.recipe import DraftRecipe
+from services.draft.training.tmodel import TrainLlama, generate_batch
+from services.draft.training.train import train_draft
+from services.draft.training.vocab import build_draft_vocab
 
 TINY_PROMPTS = [f"Question number {i}: what is in the {w}?" for i, w in enumerate("abcdefghijkl")]
 TINY_DOCS = [
@@ -43,7 +49,7 @@ def tiny_llama(seed: int = 0, **overrides) -> TrainLlama:
     return m.eval()
 
 
-def tiny_recipe(**kw) -> D.DraftRecipe:
+def tiny_recipe(**kw) -> DraftRecipe:
     base = dict(
         num_layers=1,
         draft_vocab_size=64,
@@ -61,17 +67,17 @@ def tiny_recipe(**kw) -> D.DraftRecipe:
         max_steps=5,
     )
     base.update(kw)
-    return D.DraftRecipe(**base)
+    return DraftRecipe(**base)
 
 
 # --- pure pieces --------------------------------------------------------------------------------------
 
 
 def test_layer_indices() -> None:
-    assert D.DraftRecipe(num_layers=4).layer_indices(30) == [0, 1, 2, 3]
-    assert D.DraftRecipe(num_layers=4, keep_last=1).layer_indices(30) == [0, 1, 2, 29]
+    assert DraftRecipe(num_layers=4).layer_indices(30) == [0, 1, 2, 3]
+    assert DraftRecipe(num_layers=4, keep_last=1).layer_indices(30) == [0, 1, 2, 29]
     with pytest.raises(Exception, match="layers"):
-        D.DraftRecipe(num_layers=31).layer_indices(30)
+        DraftRecipe(num_layers=31).layer_indices(30)
 
 
 def test_sparse_kl_is_kl_up_to_entropy() -> None:
@@ -80,7 +86,7 @@ def test_sparse_kl_is_kl_up_to_entropy() -> None:
     target = torch.randn(5, V).log_softmax(-1)
     logits = torch.randn(5, V)
     ids = torch.arange(V).expand(5, V).int()
-    loss = D.sparse_kl(logits, ids, target.half(), None)
+    loss = sparse_kl(logits, ids, target.half(), None)
     p = target.half().float().softmax(-1)
     kl = (p * (p.log() - logits.log_softmax(-1))).sum(-1).mean()
     entropy = -(p * p.log()).sum(-1).mean()
@@ -93,7 +99,7 @@ def test_sparse_kl_renormalises_over_draft_vocab() -> None:
     ids = torch.tensor([[0, 1, 2]]).int()
     logp = torch.tensor([[0.5, 0.3, 0.2]]).log()
     logits = torch.tensor([[0.0, 1.0]])
-    loss = D.sparse_kl(logits, ids, logp, vocab_map)
+    loss = sparse_kl(logits, ids, logp, vocab_map)
     p = torch.tensor([0.5, 0.2]) / 0.7
     assert torch.allclose(loss, -(p * logits.log_softmax(-1)[0]).sum(), atol=1e-3)
 
@@ -101,14 +107,14 @@ def test_sparse_kl_renormalises_over_draft_vocab() -> None:
 def test_build_draft_vocab_forced_then_frequency() -> None:
     from collections import Counter
 
-    ids = D.build_draft_vocab(Counter({5: 10, 7: 3, 9: 1}), size=5, vocab=20, always=[2])
+    ids = build_draft_vocab(Counter({5: 10, 7: 3, 9: 1}), size=5, vocab=20, always=[2])
     assert ids[:4] == [2, 5, 7, 9] and len(ids) == 5 and len(set(ids)) == 5
 
 
 def test_expected_tau() -> None:
-    assert D.expected_tau(0.0, 4) == 1.0
-    assert D.expected_tau(1.0, 4) == 5.0
-    assert abs(D.expected_tau(0.5, 2) - 1.75) < 1e-9
+    assert expected_tau(0.0, 4) == 1.0
+    assert expected_tau(1.0, 4) == 5.0
+    assert abs(expected_tau(0.5, 2) - 1.75) < 1e-9
 
 
 # --- batched labelling -------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ def test_generate_batch_stops_rows_at_eos() -> None:
 def test_label_tokens_topk_are_normalised_logprobs() -> None:
     m = tiny_llama()
     toks = torch.randint(3, 100, (2, 9))
-    ids, lps = D.label_tokens(m, toks, k=101, rows=5)
+    ids, lps = label_tokens(m, toks, k=101, rows=5)
     with torch.no_grad():
         full = m.logits(m(toks)).log_softmax(-1)
     assert torch.allclose(lps.float().exp().sum(-1), torch.ones(2, 9), atol=1e-2)
@@ -157,9 +163,7 @@ def test_label_tokens_topk_are_normalised_logprobs() -> None:
 
 
 def test_untrained_slice_of_tiny_model(tiny_target: Path, tmp_model_root: Path) -> None:
-    out = D.train_draft(
-        "tiny", "tiny-draft", minutes=0, recipe=D.DraftRecipe(num_layers=1), log=lambda s: None
-    )
+    out = train_draft("tiny", "tiny-draft", minutes=0, recipe=DraftRecipe(num_layers=1), log=lambda s: None)
     assert out == tmp_model_root / "tiny-draft"
     assert ms.verify_manifest(out)
     cfg, state = load_hf_dir(out)
@@ -169,15 +173,15 @@ def test_untrained_slice_of_tiny_model(tiny_target: Path, tmp_model_root: Path) 
         state["model.layers.0.mlp.down_proj.weight"], tstate["model.layers.0.mlp.down_proj.weight"]
     )
     assert (out / "tokenizer.json").read_bytes() == (tiny_target / "tokenizer.json").read_bytes()
-    report = json.loads((out / D.REPORT_FILE).read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
     assert report["trained"] is False and report["recipe"]["layers_from_target"] == [0]
     Engine.from_dir(out)  # the serving engine loads it
     assert ms.resolve_model("tiny-draft") == out
 
 
-def train_tiny(recipe: D.DraftRecipe | None = None, **data) -> Path:
+def train_tiny(recipe: DraftRecipe | None = None, **data) -> Path:
     """A 5-step CPU training run of a 1-layer draft of the `tiny` target; `data` picks the sources."""
-    return D.train_draft(
+    return train_draft(
         "tiny",
         "tiny-draft",
         minutes=0.5,
@@ -192,10 +196,10 @@ def train_tiny(recipe: D.DraftRecipe | None = None, **data) -> Path:
 
 def test_tiny_training_run(tiny_target: Path, tmp_model_root: Path) -> None:
     before = load_hf_dir(
-        D.train_draft("tiny", "tiny-slice", minutes=0, recipe=tiny_recipe(), log=lambda s: None)
+        train_draft("tiny", "tiny-slice", minutes=0, recipe=tiny_recipe(), log=lambda s: None)
     )[1]
     out = train_tiny(prompts=TINY_PROMPTS, documents=iter(TINY_DOCS * 50))
-    report = json.loads((out / D.REPORT_FILE).read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
     assert report["trained"] is True and report["steps"] == 5
     assert report["tokens_seen"] > 0 and report["chat"]["answers"] > 0
     final = report["eval"]["final"]
@@ -243,11 +247,11 @@ def test_cli_rejects_cuda_without_gpu(tiny_target: Path) -> None:
 @pytest.mark.slow
 def test_untrained_slice_of_smollm2_equals_target_prefix(smollm2_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "store"
-    out = D.train_draft(smollm2_dir, "smol-draft", minutes=0, root=root, log=lambda s: None)
+    out = train_draft(smollm2_dir, "smol-draft", minutes=0, root=root, log=lambda s: None)
     assert ms.verify_manifest(out)
     cfg, tstate = load_hf_dir(smollm2_dir)
     n = LlamaConfig.load(out).num_hidden_layers
-    assert n == D.DraftRecipe().num_layers
+    assert n == DraftRecipe().num_layers
 
     ids = [1, 9690, 198, 19556, 314, 253, 1345, 30, 2]  # any ids
     # reference: the target's first n layers, its final norm and its tied head

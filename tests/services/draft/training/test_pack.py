@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from services.core.errors import InvalidArgument, NotFound
-from services.core.training import draft as D
-from services.core.training.pack import build_pack, load_pack, pack_documents, tokenizer_sha256
+from services.draft.training.checkpoint import REPORT_FILE
+from services.draft.training.pack import build_pack, load_pack, pack_documents, tokenizer_sha256
+from services.draft.training.train import train_draft
 
-from .test_draft import TINY_DOCS, TINY_PROMPTS, tiny_recipe, train_tiny
+from .test_train import TINY_DOCS, TINY_PROMPTS, tiny_recipe, train_tiny
 
 DOCS = ["alpha beta gamma " * 3, "x", "", "long document " * 40]
 PROMPTS = ["What is a?", "How does b work?"]
@@ -82,7 +83,7 @@ def test_training_from_a_pack_uses_its_prompts_and_corpus(tiny_target: Path, tmp
     # at random (chat_frac 0.5), and how many random draws generation used first depends on
     # timing: 5 steps were all chat about 1 run in 32; with 30 steps that is 1 in 10^9.
     out = train_tiny(recipe=tiny_recipe(max_steps=30), data_packs=[pack, pack])
-    report = json.loads((out / D.REPORT_FILE).read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
     assert report["trained"] and report["data_packs"] == ["tiny.npz", "tiny.npz"]
     assert report["corpus_tokens"] > 0 and report["chat"]["answers"] > 0
     assert report["chat"]["prompts_available"] == len(TINY_PROMPTS) - tiny_recipe().n_eval
@@ -91,7 +92,7 @@ def test_training_from_a_pack_uses_its_prompts_and_corpus(tiny_target: Path, tmp
 def test_training_refuses_a_pack_of_another_tokenizer(tiny_target: Path, tmp_path: Path) -> None:
     build_pack(tmp_path / "p.npz", DOCS, char_ids, PROMPTS, tokenizer_sha="other", max_tokens=100)
     with pytest.raises(InvalidArgument, match="another tokenizer"):
-        D.train_draft(
+        train_draft(
             "tiny", "d", minutes=0.1, device="cpu", recipe=tiny_recipe(), data_packs=[tmp_path / "p.npz"]
         )
 
