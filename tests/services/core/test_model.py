@@ -9,7 +9,6 @@ import torch
 from tiny_models import tiny_config
 
 from services.core.engine import Engine
-from services.core.model import SMALL_BATCH_ROWS, int8_linear, int8_weight, linear, packed_weight
 
 TOL = 1e-4
 
@@ -188,19 +187,6 @@ def test_logit_rows_select_rows(engine: Engine) -> None:
     assert (rows - ref[[0, 4, 8]]).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
-def test_linear_paths_match_f_linear(rows: int) -> None:
-    torch.manual_seed(rows)
-    w, x = torch.randn(96, 48), torch.randn(rows, 48)
-    ref = torch.nn.functional.linear(x.double(), w.double()).float()
-    assert (linear(x, w) - ref).abs().max() <= TOL
-    packed = packed_weight(w)
-    if packed is None:
-        pytest.skip("oneDNN is not available")
-    assert (linear(x, w, packed) - ref).abs().max() <= TOL
-    assert linear(x[None], w, packed).shape == (1, rows, 96)  # leading dims kept
-
-
 def test_packed_engine_matches_unpacked(engine: Engine) -> None:
     """Packing changes only how the projections are computed: decode, tree forwards and a
     restricted head give the unpacked engine's logits."""
@@ -223,19 +209,6 @@ def test_packed_engine_matches_unpacked(engine: Engine) -> None:
     assert packed.model.lm_head.packed is not None  # the new head is packed too
     a, b = (full_logits(e, prefix + tokens[:4])[-4:] for e in (engine, packed))
     assert a.shape == (4, 10) and (a - b).abs().max() <= TOL
-
-
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_linear_is_close_to_f_linear(rows: int) -> None:
-    """int8 weights (per output row) and 8-bit activations: about 1% of the output's scale."""
-    torch.manual_seed(rows)
-    w, x = torch.randn(96, 48), torch.randn(2, rows, 48)
-    q = int8_weight(w)
-    if q is None:
-        pytest.skip("the fbgemm quantized kernels are not available")
-    out, ref = int8_linear(x, q), torch.nn.functional.linear(x, w)
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
 def test_int8_engine_tracks_fp32_and_keeps_its_head_quantized(engine: Engine) -> None:
