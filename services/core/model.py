@@ -8,14 +8,15 @@ is what makes CPU decode cheaper than the unfused reference.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention
+from kernels.linear import linear, prepare_int8, prepare_packed
+from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
-from services.core.kv import AttentionBatch
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -42,11 +43,11 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables indexed by absolute position (grown on demand)."""
+    """cos/sin tables indexed by absolute position, grown on demand on the positions' device."""
 
     def __init__(self, config: LlamaConfig) -> None:
-        self.inv_freq = rope_inv_freq(config)
-        self.cos = self.sin = torch.empty(0, device="cpu")
+        self.inv_freq = rope_inv_freq(config)  # [head_dim/2], CPU float32
+        self.cos = self.sin = torch.empty(0, device="cpu")  # [size, head_dim]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [B, T, 1, head_dim] for x laid out [B, T, heads, head_dim].
@@ -54,11 +55,10 @@ class Rotary:
         The sin table's first half is negated (see apply_rope_signed).
         """
         need = int(positions.max()) + 1
-        if need > self.cos.shape[0]:
+        if need > self.cos.shape[0] or self.cos.device != positions.device:
             size = max(need, 2 * self.cos.shape[0], 256)
-            freqs = torch.outer(
-                torch.arange(size, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq
-            )
+            inv = self.inv_freq.to(positions.device)
+            freqs = torch.outer(torch.arange(size, dtype=torch.float32, device=positions.device), inv)
             emb = torch.cat([freqs, freqs], dim=-1)  # [size, head_dim], rotate_half layout
             self.cos, self.sin = emb.cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
         return self.cos[positions].to(dtype)[:, :, None], self.sin[positions].to(dtype)[:, :, None]
@@ -77,78 +77,10 @@ def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tens
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-SMALL_BATCH_ROWS = 16  # up to this many rows without a packed weight take BLAS's W @ x^T
-PACK_BATCH_HINT = 8  # the row count oneDNN blocks packed weights for (any count still works)
-PACKED_MIN_ROWS = 3  # 1-2 rows stream faster through BLAS (see linear())
-
-
-def packed_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-blocked copy of a CPU fp32 weight [out, in] for linear(), or None where
-    oneDNN is unavailable (other devices and dtypes keep the BLAS paths)."""
-    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w) without bias, for a row-major weight w [out, in].
-
-    Decode and verification multiply a few rows by every weight, which is bound by streaming
-    the weights from memory; the cost should not grow with the row count. Measured on a 2-core
-    EPYC with SmolLM2's 30 layers of matrices (400 MB): with the weight `packed` by oneDNN
-    (packed_weight), 1-16 rows cost 17-27 ms; with BLAS as W @ x^T, 1-2 rows cost ~18 ms but 8
-    rows 37-39 ms and 12 rows ~60 ms; x @ W^T is slower still. Whole target forwards: decode
-    28-33 ms (BLAS) vs 35-36 (packed); 8 tokens 57-59 vs 40-41; 12 tokens 97-99 vs 45; and
-    past 16 rows, where F.linear took over, the packed weight stays ahead: 17 tokens 98 ms
-    (F.linear) vs 53, 32 tokens 131 vs 74, a 256-token prefill 575 vs 474. So `packed`, when
-    given, serves every count from PACKED_MIN_ROWS up; without it W @ x^T serves up to
-    SMALL_BATCH_ROWS rows (a single row gets a duplicate so BLAS takes its matrix-matrix
-    kernel; its matrix-vector kernel streams ~1.5x slower) and F.linear the rest.
-    """
-    rows = x.numel() // x.shape[-1]
-    x2 = x.reshape(rows, x.shape[-1])
-    if packed is not None and rows >= PACKED_MIN_ROWS:
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
-    elif rows > SMALL_BATCH_ROWS:
-        return F.linear(x, w)
-    else:
-        if rows == 1:
-            x2 = torch.cat([x2, x2])
-        out = torch.mm(w, x2.t()).t()[:rows].contiguous()  # [rows, out], row-major like x
-    return out.reshape(*x.shape[:-1], w.shape[0])
-
-
-def int8_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """An fbgemm-prepacked int8 copy of a CPU weight [out, in] for int8_linear(): symmetric,
-    one scale per output row (max |w| / 127). None where the quantized CPU kernels are missing.
-
-    For drafts only. A draft's tokens and the distribution it reports come from the same
-    quantized forward, so verification stays lossless; only agreement could move. Measured on
-    the H200-trained SmolLM2 draft (4 layers, 16k head) against fp32, 2-core EPYC: one draft
-    token 5.7-6.2 ms -> 3.6-3.8 ms, a tree level of 8 nodes 7.8-9.7 ms -> 4.3-4.7 ms; the
-    quantized draft's greedy choice equals the fp32 draft's on 91% of 1,200 code tokens and
-    agrees with the target as often (37.9% vs 37.7%)."""
-    if w.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-    zero = torch.zeros(w.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # torch 2.13 flags the quantized tensor type as deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None)
-
-
-def int8_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x @ W^T with W an int8_weight(); x is quantized per call to 8 bits over its whole
-    tensor (fbgemm's dynamic quantization). reduce_range=False: the full 8 bits, which
-    VNNI / AVX-512 kernels accumulate without the int16 overflow older AVX2 ones risk."""
-    return torch.ops.quantized.linear_dynamic(x, packed, False)
-
-
 class SmallBatchLinear(nn.Linear):
-    """A bias-free nn.Linear whose forward is linear(), with an optional packed weight copy
-    (oneDNN, exact) or an int8 one (fbgemm, approximate: drafts only)."""
+    """A bias-free nn.Linear computed by kernels.linear, with optional prepared weight copies:
+    packed (oneDNN, exact) or int8 (fbgemm, approximate: drafts only). Which path runs for a
+    given row count is kernels.linear's choice."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -158,18 +90,16 @@ class SmallBatchLinear(nn.Linear):
     def pack(self) -> int:
         """Make (or refresh) the packed copy; returns its size in bytes (0 if unavailable, or
         when the int8 copy serves this layer)."""
-        self.packed = None if self.int8 is not None else packed_weight(self.weight)
+        self.packed = None if self.int8 is not None else prepare_packed(self.weight)
         return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
 
     def quantize_int8(self) -> int:
         """Make (or refresh) the int8 copy; returns its size in bytes (0 if unavailable)."""
-        self.int8 = int8_weight(self.weight)
+        self.int8 = prepare_int8(self.weight)
         return 0 if self.int8 is None else self.weight.numel() + 8 * self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:
-            return int8_linear(x, self.int8)
-        return linear(x, self.weight, self.packed)
+        return linear(x, self.weight, self.packed, self.int8)
 
 
 class RMSNorm(nn.Module):
@@ -205,7 +135,7 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_heads :].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
         keys, values = batch.write_and_gather(layer, k, v)  # [B, Hkv, K, D]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=True)
+        out = attention(q, keys, values, batch.mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
