@@ -152,7 +152,6 @@ class Drafter:
         tree = DraftTree(rule=rule_for(strategy, sampling))
         self._limit = vocab_limit
         draw = draw or multinomial_draw(gen)
-        start = seq.length
         # frontier: (node, logits after it, log path probability)
         frontier = [(-1, root_logits, 0.0)]
         try:
@@ -163,12 +162,10 @@ class Drafter:
                 added = self._expand(tree, frontier, strategy, budget, sampling, draw, depth, room)
                 if not added or depth == budget.max_depth - 1 or len(tree.tokens) >= budget.max_nodes:
                     break
-                logits, _ = self.engine.forward_tree(
-                    seq, [tree.tokens[i] for i in added], tree.parents, tree_start=start
-                )
+                logits, _ = self.engine.forward_tree(seq, [tree.tokens[i] for i in added], tree.parents)
                 frontier = [(i, logits[j], self._path_logprob(tree, i)) for j, i in enumerate(added)]
         finally:
-            seq.truncate(start)  # drafted KV is scratch: the next call commits what was accepted
+            seq.drop_scratch()  # the next call commits what was accepted
         return tree
 
     def _limited(self, logits: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, OutOfRange
-from services.core.kv import AttentionBatch, BlockPool, SequenceKV
+from services.core.kv import BlockPool, SequenceKV
 from services.core.model import LlamaModel, SmallBatchLinear
 from services.core.spec import ancestor_mask, tree_depths, validate_tree
 
@@ -28,8 +29,10 @@ class Engine:
         digest: str = "",
         block_size: int = 16,
         max_kv_tokens: int = 65536,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         self.config = model.config
         self.name = name
         self.digest = digest
@@ -37,8 +40,15 @@ class Engine:
         self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
         self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
         dtype = next(model.parameters()).dtype
+        # Preallocated at max_kv_tokens: virtual memory on CPU until used (see BlockPool), device
+        # memory at once elsewhere.
         self.pool = BlockPool(
-            self.config, block_size=block_size, max_blocks=max(1, max_kv_tokens // block_size), dtype=dtype
+            self.config,
+            block_size=block_size,
+            max_blocks=max(1, max_kv_tokens // block_size),
+            dtype=dtype,
+            device=self.device,
+            digest=digest,
         )
 
     @classmethod
@@ -77,6 +87,8 @@ class Engine:
         the int8 copies' bytes (0 where the quantized CPU kernels are unavailable)."""
         layers = [m for m in self.model.modules() if isinstance(m, SmallBatchLinear)]
         self.int8_bytes = sum(m.quantize_int8() for m in layers)
+        if self.int8_bytes:  # other KV than the fp32 weights give: never share blocks with it
+            self.pool.rename(self.digest + "+int8")
         return self.int8_bytes
 
     def restrict_vocab(self, token_ids: list[int]) -> None:
@@ -87,7 +99,7 @@ class Engine:
             raise InvalidArgument("needs distinct token ids", "vocab")
         self.check_tokens(token_ids, "vocab")
         ids = torch.tensor(token_ids, dtype=torch.long)
-        weight = self.model.lm_head.weight.detach()[ids].clone()
+        weight = self.model.lm_head.weight.detach()[ids.to(self.device)].clone()
         head = SmallBatchLinear(weight.shape[1], len(token_ids))
         head.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.model.lm_head = head
@@ -123,24 +135,26 @@ class Engine:
         token_lists: list[list[int]],
         *,
         positions: list[list[int]] | None = None,
-        tree_masks: list[tuple[int, torch.Tensor] | None] | None = None,
+        tree_masks: list[torch.Tensor | None] | None = None,
         logit_rows: list[list[int]] | None = None,
         last_only: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append token_lists[b] to seqs[b] in one batched forward.
 
-        Returns per-sequence logits and final hidden states [n_b, hidden]. Logits are [n_b, V],
-        or only the rows logit_rows[b] (indices into token_lists[b]; last_only = the last row),
-        which skips the vocabulary projection where nobody needs it. Positions default to
-        consecutive; given ones are relative to each sequence's current length.
+        Returns per-sequence logits and final hidden states [n_b, hidden], on the CPU whatever
+        the engine's device (callers sample and serialise there). Logits are [n_b, V], or only
+        the rows logit_rows[b] (indices into token_lists[b]; last_only = the last row), which
+        skips the vocabulary projection where nobody needs it. Positions default to
+        consecutive; given ones are relative to each sequence's committed length. tree_masks:
+        see AttentionBatch.build (those tokens become tree nodes in scratch, not committed).
         """
         n_new = [len(t) for t in token_lists]
         if min(n_new) < 1:
             raise InvalidArgument("every sequence in a forward needs at least one token", "tokens")
         T = max(n_new)
-        batch = AttentionBatch.build(seqs, n_new, tree_masks)
-        tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-        pos = torch.zeros(len(seqs), T, dtype=torch.long)
+        batch = AttentionBatch.build(seqs, token_lists, tree_masks)
+        tokens = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T], built on the CPU, moved once
+        pos = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T]
         for b, ids in enumerate(token_lists):
             tokens[b, : len(ids)] = torch.tensor(ids)
             rel = positions[b] if positions is not None else range(len(ids))
@@ -151,13 +165,15 @@ class Engine:
         flat = None
         if logit_rows is not None:
             flat = torch.tensor([b * T + r for b, rs in enumerate(logit_rows) for r in rs], dtype=torch.long)
+            flat = flat.to(self.device)
         try:
-            logits, hidden = self.model(tokens, pos, batch, logit_rows=flat)
+            logits, hidden = self.model(tokens.to(self.device), pos.to(self.device), batch, logit_rows=flat)
         except BaseException:
             for s in seqs:  # nothing was committed: return the blocks reserved for this forward
                 s.truncate(s.length)
             raise
         batch.commit()
+        logits, hidden = logits.cpu(), hidden.cpu()  # no-ops on the CPU
         if logit_rows is not None:
             per_seq = list(logits.split([len(rs) for rs in logit_rows]))
         else:
@@ -167,6 +183,14 @@ class Engine:
     def prefill(self, seq: SequenceKV, ids: list[int]) -> torch.Tensor:
         """Append ids; return the next-token logits [V]."""
         return self.forward([seq], [ids], last_only=True)[0][0][0]
+
+    def prefill_cached(self, seq: SequenceKV, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """prefill(), first adopting the pool's cached blocks for the longest block-aligned
+        prefix of ids, so sessions with a common prefix share those blocks (see
+        SequenceKV.adopt_cached). Returns the next-token logits [V] and how many tokens came
+        from the cache. The last token is always computed: its logits are the result."""
+        cached = seq.adopt_cached(ids)
+        return self.prefill(seq, ids[cached:]), cached
 
     def extend(self, seq: SequenceKV, ids: list[int]) -> torch.Tensor:
         """Append ids; return logits at every new position [n, V]."""
@@ -181,45 +205,39 @@ class Engine:
         tokens: list[int],
         parents: list[int],
         *,
-        tree_start: int | None = None,
         logit_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward new tree nodes after the committed prefix: (logits, hidden) of the new nodes.
+        """Forward new tree nodes after the committed tokens: (logits, hidden) of the new nodes.
 
-        `parents` describes the whole tree whose nodes live in the cache from `tree_start`
-        (default: the current length, i.e. a fresh tree); the new nodes are its last
-        len(tokens) entries, so a tree can grow level by level. Node i sits at position
-        tree_start + depth(i) and attends to the prefix, its ancestors and itself; its KV lands
-        at slot tree_start + i. Keep a path with `accept_path` (which compacts it) or drop the
-        tree with seq.truncate(tree_start). logit_rows: indices among the new nodes (default all).
+        `parents` describes the whole tree, whose first seq.scratch_len nodes are already in
+        the sequence's scratch; the new nodes are its last len(tokens) entries, so a tree can
+        grow level by level. Node i sits at position length + depth(i) and attends to the
+        committed tokens, its ancestors and itself; its KV lands in scratch slot i. Keep a path
+        with `accept_path` or drop the tree with seq.truncate(seq.length) (or drop_scratch).
+        logit_rows: indices among the new nodes (default all).
         """
         validate_tree(parents)
-        start = seq.length if tree_start is None else tree_start
-        n_old = seq.length - start
-        if n_old + len(tokens) != len(parents) or n_old < 0:
+        n_old = seq.scratch_len
+        if n_old + len(tokens) != len(parents):
             raise InvalidArgument(
                 f"tree has {len(parents)} nodes but {n_old} are cached and {len(tokens)} are new",
                 "tree.parents",
             )
         depths = tree_depths(parents)[n_old:]
         mask = ancestor_mask(parents)[n_old:]  # [new, all tree nodes]
-        rel_positions = [start - seq.length + d for d in depths]
         logits, hidden = self.forward(
             [seq],
             [tokens],
-            positions=[rel_positions],
-            tree_masks=[(start, mask)],
+            positions=[depths],
+            tree_masks=[mask],
             logit_rows=None if logit_rows is None else [logit_rows],
         )
         return logits[0], hidden[0]
 
-    def accept_path(self, seq: SequenceKV, prefix_len: int, path: list[int]) -> None:
-        """Keep tree nodes `path` (root-to-node indices) as committed tokens after prefix_len."""
-        src = [prefix_len + i for i in path]
-        dst = list(range(prefix_len, prefix_len + len(path)))
-        moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
-        seq.move([s for s, _ in moves], [d for _, d in moves])
-        seq.truncate(prefix_len + len(path))
+    def accept_path(self, seq: SequenceKV, nodes: list[int]) -> None:
+        """Commit tree nodes `nodes` (indices into the tree, root to node) after the committed
+        tokens, copying their KV out of scratch, and drop the rest of the tree."""
+        seq.accept_scratch(nodes)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())  # shared (tied) tensors count once

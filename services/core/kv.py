@@ -1,17 +1,24 @@
-"""Paged KV cache: fixed-size blocks in one pool per model, a block table per sequence.
+"""Paged KV cache: one preallocated block pool per model, a block table per sequence.
 
-Blocks are the unit later shipped to Redis (content-addressed by token ids), so a
-sequence's cache is always addressable block by block. Pool layout per layer:
-k, v: [num_blocks, kv_heads, block_size, head_dim]; the pool grows by doubling up to
-`max_blocks` and refuses beyond that (RESOURCE_EXHAUSTED), never silently evicting.
+Pool layout per layer: k, v [num_blocks, kv_heads, block_size, head_dim], allocated once at
+`max_blocks` (never grown, never silently evicting live blocks: RESOURCE_EXHAUSTED when full).
+
+Blocks have two lives. A sequence's *tail* block (partially filled) and its tree *scratch*
+blocks are private and written freely. Once every token of a block is committed the block is
+*sealed*: it gets a content address (services.core.block_keys, the chained hash of vLLM's
+prefix caching and LMCache) and becomes immutable and reference-counted, so sequences with a
+common prefix share it. A sealed block nobody references stays cached (LRU) until its space is
+needed. Nothing ever writes into a sealed block: new tokens go to the tail, tree nodes to
+scratch, and a rollback into a sealed block unseals it (sole owner) or copies it (shared).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
 
 import torch
 
+from services.core.block_keys import block_key
 from services.core.config import LlamaConfig
 from services.core.errors import ResourceExhausted
 
@@ -22,192 +29,259 @@ class BlockPool:
         config: LlamaConfig,
         *,
         block_size: int = 16,
-        initial_blocks: int = 64,
         max_blocks: int = 4096,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        digest: str = "",
     ) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks
-        self.num_layers = config.num_hidden_layers
-        self._shape = (config.num_key_value_heads, block_size, config.head_dim)
-        # k, v: [layers, num_blocks, kv_heads, block_size, head_dim]
-        self.k = torch.zeros(self.num_layers, initial_blocks, *self._shape, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self._free: list[int] = list(range(initial_blocks - 1, -1, -1))
-
-    @property
-    def num_blocks(self) -> int:
-        return self.k.shape[1]
+        self.device = torch.device(device)
+        self.digest = digest  # of what computed the KV (the weights, and int8 if quantized)
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        shape = (config.num_key_value_heads, block_size, config.head_dim)
+        # k, v: [layers, max_blocks, kv_heads, block_size, head_dim]. torch.empty maps the memory
+        # without touching it (CPU), so resident memory grows only with the blocks ever used;
+        # each block is zeroed when first handed out (see allocate).
+        self.k = torch.empty(config.num_hidden_layers, max_blocks, *shape, dtype=dtype, device=self.device)
+        self.v = torch.empty_like(self.k)
+        self._free: list[int] = list(range(max_blocks - 1, -1, -1))  # unsealed, unreferenced; pop() = next
+        self._cached: OrderedDict[int, None] = OrderedDict()  # sealed, unreferenced; oldest first
+        self._refs = [0] * max_blocks
+        self._key: list[bytes | None] = [None] * max_blocks
+        self._index: dict[bytes, int] = {}  # key -> the sealed block holding that content
+        self._touched = bytearray(max_blocks)  # 1 = zeroed once, holds finite values since
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free) + (self.max_blocks - self.num_blocks)
+        """Blocks an allocation can take: never sealed, or sealed but referenced by nobody."""
+        return len(self._free) + len(self._cached)
 
-    def _grow(self, needed: int) -> None:
-        new_total = min(self.max_blocks, max(self.num_blocks * 2, self.num_blocks + needed))
-        extra = new_total - self.num_blocks
-        pad = torch.zeros(self.num_layers, extra, *self._shape, dtype=self.k.dtype, device=self.k.device)
-        self.k = torch.cat([self.k, pad], dim=1)
-        self.v = torch.cat([self.v, torch.zeros_like(pad)], dim=1)
-        self._free = list(range(new_total - 1, new_total - extra - 1, -1)) + self._free
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def key_of(self, block: int) -> bytes | None:
+        return self._key[block]
+
+    def block_key(self, parent: bytes | None, token_ids: list[int]) -> bytes:
+        return block_key(self.digest, self.dtype_name, parent, token_ids)
 
     def allocate(self, n: int) -> list[int]:
+        """n private blocks (refcount 1), evicting the least recently cached if needed."""
         if n > self.free_blocks:
             raise ResourceExhausted(
                 f"KV cache full: need {n} more blocks of {self.block_size} tokens, "
                 f"{self.free_blocks} free (max_blocks={self.max_blocks}); release sessions or raise the limit"
             )
-        if n > len(self._free):
-            self._grow(n - len(self._free))
-        return [self._free.pop() for _ in range(n)]
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._cached.popitem(last=False)
+                del self._index[self._key[b]]
+                self._key[b] = None
+            self._refs[b] = 1
+            if not self._touched[b]:
+                # Masked attention still multiplies by every gathered slot; uninitialised memory
+                # could hold NaN, which a -inf mask does not cancel.
+                self.k[:, b].zero_()
+                self.v[:, b].zero_()
+                self._touched[b] = 1
+            out.append(b)
+        return out
 
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+    def share(self, block: int) -> None:
+        """Take one more reference to a sealed block (revived from the cache if unreferenced)."""
+        if self._refs[block] == 0:
+            del self._cached[block]
+        self._refs[block] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; unreferenced sealed blocks stay cached."""
+        for b in reversed(blocks):  # so that the first block is the next one handed out
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            if self._key[b] is None:
+                self._free.append(b)
+            else:
+                self._cached[b] = None
+
+    def lookup(self, key: bytes) -> int | None:
+        return self._index.get(key)
+
+    def seal(self, block: int, key: bytes) -> int:
+        """Make a private, full block immutable under `key`; returns the block that now holds
+        the content: `block`, or an existing block with the same key (then `block` is released
+        and the caller switches to the returned one)."""
+        existing = self._index.get(key)
+        if existing is not None and existing != block:
+            self.share(existing)
+            self.release([block])
+            return existing
+        self._index[key] = block
+        self._key[block] = key
+        return block
+
+    def unseal(self, block: int) -> None:
+        """Make a sealed block its sole owner's private block again (a rollback into it)."""
+        del self._index[self._key[block]]
+        self._key[block] = None
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    def rename(self, digest: str) -> None:
+        """Change what computed the KV (e.g. after quantizing the weights). Only while no block
+        is in use; cached blocks of the old computation are dropped."""
+        if any(self._refs):
+            raise RuntimeError("cannot rename a KV pool while sequences hold blocks")
+        for b in self._cached:
+            self._key[b] = None
+            self._free.append(b)
+        self._cached.clear()
+        self._index.clear()
+        self.digest = digest
 
 
 class SequenceKV:
-    """One sequence's view of the pool: its block table and committed length."""
+    """One sequence's view of the pool: its committed tokens, block table and tree scratch.
+
+    Positions [0, length) hold committed KV in `blocks`: sealed full blocks (shareable), then at
+    most one private tail block. Tree nodes being verified or drafted live in private `scratch`
+    blocks (node i at scratch slot i) until accept_scratch copies a path into the tail or
+    drop_scratch discards them.
+    """
 
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
         self.blocks: list[int] = []
-        self.length = 0
+        self.tokens: list[int] = []  # committed token ids, one per cached position
+        self.keys: list[bytes] = []  # keys of the sealed blocks, blocks[: len(keys)]
+        self.scratch: list[int] = []
+        self.scratch_tokens: list[int] = []  # one per scratch slot
         self._table: torch.Tensor | None = None
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def scratch_len(self) -> int:
+        return len(self.scratch_tokens)
+
+    def table(self) -> torch.Tensor:
+        """Block ids [len(blocks)] on the pool's device (cached until the table changes)."""
+        if self._table is None:
+            self._table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
+        return self._table
+
     def reserve(self, total_len: int) -> None:
+        """Make room for committed KV up to total_len (writes go to positions >= length)."""
         need = -(-total_len // self.pool.block_size) - len(self.blocks)
         if need > 0:
             self.blocks += self.pool.allocate(need)
             self._table = None
 
-    def table(self) -> torch.Tensor:
-        if self._table is None:
-            self._table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.k.device)
-        return self._table
+    def reserve_scratch(self, total_nodes: int) -> None:
+        need = -(-total_nodes // self.pool.block_size) - len(self.scratch)
+        if need > 0:
+            self.scratch += self.pool.allocate(need)
+
+    def commit(self, token_ids: list[int]) -> None:
+        """Count the KV just written at positions [length, length + n) as committed, and seal
+        the blocks that became full (switching to an equal block already in the pool)."""
+        self.tokens += token_ids
+        bs = self.pool.block_size
+        for i in range(len(self.keys), self.length // bs):
+            parent = self.keys[-1] if self.keys else None
+            key = self.pool.block_key(parent, self.tokens[i * bs : (i + 1) * bs])
+            block = self.pool.seal(self.blocks[i], key)
+            if block != self.blocks[i]:
+                self.blocks[i] = block
+                self._table = None
+            self.keys.append(key)
+
+    def adopt_cached(self, token_ids: list[int], keep: int = 1) -> int:
+        """Append the longest run of cached full blocks continuing this sequence with token_ids,
+        leaving at least `keep` tokens to compute; returns how many tokens were adopted.
+
+        Only at a block boundary with nothing reserved (the next block must start at
+        position length); otherwise adopts nothing.
+        """
+        bs = self.pool.block_size
+        if self.length % bs or len(self.blocks) != len(self.keys) or self.scratch:
+            return 0
+        adopted = 0
+        while len(token_ids) - adopted - bs >= keep:
+            chunk = token_ids[adopted : adopted + bs]
+            key = self.pool.block_key(self.keys[-1] if self.keys else None, chunk)
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            self.pool.share(block)
+            self.blocks.append(block)
+            self.keys.append(key)
+            self.tokens += chunk
+            adopted += bs
+        if adopted:
+            self._table = None
+        return adopted
 
     def truncate(self, length: int) -> None:
-        """Drop tokens past `length` and return whole unused blocks to the pool."""
+        """Keep the first `length` committed tokens, drop the tree scratch, and return the
+        blocks past them. Never writes a sealed block: cutting into one unseals it when this
+        sequence is its only user and copies it to a private block when it is shared."""
         if length > self.length:
             raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
-        self.length = length
-        keep = -(-length // self.pool.block_size)
+        self.drop_scratch()
+        bs = self.pool.block_size
+        keep = -(-length // bs)
+        tail = keep - 1 if length % bs and keep - 1 < len(self.keys) else None
+        if tail is not None and self.pool.refcount(self.blocks[tail]) > 1:
+            (private,) = self.pool.allocate(1)  # first: a full pool fails before anything changes
+            self.pool.copy_block(self.blocks[tail], private)
+            self.pool.release([self.blocks[tail]])
+            self.blocks[tail] = private
+            self._table = None
+        elif tail is not None:
+            self.pool.unseal(self.blocks[tail])
         if keep < len(self.blocks):
-            self.pool.free(self.blocks[keep:])
+            self.pool.release(self.blocks[keep:])
             self.blocks = self.blocks[:keep]
             self._table = None
+        del self.tokens[length:]
+        del self.keys[length // bs :]
+
+    def drop_scratch(self) -> None:
+        if self.scratch:
+            self.pool.release(self.scratch)
+        self.scratch, self.scratch_tokens = [], []
+
+    def accept_scratch(self, nodes: list[int]) -> None:
+        """Commit the scratch nodes `nodes` (a root-to-node path) after the committed tokens:
+        copy their KV into the tail, then drop the scratch."""
+        if nodes:
+            bs = self.pool.block_size
+            self.reserve(self.length + len(nodes))
+            dst = range(self.length, self.length + len(nodes))
+            dev = self.pool.device
+            d_blk = torch.tensor([self.blocks[p // bs] for p in dst], device=dev)
+            d_off = torch.tensor([p % bs for p in dst], device=dev)
+            s_blk = torch.tensor([self.scratch[i // bs] for i in nodes], device=dev)
+            s_off = torch.tensor([i % bs for i in nodes], device=dev)
+            for cache in (self.pool.k, self.pool.v):  # [layers, blocks, heads, bs, D]
+                cache[:, d_blk, :, d_off, :] = cache[:, s_blk, :, s_off, :]
+            self.commit([self.scratch_tokens[i] for i in nodes])
+        self.drop_scratch()
 
     def release(self) -> None:
-        self.pool.free(self.blocks)
-        self.blocks, self.length, self._table = [], 0, None
-
-    def slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block ids and in-block offsets for cache positions (any shape, long)."""
-        bs = self.pool.block_size
-        return self.table()[positions // bs], positions % bs
-
-    def move(self, src: list[int], dst: list[int]) -> None:
-        """Copy the KV of cache positions src[i] to dst[i] in every layer (tree compaction)."""
-        if not src:
-            return
-        s_blk, s_off = self.slots(torch.tensor(src))
-        d_blk, d_off = self.slots(torch.tensor(dst))
-        for pool in (self.pool.k, self.pool.v):
-            pool[:, d_blk, :, d_off, :] = pool[:, s_blk, :, s_off, :].clone()
-
-
-@dataclass
-class AttentionBatch:
-    """Everything one forward needs to write new KV and attend over the cache.
-
-    B sequences each get n_new[b] new tokens, right-padded to T. Keys are the
-    gathered cache [B, kv_heads, K, head_dim] with K = max total length.
-    """
-
-    seqs: list[SequenceKV]
-    past: list[int]
-    n_new: list[int]
-    write_rows: torch.Tensor  # [N] indices into the flattened [B*T] new tokens that are real
-    write_blk: torch.Tensor  # [N]
-    write_off: torch.Tensor  # [N]
-    gather_idx: torch.Tensor  # [B, max_blocks] block ids (padded with the first block)
-    key_len: int  # K
-    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = attend; None = attend to all K keys
-
-    @classmethod
-    def build(
-        cls,
-        seqs: list[SequenceKV],
-        n_new: list[int],
-        tree_masks: list[tuple[int, torch.Tensor] | None] | None = None,
-    ) -> AttentionBatch:
-        """Reserve cache room and lay out a forward over n_new[b] tokens after each sequence.
-
-        tree_masks[b] = (start, mask): the cache from position `start` on holds tree nodes
-        (earlier ones already cached, then the n_new[b] new ones); mask [n_new[b], past + n_new[b]
-        - start] says which of them each new token may attend to (its ancestors and itself).
-        Keys before `start` are always visible. Without a tree mask new tokens attend causally.
-        """
-        T = max(n_new)
-        past = [s.length for s in seqs]
-        rows, blks, offs = [], [], []
-        for b, (s, n) in enumerate(zip(seqs, n_new, strict=True)):
-            s.reserve(s.length + n)
-            blk, off = s.slots(torch.arange(s.length, s.length + n))
-            rows.append(torch.arange(b * T, b * T + n))
-            blks.append(blk)
-            offs.append(off)
-        total = [p + n for p, n in zip(past, n_new, strict=True)]
-        K = max(total)
-        nb = -(-K // seqs[0].pool.block_size)
-        gather = torch.stack(
-            [
-                torch.nn.functional.pad(s.table()[:nb], (0, nb - min(nb, len(s.blocks))), value=s.blocks[0])
-                for s in seqs
-            ]
-        )
-        mask = None
-        trees = tree_masks or [None] * len(seqs)
-        if T > 1 or len(set(total)) > 1 or any(t is not None for t in trees):
-            key = torch.arange(K)
-            mask = torch.zeros(len(seqs), 1, T, K, dtype=torch.bool)
-            for b, (p, n) in enumerate(zip(past, n_new, strict=True)):
-                tree = trees[b]
-                if tree is None:
-                    allowed = key[None, :] <= (p + torch.arange(T))[:, None]  # causal over past + new
-                else:
-                    start, tree_mask = tree
-                    allowed = (key[None, :] < start).expand(T, K).clone()
-                    allowed[:n, start : p + n] = tree_mask
-                allowed[n:] = key[None, :] < max(p, 1)  # padded queries: any valid key (output unused)
-                mask[b, 0] = allowed
-        return cls(seqs, past, n_new, torch.cat(rows), torch.cat(blks), torch.cat(offs), gather, K, mask)
-
-    def write_and_gather(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new K/V ([B, kv_heads, T, D]) and return all keys/values [B, kv_heads, K, D]."""
-        pool = self.seqs[0].pool
-        B, H, T, D = k_new.shape
-        k_rows = k_new.transpose(1, 2).reshape(B * T, H, D)
-        v_rows = v_new.transpose(1, 2).reshape(B * T, H, D)
-        if len(self.write_rows) != B * T:  # padded batch: only the real rows
-            k_rows, v_rows = k_rows[self.write_rows], v_rows[self.write_rows]
-        pool.k[layer][self.write_blk, :, self.write_off, :] = k_rows
-        pool.v[layer][self.write_blk, :, self.write_off, :] = v_rows
-        if B == 1:
-            # index_select on the contiguous block dim, then one transposing copy (cheaper than
-            # advanced indexing; selecting from a transposed view would copy the whole layer).
-            idx = self.gather_idx[0]
-            k = pool.k[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
-            v = pool.v[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
-            return k, v
-        # [B, nb, H, bs, D] -> [B, H, nb*bs, D] -> first K positions
-        k = pool.k[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
-        v = pool.v[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
-        return k, v
-
-    def commit(self) -> None:
-        """Advance each sequence past its new tokens (after a successful forward)."""
-        for s, n in zip(self.seqs, self.n_new, strict=True):
-            s.length += n
+        self.drop_scratch()
+        self.pool.release(self.blocks)
+        self.blocks, self.tokens, self.keys, self._table = [], [], [], None

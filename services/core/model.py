@@ -15,8 +15,8 @@ from torch import nn
 
 from kernels.attention import attention
 from kernels.linear import linear, prepare_int8, prepare_packed
+from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
-from services.core.kv import AttentionBatch
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -43,7 +43,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables indexed by absolute position (grown on demand)."""
+    """cos/sin tables indexed by absolute position, grown on demand on the positions' device."""
 
     def __init__(self, config: LlamaConfig) -> None:
         self.inv_freq = rope_inv_freq(config)  # [head_dim/2], CPU float32
@@ -55,11 +55,10 @@ class Rotary:
         The sin table's first half is negated (see apply_rope_signed).
         """
         need = int(positions.max()) + 1
-        if need > self.cos.shape[0]:
+        if need > self.cos.shape[0] or self.cos.device != positions.device:
             size = max(need, 2 * self.cos.shape[0], 256)
-            freqs = torch.outer(
-                torch.arange(size, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq
-            )
+            inv = self.inv_freq.to(positions.device)
+            freqs = torch.outer(torch.arange(size, dtype=torch.float32, device=positions.device), inv)
             emb = torch.cat([freqs, freqs], dim=-1)  # [size, head_dim], rotate_half layout
             self.cos, self.sin = emb.cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
         return self.cos[positions].to(dtype)[:, :, None], self.sin[positions].to(dtype)[:, :, None]

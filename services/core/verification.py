@@ -126,7 +126,9 @@ def verify_round(
     """Commit new_tokens, score the tree in the same forward, accept a path and keep its KV.
 
     new_tokens (>= 1) become a chain after the committed prefix; tree roots hang off the
-    last of them, so the target's distribution at the root comes from this same forward.
+    last of them, so the target's distribution at the root comes from this same forward. The
+    whole forward lands in tree scratch; the chain and the accepted path are then copied into
+    the sequence, so a failed round never touches its committed blocks.
     """
     if not new_tokens:
         raise InvalidArgument(
@@ -145,5 +147,5 @@ def verify_round(
     except BaseException:
         seq.truncate(start)
         raise
-    engine.accept_path(seq, start + m, acc.path)
+    engine.accept_path(seq, list(range(m)) + [m + i for i in acc.path])
     return RoundResult(acc, hidden[[m - 1] + [m + i for i in acc.path]])

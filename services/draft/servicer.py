@@ -69,7 +69,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
     def _root_logits(self, session: Session):
         pending = session.tokens[session.seq.length :]
         if pending:
-            session.last_logits = self.engine.prefill(session.seq, pending)
+            session.last_logits, _ = self.engine.prefill_cached(session.seq, pending)
         if session.last_logits is None:
             raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
         return session.last_logits

@@ -112,11 +112,12 @@ class ModelServicer:
             check(have + len(new))
         return self.sessions.begin(ref.session_id, new, ref.expected_length)
 
-    def _append(self, turn: Turn) -> Any:
-        """Forward the turn's new tokens and commit them, returning the next-token logits [V]."""
-        logits = self.engine.prefill(turn.seq, turn.new)
+    def _append(self, turn: Turn) -> tuple[Any, int]:
+        """Forward the turn's new tokens and commit them. Returns the next-token logits [V] and
+        how many of the tokens reused cached KV blocks (a prefix another session computed)."""
+        logits, cached = self.engine.prefill_cached(turn.seq, turn.new)
         turn.session.commit(turn.new)
-        return logits
+        return logits, cached
 
     async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
         if not request.session_id:

@@ -62,14 +62,13 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         clock = Clock()
         self._check_model(request.model)
 
-        def run() -> int:
+        def run() -> tuple[int, int]:
             turn = self._open_session(request.session)
-            if turn.new:
-                self._append(turn)
-            return turn.session.length
+            cached = self._append(turn)[1] if turn.new else 0
+            return turn.session.length, cached
 
-        length = await self._on_engine(clock, run)
-        return target_pb2.PrefillResponse(session_length=length, timing=clock.timing())
+        length, cached = await self._on_engine(clock, run)
+        return target_pb2.PrefillResponse(session_length=length, cached_tokens=cached, timing=clock.timing())
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         clock = Clock()
@@ -130,7 +129,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
 
         def run() -> tuple[int, float, int]:
             turn = self._open_session(request.session)
-            logits = self._append(turn)
+            logits, _ = self._append(turn)
             token = next_token(logits, cfg, round_generator(request.random.seed, request.random.counter))
             return token, float(logits.float().log_softmax(-1)[token]), turn.session.length
 

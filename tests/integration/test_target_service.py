@@ -167,6 +167,30 @@ def test_session_prefill_extend_release(target) -> None:
     assert_healthy(channel)
 
 
+def test_sessions_with_a_common_prefix_share_its_kv_blocks(target) -> None:
+    """The second session's Prefill adopts the first one's full blocks (cached_tokens) and
+    both continue as a session computed from scratch would."""
+    servicer, stub, _ = target
+    prompt = servicer.tokenizer.encode("A long shared system prompt about the history of Paris. " * 3)
+    assert len(prompt) > 2 * servicer.engine.pool.block_size
+    replies = []
+    for sid in ("share-a", "share-b"):
+        ref = common_pb2.SessionRef(session_id=sid, new_tokens=prompt, expected_length=len(prompt))
+        replies.append(stub.Prefill(target_pb2.PrefillRequest(session=ref)))
+    bs = servicer.engine.pool.block_size
+    assert [r.cached_tokens for r in replies] == [0, (len(prompt) - 1) // bs * bs]
+    a, b = (servicer.sessions.get(sid).seq for sid in ("share-a", "share-b"))
+    shared = (len(prompt) - 1) // bs
+    assert a.blocks[:shared] == b.blocks[:shared]
+    seq = servicer.engine.new_sequence()
+    expected = int(servicer.engine.prefill(seq, prompt + [5]).argmax())
+    seq.release()
+    for sid in ("share-a", "share-b"):
+        ref = common_pb2.SessionRef(session_id=sid, new_tokens=[5], expected_length=len(prompt) + 1)
+        assert stub.Extend(target_pb2.ExtendRequest(session=ref)).next_token == expected
+        assert stub.Release(common_pb2.ReleaseRequest(session_id=sid)).released
+
+
 def test_generate_keeps_a_session_for_the_next_turn(target) -> None:
     servicer, stub, _ = target
     prompt = servicer.tokenizer.encode("One, two, three,")
@@ -314,10 +338,9 @@ def test_bad_input_to_score_prefill_extend_release(target) -> None:
 
 def test_engine_state_is_clean_after_errors(target) -> None:
     servicer, _, _ = target
-    # Every failed or finished stateless call returned its KV blocks.
-    assert servicer.engine.pool.free_blocks == servicer.engine.pool.max_blocks - sum(
-        len(s.seq.blocks) for s in (servicer.sessions.get(k) for k in list(servicer.sessions._sessions))
-    )
+    # Every failed or finished stateless call returned its KV blocks (sessions may share some).
+    held = {b for k in list(servicer.sessions._sessions) for b in servicer.sessions.get(k).seq.blocks}
+    assert servicer.engine.pool.free_blocks == servicer.engine.pool.max_blocks - len(held)
     assert torch.get_num_threads() >= 1
 
 

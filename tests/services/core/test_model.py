@@ -109,7 +109,7 @@ def test_accept_path_compacts_tree_kv(engine: Engine) -> None:
     seq = engine.new_sequence()
     engine.extend(seq, prefix)
     engine.forward_tree(seq, tokens, parents)
-    engine.accept_path(seq, len(prefix), path)
+    engine.accept_path(seq, path)
     assert seq.length == len(prefix) + len(path)
     nxt = 7
     got = engine.decode(seq, nxt)
@@ -170,11 +170,11 @@ def test_tree_grown_level_by_level_matches_one_shot(engine: Engine) -> None:
     seq = engine.new_sequence()
     engine.extend(seq, prefix)
     one_shot, _ = engine.forward_tree(seq, tokens, parents)
-    seq.truncate(len(prefix))
+    seq.truncate(len(prefix))  # drops the tree
     levels = [(0, 2), (2, 5), (5, 8)]  # node ranges added per forward
     grown = []
     for a, b in levels:
-        logits, _ = engine.forward_tree(seq, tokens[a:b], parents[:b], tree_start=len(prefix))
+        logits, _ = engine.forward_tree(seq, tokens[a:b], parents[:b])
         grown.append(logits)
     assert (torch.cat(grown) - one_shot).abs().max() <= TOL
 

@@ -1,0 +1,146 @@
+"""The layout of one batched forward over the paged KV cache (services.core.kv).
+
+Each sequence b gets n_new[b] new tokens, right-padded to T. A *chain* sequence appends them
+after its committed tokens; a *tree* sequence adds them as tree nodes to its scratch blocks.
+Keys are gathered per sequence as its committed blocks followed, for a tree, by its scratch
+blocks, so key slot j of a chain sequence is cache position j, and a tree's node i sits at
+slot len(blocks) * block_size + i. The boolean mask says which slots each query may read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.core.kv import SequenceKV
+
+
+@dataclass
+class AttentionBatch:
+    seqs: list[SequenceKV]
+    past: list[int]  # committed tokens of each sequence before this forward
+    tokens: list[list[int]]  # the new token ids of each sequence
+    trees: list[bool]  # per sequence: the new tokens are tree nodes (scratch), not a chain
+    write_rows: torch.Tensor  # [N] indices into the flattened [B*T] new tokens that are real
+    write_blk: torch.Tensor  # [N] block ids the new KV goes to
+    write_off: torch.Tensor  # [N] in-block offsets
+    gather_idx: torch.Tensor  # [B, nb] block ids to gather keys from (padded with the first)
+    key_len: int  # K: key slots every sequence's mask covers
+    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = attend; None = attend to all K keys
+
+    @classmethod
+    def build(
+        cls,
+        seqs: list[SequenceKV],
+        tokens: list[list[int]],
+        tree_masks: list[torch.Tensor | None] | None = None,
+    ) -> AttentionBatch:
+        """Reserve cache room and lay out a forward of tokens[b] after each sequence.
+
+        tree_masks[b], when given, makes tokens[b] new nodes of the tree in seqs[b]'s scratch
+        (earlier nodes already there): mask [n_new, scratch_len + n_new] says which nodes each
+        new one may attend to (its ancestors and itself); all committed tokens are visible.
+        Without a tree mask new tokens attend causally.
+        """
+        pool = seqs[0].pool
+        bs, dev = pool.block_size, pool.device
+        n_new = [len(t) for t in tokens]
+        T = max(n_new)
+        trees = tree_masks or [None] * len(seqs)
+        rows: list[int] = []
+        blks: list[int] = []
+        offs: list[int] = []
+        tables: list[list[int] | None] = []  # None: the sequence's cached table serves
+        key_lens: list[int] = []
+        for b, (s, n, tree) in enumerate(zip(seqs, n_new, trees, strict=True)):
+            rows += range(b * T, b * T + n)
+            if tree is None:
+                s.reserve(s.length + n)
+                blocks, first = s.blocks, s.length
+                tables.append(None)
+                key_lens.append(s.length + n)
+            else:
+                s.reserve_scratch(s.scratch_len + n)
+                blocks, first = s.scratch, s.scratch_len
+                tables.append(s.blocks + s.scratch)
+                key_lens.append(len(s.blocks) * bs + s.scratch_len + n)
+            blks += (blocks[p // bs] for p in range(first, first + n))
+            offs += (p % bs for p in range(first, first + n))
+        K = max(key_lens)
+        nb = -(-K // bs)
+        if len(seqs) == 1:
+            table = seqs[0].table()[:nb] if tables[0] is None else torch.tensor(tables[0], device=dev)
+            gather = table[None]
+        else:
+            padded = []
+            for s, table in zip(seqs, tables, strict=True):
+                ids = (s.blocks if table is None else table)[:nb]
+                padded.append(ids + [ids[0]] * (nb - len(ids)))
+            gather = torch.tensor(padded, dtype=torch.long, device=dev)
+        mask = None
+        if T > 1 or len(set(key_lens)) > 1 or any(t is not None for t in trees):
+            mask = cls._mask(seqs, n_new, trees, T, K)
+        return cls(
+            seqs,
+            [s.length for s in seqs],
+            tokens,
+            [t is not None for t in trees],
+            torch.tensor(rows, dtype=torch.long, device=dev),
+            torch.tensor(blks, dtype=torch.long, device=dev),
+            torch.tensor(offs, dtype=torch.long, device=dev),
+            gather,
+            K,
+            mask,
+        )
+
+    @staticmethod
+    def _mask(
+        seqs: list[SequenceKV], n_new: list[int], trees: list[torch.Tensor | None], T: int, K: int
+    ) -> torch.Tensor:
+        dev, bs = seqs[0].pool.device, seqs[0].pool.block_size
+        key = torch.arange(K, device=dev)
+        mask = torch.zeros(len(seqs), 1, T, K, dtype=torch.bool, device=dev)
+        for b, (s, n, tree) in enumerate(zip(seqs, n_new, trees, strict=True)):
+            p = s.length
+            if tree is None:
+                allowed = key[None, :] <= (p + torch.arange(T, device=dev))[:, None]  # causal over past + new
+            else:
+                at = len(s.blocks) * bs  # slot of scratch node 0
+                allowed = (key[None, :] < p).expand(T, K).clone()
+                allowed[:n, at : at + tree.shape[1]] = tree.to(dev)
+            allowed[n:] = key[None, :] < max(p, 1)  # padded queries: any finite slot (output unused)
+            mask[b, 0] = allowed
+        return mask
+
+    def write_and_gather(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new K/V ([B, kv_heads, T, D]) and return all keys/values [B, kv_heads, K, D]."""
+        pool = self.seqs[0].pool
+        B, H, T, D = k_new.shape
+        k_rows = k_new.transpose(1, 2).reshape(B * T, H, D)
+        v_rows = v_new.transpose(1, 2).reshape(B * T, H, D)
+        if len(self.write_rows) != B * T:  # padded batch: only the real rows
+            k_rows, v_rows = k_rows[self.write_rows], v_rows[self.write_rows]
+        pool.k[layer][self.write_blk, :, self.write_off, :] = k_rows
+        pool.v[layer][self.write_blk, :, self.write_off, :] = v_rows
+        if B == 1:
+            # index_select on the contiguous block dim, then one transposing copy (cheaper than
+            # advanced indexing; selecting from a transposed view would copy the whole layer).
+            idx = self.gather_idx[0]
+            k = pool.k[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
+            v = pool.v[layer].index_select(0, idx).transpose(0, 1).reshape(1, H, -1, D)[:, :, : self.key_len]
+            return k, v
+        # [B, nb, H, bs, D] -> [B, H, nb*bs, D] -> first K slots
+        k = pool.k[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
+        v = pool.v[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
+        return k, v
+
+    def commit(self) -> None:
+        """After a successful forward: chains commit their tokens, trees keep their new nodes."""
+        for s, ids, tree in zip(self.seqs, self.tokens, self.trees, strict=True):
+            if tree:
+                s.scratch_tokens += ids
+            else:
+                s.commit(ids)
