@@ -152,7 +152,12 @@ class Engine:
         if min(n_new) < 1:
             raise InvalidArgument("every sequence in a forward needs at least one token", "tokens")
         T = max(n_new)
-        batch = AttentionBatch.build(seqs, token_lists, tree_masks)
+        try:
+            batch = AttentionBatch.build(seqs, token_lists, tree_masks)
+        except BaseException:  # e.g. the pool is full for a later sequence of the batch
+            for s in seqs:
+                s.truncate(s.length)
+            raise
         tokens = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T], built on the CPU, moved once
         pos = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T]
         for b, ids in enumerate(token_lists):

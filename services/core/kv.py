@@ -202,6 +202,8 @@ class SequenceKV:
         for i in range(len(self.keys), self.length // bs):
             parent = self.keys[-1] if self.keys else None
             key = self.pool.block_key(parent, self.tokens[i * bs : (i + 1) * bs])
+            # An equal block may hold KV that differs from ours in the last bits (another batch
+            # shape computed it); both are this prefix's KV, and sharing it is what saves memory.
             block = self.pool.seal(self.blocks[i], key)
             if block != self.blocks[i]:
                 self.blocks[i] = block

@@ -68,6 +68,13 @@ def test_pool_is_allocated_once_and_never_grows(engine: Engine) -> None:
     assert pool.free_blocks == 4  # the refused forward returned what it had reserved
 
 
+def test_a_batch_refused_for_room_returns_every_reservation() -> None:
+    engine = Engine.from_config(tiny_config(), block_size=BS, max_kv_tokens=8 * BS)
+    with pytest.raises(ResourceExhausted):
+        engine.forward([engine.new_sequence(), engine.new_sequence()], [ids(2 * BS, 22), ids(7 * BS, 23)])
+    assert engine.pool.free_blocks == 8
+
+
 def test_blocks_are_zeroed_when_first_handed_out_only() -> None:
     pool = BlockPool(tiny_config(), block_size=BS, max_blocks=4)
     pool.k.fill_(float("nan"))  # whatever torch.empty left there
@@ -151,11 +158,22 @@ def test_adoption_leaves_the_last_token_to_compute(engine: Engine) -> None:
     assert b.blocks == a.blocks  # and then switched to the cached one when it filled
 
 
-def test_a_different_model_digest_shares_nothing() -> None:
+def test_a_different_model_digest_shares_nothing(engine: Engine) -> None:
     other = Engine.from_config(tiny_config(), seed=1, block_size=BS, digest="d1")
-    assert other.pool.block_key(None, [1, 2, 3, 4]) != BlockPool(
-        tiny_config(), block_size=BS, digest="d0"
-    ).block_key(None, [1, 2, 3, 4])
+    assert other.pool.block_key(None, [1, 2, 3, 4]) != engine.pool.block_key(None, [1, 2, 3, 4])
+
+
+def test_an_int8_engine_keys_its_blocks_apart(engine: Engine) -> None:
+    fp32_key = engine.pool.block_key(None, [1, 2, 3, 4])
+    s = engine.new_sequence()
+    engine.prefill(s, ids(BS, 21))
+    with pytest.raises(RuntimeError, match="hold blocks"):
+        engine.pool.rename("d0+int8")
+    s.release()
+    if not engine.quantize_int8():
+        pytest.skip("the fbgemm quantized kernels are not available")
+    assert engine.pool.digest == "d0+int8" and engine.pool.cached_blocks == 0
+    assert engine.pool.block_key(None, [1, 2, 3, 4]) != fp32_key
 
 
 # --- immutability ------------------------------------------------------------------------------
