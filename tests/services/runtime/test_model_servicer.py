@@ -66,8 +66,8 @@ def test_refused_open_leaves_no_session(servicer: ModelServicer) -> None:
 def test_open_append_and_release(servicer: ModelServicer) -> None:
     turn = servicer._open_session(ref("a", [1, 2, 3], 3))
     assert turn.created and turn.session.length == 0  # tokens count once the forward ran
-    logits = servicer._append(turn)
-    assert logits.shape == (97,) and turn.session.length == 3 == turn.seq.length
+    logits, cached = servicer._append(turn)
+    assert logits.shape == (97,) and turn.session.length == 3 == turn.seq.length and cached == 0
     again = servicer._open_session(ref("a", [4], 4))
     assert not again.created and again.session is turn.session
 
