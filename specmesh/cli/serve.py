@@ -127,25 +127,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_gateway.add_parser(ssub)
 
 
-def run_target(args: argparse.Namespace) -> int:
+def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=None) -> int:
+    """Settings, logging and telemetry, then `load()` (the servicer, on its engine thread), then
+    serve it until SIGTERM / SIGINT and close it. `describe(servicer)` adds to the start line."""
     from services.runtime.server import run_forever
     from services.runtime.settings import ServerSettings
     from services.runtime.telemetry import setup_telemetry
-    from services.target.server import load_target, registrar
 
     settings = ServerSettings.from_env_and_args(args)
     settings.configure_logging()
-    setup_telemetry("specmesh-target")
-    servicer = load_target(
-        args.model,
-        threads=args.threads,
-        max_sessions=args.max_sessions,
-        max_kv_tokens=args.max_kv_tokens,
-        pack_weights=args.pack_weights,
-    )
+    setup_telemetry(f"specmesh-{role}")
+    servicer = load()
+    extra = f" ({describe(servicer)})" if describe else ""
 
     def announce(server) -> None:
-        print(f"specmesh target serving {servicer.engine.name} on {server.address}", flush=True)
+        print(f"specmesh {role} serving {servicer.engine.name}{extra} on {server.address}", flush=True)
 
     async def main() -> None:
         await run_forever(registrar(servicer), settings, on_start=announce)
@@ -153,68 +149,61 @@ def run_target(args: argparse.Namespace) -> int:
     asyncio.run(main())
     servicer.close()
     return 0
+
+
+def run_target(args: argparse.Namespace) -> int:
+    from services.target.server import load_target, registrar
+
+    return _serve_model(
+        args,
+        "target",
+        lambda: load_target(
+            args.model,
+            threads=args.threads,
+            max_sessions=args.max_sessions,
+            max_kv_tokens=args.max_kv_tokens,
+            pack_weights=args.pack_weights,
+        ),
+        registrar,
+    )
 
 
 def run_draft(args: argparse.Namespace) -> int:
     from services.draft.server import load_draft, registrar
-    from services.runtime.server import run_forever
-    from services.runtime.settings import ServerSettings
-    from services.runtime.telemetry import setup_telemetry
 
-    settings = ServerSettings.from_env_and_args(args)
-    settings.configure_logging()
-    setup_telemetry("specmesh-draft")
-    servicer = load_draft(
-        args.model,
-        threads=args.threads,
-        default_strategy=Strategy(args.default_strategy),
-        max_sessions=args.max_sessions,
-        max_kv_tokens=args.max_kv_tokens,
-        vocab_limit=args.vocab_limit,
-        pack_weights=args.pack_weights,
-        int8=args.int8,
+    return _serve_model(
+        args,
+        "draft",
+        lambda: load_draft(
+            args.model,
+            threads=args.threads,
+            default_strategy=Strategy(args.default_strategy),
+            max_sessions=args.max_sessions,
+            max_kv_tokens=args.max_kv_tokens,
+            vocab_limit=args.vocab_limit,
+            pack_weights=args.pack_weights,
+            int8=args.int8,
+        ),
+        registrar,
     )
-
-    def announce(server) -> None:
-        print(f"specmesh draft serving {servicer.engine.name} on {server.address}", flush=True)
-
-    async def main() -> None:
-        await run_forever(registrar(servicer), settings, on_start=announce)
-
-    asyncio.run(main())
-    servicer.close()
-    return 0
 
 
 def run_scoring(args: argparse.Namespace) -> int:
-    from services.runtime.server import run_forever
-    from services.runtime.settings import ServerSettings
-    from services.runtime.telemetry import setup_telemetry
     from services.scoring.server import load_scoring, registrar
 
-    settings = ServerSettings.from_env_and_args(args)
-    settings.configure_logging()
-    setup_telemetry("specmesh-scoring")
-    servicer = load_scoring(
-        args.model,
-        observer=args.observer,
-        reference=args.reference,
-        threads=args.threads,
-        max_kv_tokens=args.max_kv_tokens,
-        pack_weights=args.pack_weights,
-    )
-    servicer.batcher.window_s = args.batch_window_ms / 1000
-
-    def announce(server) -> None:
-        observer = servicer.observer.name if servicer.observer else "none"
-        print(
-            f"specmesh scoring serving {servicer.engine.name} (observer: {observer}) on {server.address}",
-            flush=True,
+    def load():
+        servicer = load_scoring(
+            args.model,
+            observer=args.observer,
+            reference=args.reference,
+            threads=args.threads,
+            max_kv_tokens=args.max_kv_tokens,
+            pack_weights=args.pack_weights,
         )
+        servicer.batcher.window_s = args.batch_window_ms / 1000
+        return servicer
 
-    async def main() -> None:
-        await run_forever(registrar(servicer), settings, on_start=announce)
+    def describe(servicer) -> str:
+        return f"observer: {servicer.observer.name if servicer.observer else 'none'}"
 
-    asyncio.run(main())
-    servicer.close()
-    return 0
+    return _serve_model(args, "scoring", load, registrar, describe)
