@@ -112,8 +112,71 @@ def _field(default: Any, parser: Callable[[str], Any], help: str, *, secret: boo
     return dataclasses.field(default=default, repr=not secret, metadata={"parse": parser, "help": help})
 
 
+class _EnvSettings:
+    """Defaults < ``SPECMESH_<FIELD>`` < ``--<field>`` for a frozen dataclass of `_field`s;
+    `_check(values)` returns (field, message) for every invalid value."""
+
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
+    def env_var(cls, field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **defaults: Any):
+        return cls.from_env_and_args(None, env=env, **defaults)
+
+    @classmethod
+    def from_env_and_args(
+        cls,
+        args: argparse.Namespace | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ):
+        """Build settings; precedence: flags in `args` > `SPECMESH_*` in `env` > `defaults` > built-in.
+
+        `env` defaults to ``os.environ``; `defaults` lets a service pick its own defaults
+        (``ServerSettings.from_env_and_args(args, service_name="draft", port=50052)``).
+        Flags left at ``None`` (not given) fall through to the environment.
+        """
+        env = os.environ if env is None else env
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(defaults) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+        values: dict[str, Any] = dict(defaults)
+        sources: dict[str, str] = {}
+        for name, f in fields.items():
+            var = cls.env_var(name)
+            raw = env.get(var)
+            if raw is not None:
+                try:
+                    values[name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{var}={raw!r}: {exc}") from None
+                sources[name] = f"{var}={raw!r}"
+            if args is not None:
+                flag_value = getattr(args, name, None)
+                if flag_value is not None:
+                    values[name] = None if flag_value is _EXPLICIT_NONE else flag_value
+                    sources[name] = f"--{name.replace('_', '-')}={values[name]!r}"
+        merged = {name: values.get(name, f.default) for name, f in fields.items()}
+        problems = cls._check(merged)
+        if problems:
+            raise SettingsError(
+                "; ".join(f"{sources[name]}: {msg}" if name in sources else msg for name, msg in problems)
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(_EnvSettings):
     """How a specmesh gRPC server binds, limits messages, keeps connections alive and shuts down."""
 
     host: str = _field("127.0.0.1", parse_str, "address to bind (0.0.0.0 or :: for all interfaces)")
@@ -169,61 +232,9 @@ class ServerSettings:
         if problems:
             raise SettingsError("invalid server settings: " + "; ".join(msg for _, msg in problems))
 
-    # -- construction -------------------------------------------------------------------------
-
-    @classmethod
-    def env_var(cls, field_name: str) -> str:
-        return ENV_PREFIX + field_name.upper()
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **defaults: Any) -> ServerSettings:
-        return cls.from_env_and_args(None, env=env, **defaults)
-
-    @classmethod
-    def from_env_and_args(
-        cls,
-        args: argparse.Namespace | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        **defaults: Any,
-    ) -> ServerSettings:
-        """Build settings; precedence: flags in `args` > `SPECMESH_*` in `env` > `defaults` > built-in.
-
-        `env` defaults to ``os.environ``; `defaults` lets a service pick its own defaults
-        (``ServerSettings.from_env_and_args(args, service_name="draft", port=50052)``).
-        Flags left at ``None`` (not given) fall through to the environment.
-        """
-        env = os.environ if env is None else env
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(defaults) - set(fields)
-        if unknown:
-            raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
-        values: dict[str, Any] = dict(defaults)
-        sources: dict[str, str] = {}
-        for name, f in fields.items():
-            var = cls.env_var(name)
-            raw = env.get(var)
-            if raw is not None:
-                try:
-                    values[name] = f.metadata["parse"](raw)
-                except ValueError as exc:
-                    raise SettingsError(f"{var}={raw!r}: {exc}") from None
-                sources[name] = f"{var}={raw!r}"
-            if args is not None:
-                flag_value = getattr(args, name, None)
-                if flag_value is not None:
-                    values[name] = None if flag_value is _EXPLICIT_NONE else flag_value
-                    sources[name] = f"--{name.replace('_', '-')}={values[name]!r}"
-        merged = {name: values.get(name, f.default) for name, f in fields.items()}
-        problems = _problems(merged)
-        if problems:
-            raise SettingsError(
-                "; ".join(f"{sources[name]}: {msg}" if name in sources else msg for name, msg in problems)
-            )
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> ServerSettings:
-        return dataclasses.replace(self, **changes)
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return _problems(values)
 
     def configure_logging(self) -> None:
         """Process-wide logging at :attr:`log_level` (call once, in a server's main)."""
@@ -259,6 +270,57 @@ class ServerSettings:
             # Keep pinging an idle connection (default: stop after 2 pings without data).
             ("grpc.http2.max_pings_without_data", 0),
         ]
+
+
+KV_STORAGE = ("exact", "bfloat16")
+
+
+def parse_kv_storage(text: str) -> str:
+    value = text.strip().lower()
+    if value not in KV_STORAGE:
+        raise ValueError(f"expected one of {', '.join(KV_STORAGE)}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVStoreSettings(_EnvSettings):
+    """Where a model service shares its KV blocks (services.runtime.kv_store); no URL: nowhere."""
+
+    redis_url: str | None = _field(
+        None,
+        parse_optional_str,
+        "Redis / Valkey sharing KV blocks between replicas (redis://[:password@]host:port/db, "
+        "rediss:// for TLS); unset: this process's cache only",
+        secret=True,
+    )
+    kv_ttl_seconds: int = _field(3600, parse_int, "lifetime of a published KV block in Redis, s")
+    kv_storage: str = _field(
+        "exact", parse_kv_storage, "published KV precision: exact (as computed) or bfloat16 (half the bytes)"
+    )
+    kv_write_queue_blocks: int = _field(
+        256, parse_int, "blocks waiting to be published before new ones are dropped (and counted)"
+    )
+
+    def __post_init__(self) -> None:
+        problems = self._check(dataclasses.asdict(self))
+        if problems:
+            raise SettingsError("invalid KV store settings: " + "; ".join(msg for _, msg in problems))
+
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [
+            (name, f"{name} must be positive, got {values[name]}")
+            for name in ("kv_ttl_seconds", "kv_write_queue_blocks")
+            if values[name] <= 0
+        ]
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password (for logs)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -320,12 +382,23 @@ def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], A
 
 def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given)."""
+    add_settings_args(parser, ServerSettings, "server", "gRPC server")
+
+
+def add_kv_store_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--redis-url``, ``--kv-ttl-seconds``, ... of :class:`KVStoreSettings`."""
+    add_settings_args(parser, KVStoreSettings, "KV store", "KV blocks shared through Redis")
+
+
+def add_settings_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, title: str, description: str
+) -> None:
     group = parser
     if isinstance(parser, argparse.ArgumentParser):
-        group = parser.add_argument_group("server", f"gRPC server (environment: {ENV_PREFIX}<NAME>)")
-    for f in dataclasses.fields(ServerSettings):
+        group = parser.add_argument_group(title, f"{description} (environment: {ENV_PREFIX}<NAME>)")
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {f.default!r}]"
+        help_text = f"{f.metadata['help']} [{cls.env_var(f.name)}, default {f.default!r}]"
         if f.metadata["parse"] is parse_bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
