@@ -34,9 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
     )
-    from services.runtime.settings import add_server_args
+    from services.runtime.settings import add_kv_store_args, add_server_args
 
     add_server_args(t)
+    add_kv_store_args(t)
     t.set_defaults(func=run_target)
 
     d = ssub.add_parser(
@@ -78,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
     )
     add_server_args(d)
+    add_kv_store_args(d)
     d.set_defaults(func=run_draft)
 
     sc = ssub.add_parser(
@@ -127,17 +129,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_gateway.add_parser(ssub)
 
 
-def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=None) -> int:
+def _serve_model(
+    args: argparse.Namespace, role: str, load, registrar, describe=None, *, share_kv: bool = False
+) -> int:
     """Settings, logging and telemetry, then `load()` (the servicer, on its engine thread), then
-    serve it until SIGTERM / SIGINT and close it. `describe(servicer)` adds to the start line."""
+    serve it until SIGTERM / SIGINT and close it. `describe(servicer)` adds to the start line.
+    share_kv: publish and restore KV blocks through Redis (KVStoreSettings: --redis-url)."""
+    from services.runtime.kv_store import attach_kv_store
     from services.runtime.server import run_forever
-    from services.runtime.settings import ServerSettings
+    from services.runtime.settings import KVStoreSettings, ServerSettings
     from services.runtime.telemetry import setup_telemetry
 
     settings = ServerSettings.from_env_and_args(args)
+    kv_settings = KVStoreSettings.from_env_and_args(args) if share_kv else KVStoreSettings()
     settings.configure_logging()
     setup_telemetry(f"specmesh-{role}")
     servicer = load()
+    kv = attach_kv_store(servicer.engine, kv_settings)
     extra = f" ({describe(servicer)})" if describe else ""
 
     def announce(server) -> None:
@@ -148,6 +156,8 @@ def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=
 
     asyncio.run(main())
     servicer.close()
+    if kv is not None:
+        kv.close()
     return 0
 
 
@@ -165,6 +175,7 @@ def run_target(args: argparse.Namespace) -> int:
             pack_weights=args.pack_weights,
         ),
         registrar,
+        share_kv=True,
     )
 
 
@@ -185,6 +196,7 @@ def run_draft(args: argparse.Namespace) -> int:
             int8=args.int8,
         ),
         registrar,
+        share_kv=True,
     )
 
 
