@@ -3,6 +3,7 @@
 Subcommands:
   decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
+  kv       KV prefix reuse through Redis: TTFT cold / memory / Redis, bytes/s, chat (bench_kv.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             raise
     else:
         add_spec_parser(bench_sub)
+    from specmesh.cli.bench_kv import add_kv_parser
+
+    add_kv_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
