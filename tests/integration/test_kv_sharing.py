@@ -215,3 +215,37 @@ def test_redis_killed_mid_run_then_back(replicas, redis_server, smollm2_dir, tel
     assert prefill(a, "up-0", other).cached_tokens == 0
     assert store_a.flush() and store_a.stats.published == 7
     assert prefill(b, "up-1", other).cached_tokens == 112  # restored from what a published
+
+
+def test_draft_replicas_share_kv_too(draft_dir, redis_server, smollm2_dir) -> None:
+    """The draft service (int8, restricted head: as served) restores a prefix another draft
+    replica published and proposes the same greedy chain."""
+    from services.draft.server import load_draft, start_draft
+    from specmesh.v1 import draft_pb2, draft_pb2_grpc
+
+    servicers = [
+        load_draft(str(draft_dir), threads=1, max_kv_tokens=2048, pack_weights=False) for _ in range(2)
+    ]
+    stores = [attach(redis_server.url, s.engine) for s in servicers]
+    settings = ServerSettings(host="127.0.0.1", port=0)
+    ids = prompt_ids(smollm2_dir, 150, OTHER_TEXT)
+    with (
+        ServerThread(lambda: start_draft(servicers[0], settings)) as sa,
+        ServerThread(lambda: start_draft(servicers[1], settings)) as sb,
+    ):
+        trees = []
+        for i, srv in enumerate((sa, sb)):
+            with grpc.insecure_channel(srv.address) as channel:
+                ref = common_pb2.SessionRef(session_id=f"d{i}", new_tokens=ids, expected_length=len(ids))
+                request = draft_pb2.ProposeRequest(
+                    session=ref,
+                    strategy=common_pb2.DRAFT_STRATEGY_CHAIN,
+                    budget=common_pb2.TreeBudget(max_nodes=4, max_depth=4),
+                )
+                trees.append(draft_pb2_grpc.DraftServiceStub(channel).Propose(request).tree)
+            assert stores[0].flush()
+    assert stores[0].stats.published == 9 and stores[1].stats.restored == 9  # (150 - 1) // 16 blocks
+    assert list(trees[1].tokens) == list(trees[0].tokens)
+    for store, servicer in zip(stores, servicers, strict=True):
+        store.close()
+        servicer.close()
