@@ -21,11 +21,14 @@ Choices, and why:
   (``specmesh.kv_store.dropped``): losing a publication costs a later recompute, never a
   token's latency.
 * **Reads are on the engine thread**, pipelined in chunks, and stop at the first miss: the
-  prefill waits for them anyway, and the engine thread owns the pool they are copied into.
+  prefill waits for them anyway, and the engine thread owns the pool they are copied into. So
+  the client is the synchronous one (asyncio would serve only to hop back to this thread).
 * **Degraded mode**: any Redis error marks the store down: logged once per outage, counted
   (``specmesh.kv_store.errors``), and neither lookups nor publications are attempted until a
   backoff (doubling up to ``max_backoff_s``) has passed; then the next operation tries again,
-  and success logs that Redis is back. Services keep answering by recomputing.
+  and success logs that Redis is back. Services keep answering by recomputing. A host that drops
+  packets (rather than refusing connections) costs a lookup at most one connect timeout
+  (``timeout_s``) per backoff period.
 
 The ``redis`` client's URL carries the password (``redis://:pw@host:6379/0``) and TLS
 (``rediss://``); the client's own retries are off: the backoff above replaces them, so an
