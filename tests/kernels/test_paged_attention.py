@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.paged_attention import paged_attention, paged_attention_reference
-from tests.kernels.paged_cases import random_case
+from bench.kernel_cases import random_case
 
 
 def written_out(case) -> torch.Tensor:

@@ -114,3 +114,49 @@ def random_case(seed: int, dtype: torch.dtype = torch.float32, max_nodes: int = 
     k_cache = torch.randn(num_blocks, n_kv, bs, D, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, n_kv, bs, D, generator=gen).to(dtype)
     return PagedCase(q, k_cache, v_cache, layout, mask)
+
+
+def verify_case(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    prefix: int,
+    nodes: int,
+    dtype: torch.dtype,
+    device: str,
+    block_size: int = 16,
+    seed: int = 0,
+) -> PagedCase:
+    """A verification-shaped problem at benchmark sizes: `batch` sequences with `prefix` cached
+    tokens in shuffled pool blocks, each checking a random tree of `nodes` nodes in scratch."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix_blocks, tree_blocks = -(-prefix // block_size), -(-nodes // block_size)
+    per_seq = prefix_blocks + tree_blocks
+    order = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq)
+    parents = [random_parents(nodes, gen) for _ in range(batch)]
+    bits = torch.zeros(batch, nodes, dtype=torch.int64)
+    mask = torch.zeros(batch, 1, nodes, prefix_blocks * block_size + nodes, dtype=torch.bool)
+    at = prefix_blocks * block_size
+    for b in range(batch):
+        mask[b, 0, :, :prefix] = True
+        for t in range(nodes):
+            for a in ancestors(parents[b], t):
+                bits[b, t] |= torch.tensor(1, dtype=torch.int64) << a
+                mask[b, 0, t, at + a] = True
+    layout = PagedLayout(
+        table=order.to(torch.int32).to(device),
+        prefix=torch.full((batch, nodes), prefix, dtype=torch.int32, device=device),
+        tree_start=torch.full((batch,), at, dtype=torch.int32, device=device),
+        tree_bits=bits.to(device),
+        key_len=torch.full((batch,), at + nodes, dtype=torch.int32, device=device),
+        max_key_len=at + nodes,
+    )
+    shape = (batch * per_seq, kv_heads, block_size, head_dim)
+    return PagedCase(
+        q=torch.randn(batch, heads, nodes, head_dim, generator=gen).to(device, dtype),
+        k_cache=torch.randn(*shape, generator=gen).to(device, dtype),
+        v_cache=torch.randn(*shape, generator=gen).to(device, dtype),
+        layout=layout,
+        mask=mask.to(device),
+    )
