@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
 from kernels.linear import linear, prepare_int8, prepare_packed
 from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
@@ -134,8 +133,7 @@ class Attention(nn.Module):
         q = qk[:, :, : self.n_heads].transpose(1, 2)  # [B, H, T, D]
         k = qk[:, :, self.n_heads :].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
-        keys, values = batch.write_and_gather(layer, k, v)  # [B, Hkv, K, D]
-        out = attention(q, keys, values, batch.mask)  # [B, H, T, D]
+        out = batch.attend(layer, q, k, v)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
