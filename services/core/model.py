@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear import linear, prepare_int8, prepare_packed
+from kernels.linear import Plan, linear, prepare_int8, prepare_packed
 from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
 
@@ -85,6 +85,7 @@ class SmallBatchLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.packed: torch.Tensor | None = None  # not a parameter: derived, and not saved
         self.int8: torch.Tensor | None = None  # ditto; takes precedence over `packed`
+        self.plan: Plan | None = None  # matmul path per row bucket (kernels.linear_choice)
 
     def pack(self) -> int:
         """Make (or refresh) the packed copy; returns its size in bytes (0 if unavailable, or
@@ -98,7 +99,7 @@ class SmallBatchLinear(nn.Linear):
         return 0 if self.int8 is None else self.weight.numel() + 8 * self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.int8)
+        return linear(x, self.weight, self.packed, self.int8, self.plan)
 
 
 class RMSNorm(nn.Module):

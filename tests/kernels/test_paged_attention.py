@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_reference
 from bench.kernel_cases import random_case
+from kernels.paged_attention import paged_attention, paged_attention_reference
 
 
 def written_out(case) -> torch.Tensor:
