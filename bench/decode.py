@@ -357,6 +357,7 @@ def _bench(
     import transformers
     from tqdm import tqdm
 
+    from kernels.linear_choice import CACHE_FILE
     from services.core.engine import Engine
     from services.core.model_store import resolve_model
     from services.core.tokenizer import Tokenizer
@@ -366,6 +367,9 @@ def _bench(
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     model_dir = resolve_model(model)
     engine = Engine.from_dir(model_dir)
+    # As the services run it: packed weight copies, matmul paths measured on this machine.
+    engine.pack_weights()
+    engine.choose_linear_paths(Path(model_dir) / CACHE_FILE)
     tokenizer = Tokenizer.from_dir(model_dir)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -482,6 +486,8 @@ def _bench(
                 "mode": "eager (no torch.compile)",
             },
             "ours_generate": "services.core.generation.generate, greedy, ignore_eos",
+            "ours_packed_weights": engine.packed_bytes > 0,
+            "ours_linear_paths": engine.linear_choice,
             "interleaving": "per prompt and repeat, engine order alternates; one warm-up run of each first",
         },
         "machine": machine_info(threads_used) | {"load_average_1m_at_start": load_before},

@@ -103,6 +103,8 @@ class Services:
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self._start([redis])
         env["SPECMESH_REDIS_URL"] = self.redis_url
+        if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+            env["GOMP_SPINCOUNT"] = str(st.DEFAULT_OMP_SPINCOUNT)  # as `specmesh up` (stack.OMP_SPIN_NOTE)
         targets = []
         for name in ("target-a", "target-b"):
             port = st.free_port()

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from kernels.linear import linear, prepare_int8, prepare_packed
+from kernels.linear import Plan, linear, prepare_int8, prepare_packed
 from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
 
@@ -86,6 +85,7 @@ class SmallBatchLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.packed: torch.Tensor | None = None  # not a parameter: derived, and not saved
         self.int8: torch.Tensor | None = None  # ditto; takes precedence over `packed`
+        self.plan: Plan | None = None  # matmul path per row bucket (kernels.linear_choice)
 
     def pack(self) -> int:
         """Make (or refresh) the packed copy; returns its size in bytes (0 if unavailable, or
@@ -99,7 +99,7 @@ class SmallBatchLinear(nn.Linear):
         return 0 if self.int8 is None else self.weight.numel() + 8 * self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.int8)
+        return linear(x, self.weight, self.packed, self.int8, self.plan)
 
 
 class RMSNorm(nn.Module):
@@ -134,8 +134,7 @@ class Attention(nn.Module):
         q = qk[:, :, : self.n_heads].transpose(1, 2)  # [B, H, T, D]
         k = qk[:, :, self.n_heads :].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
-        keys, values = batch.write_and_gather(layer, k, v)  # [B, Hkv, K, D]
-        out = attention(q, keys, values, batch.mask)  # [B, H, T, D]
+        out = batch.attend(layer, q, k, v)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kernels.linear_choice import CACHE_FILE
 from services.core.model_store import resolve_model
 from services.runtime.worker import EngineWorker
 
@@ -50,6 +51,15 @@ def load_engine(
         worker.call(prepare, engine)
     if pack_weights and worker.call(engine.pack_weights):
         log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
+    choice = worker.call(engine.choose_linear_paths, model_dir / CACHE_FILE)
+    if choice.get("plans"):
+        log.info(
+            "matmul paths per row bucket %s (%s on %s): %s",
+            choice["bucket_rows"],
+            choice["source"],
+            choice["machine"],
+            "; ".join(f"{shape} {'/'.join(plan)}" for shape, plan in choice["plans"].items()),
+        )
     config = json.loads((model_dir / "config.json").read_text())
     license = (config.get("specmesh") or {}).get("license", "")
     log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
