@@ -73,7 +73,9 @@ def long_prompt(tokenizer, n_tokens: int, rep: int) -> list[int]:
 class Services:
     """Redis (unless given) and two target service processes, stopped on exit."""
 
-    def __init__(self, model: str, threads: int, redis_url: str | None, log_path: Path) -> None:
+    def __init__(
+        self, model: str, threads: int, redis_url: str | None, log_path: Path, kv_storage: str = "exact"
+    ) -> None:
         from specmesh import stack
 
         self.stack = stack
@@ -82,6 +84,7 @@ class Services:
         self.children: list[Any] = []
         self.model, self.threads = model, threads
         self.redis_url = redis_url
+        self.kv_storage = kv_storage
         self.redis_binary: str | None = None
 
     def __enter__(self) -> Services:
@@ -103,6 +106,7 @@ class Services:
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self._start([redis])
         env["SPECMESH_REDIS_URL"] = self.redis_url
+        env["SPECMESH_KV_STORAGE"] = self.kv_storage
         if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
             env["GOMP_SPINCOUNT"] = str(st.DEFAULT_OMP_SPINCOUNT)  # as `specmesh up` (stack.OMP_SPIN_NOTE)
         targets = []
@@ -291,7 +295,9 @@ def _tool_rates(tool: str, url: str, value_bytes: int, n_values: int, chunk: int
 
 def chat(stubs, client, tokenizer, digest: str, reply_tokens: int) -> dict[str, Any]:
     """8 turns; each turn's prompt is the whole conversation so far (chat template). The
-    assistant's replies are A's greedy output (Generate)."""
+    assistant's replies are A's greedy output (Generate). Each turn B goes first, so what it
+    finds is what it would find had the conversation moved to it: its own pool's blocks of its
+    earlier turns, and from Redis what A published up to the end of A's previous reply."""
     from specmesh.v1 import common_pb2, target_pb2
 
     a, b = stubs
@@ -300,22 +306,24 @@ def chat(stubs, client, tokenizer, digest: str, reply_tokens: int) -> dict[str, 
     for t, text in enumerate(CHAT_TURNS):
         messages.append({"role": "user", "content": text})
         ids = tokenizer.encode_chat(messages)
-        ttft_a, cached_a = prefill(a, f"chat-a-{t}", ids)
-        wait_published(client, published_keys(ids[:-1], digest, 16))  # write-behind caught up
         ttft_b, cached_b = prefill(b, f"chat-b-{t}", ids)
+        ttft_a, cached_a = prefill(a, f"chat-a-{t}", ids)
         release(a, f"chat-a-{t}")
         release(b, f"chat-b-{t}")
         request = target_pb2.GenerateRequest(
             prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=ids)),
             sampling=common_pb2.SamplingParams(max_new_tokens=reply_tokens),
         )
-        reply = "".join(c.text for c in a.Generate(request, timeout=600))
-        messages.append({"role": "assistant", "content": reply})
+        chunks = list(a.Generate(request, timeout=600))
+        reply_ids = [i for c in chunks for i in c.token_ids]
+        # the reply's KV (all but its last token, never fed back) published before B's next turn
+        wait_published(client, published_keys(ids + reply_ids[:-1], digest, 16))
+        messages.append({"role": "assistant", "content": "".join(c.text for c in chunks)})
         turns.append(
             dict(
                 prompt_tokens=len(ids),
                 cached_same_replica=cached_a,
-                cached_other_replica=cached_b,  # B's own pool (earlier turns), then Redis
+                cached_other_replica=cached_b,  # B's own pool (its earlier turns), then Redis
                 ttft_same_replica_s=ttft_a,
                 ttft_other_replica_s=ttft_b,
             )
@@ -344,6 +352,7 @@ def run_kv_bench(
     redis_url: str | None,
     chat_reply_tokens: int,
     progress: bool,
+    kv_storage: str = "exact",
 ) -> dict[str, Any]:
     import grpc
     import redis
@@ -359,7 +368,7 @@ def run_kv_bench(
     load_start, git = loadavg(), git_info()
     log_path = out.with_suffix(".services.log")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with Services(model, threads, redis_url, log_path) as services:
+    with Services(model, threads, redis_url, log_path, kv_storage) as services:
         channels = [grpc.insecure_channel(services.address(n)) for n in ("target-a", "target-b")]
         stubs = [target_pb2_grpc.TargetServiceStub(c) for c in channels]
         info = stubs[0].GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=60)
@@ -379,6 +388,7 @@ def run_kv_bench(
     result = dict(
         benchmark="kv",
         model=info.name,
+        kv_storage=kv_storage,
         ttft=ttft_result,
         ttft_speedup_memory=ttft_result["ttft_speedup_memory"],
         ttft_speedup_redis=ttft_result["ttft_speedup_redis"],

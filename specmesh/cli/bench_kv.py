@@ -22,6 +22,8 @@ def _at_least(low: int):
 
 
 def add_kv_parser(bench_sub: argparse._SubParsersAction) -> None:
+    from services.runtime.settings import KV_STORAGE
+
     p = bench_sub.add_parser(
         "kv",
         help="KV prefix reuse: TTFT cold / warm from memory / warm from Redis, Redis bytes/s, chat",
@@ -60,6 +62,12 @@ def add_kv_parser(bench_sub: argparse._SubParsersAction) -> None:
         default=32,
         help="greedy tokens of each assistant reply in the chat (default: %(default)s)",
     )
+    p.add_argument(
+        "--kv-storage",
+        choices=KV_STORAGE,
+        default="exact",
+        help="precision the services publish KV in (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
             chat_reply_tokens=args.chat_reply_tokens,
             progress=not args.no_progress,
+            kv_storage=args.kv_storage,
         )
     except Exception as exc:
         from services.core.errors import SpecmeshError
