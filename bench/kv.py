@@ -293,53 +293,56 @@ def _tool_rates(tool: str, url: str, value_bytes: int, n_values: int, chunk: int
     return rates
 
 
-def chat(stubs, client, tokenizer, digest: str, reply_tokens: int) -> dict[str, Any]:
-    """8 turns; each turn's prompt is the whole conversation so far (chat template). The
-    assistant's replies are A's greedy output (Generate). Each turn B goes first, so what it
-    finds is what it would find had the conversation moved to it: its own pool's blocks of its
-    earlier turns, and from Redis what A published up to the end of A's previous reply."""
+def conversation(
+    serve, client, tokenizer, digest: str, reply_tokens: int, opener: str, first=None
+) -> list[dict[str, Any]]:
+    """8 turns served by `serve`; each turn's prompt is the whole conversation so far (chat
+    template) and the reply is `serve`'s greedy output (Generate). `first`, when given, is
+    another replica that sees each turn's prompt before `serve` does: what it finds is what a
+    conversation moved to it would find (from Redis, what `serve` published up to its last
+    reply; from its own pool, its earlier turns)."""
     from specmesh.v1 import common_pb2, target_pb2
 
-    a, b = stubs
     messages: list[dict[str, str]] = []
     turns = []
     for t, text in enumerate(CHAT_TURNS):
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": f"{opener} {text}" if t == 0 else text})
         ids = tokenizer.encode_chat(messages)
-        ttft_b, cached_b = prefill(b, f"chat-b-{t}", ids)
-        ttft_a, cached_a = prefill(a, f"chat-a-{t}", ids)
-        release(a, f"chat-a-{t}")
-        release(b, f"chat-b-{t}")
+        turn: dict[str, Any] = dict(prompt_tokens=len(ids))
+        if first is not None:
+            turn["ttft_s"], turn["cached_tokens"] = prefill(first, f"{opener}-first-{t}", ids)
+            release(first, f"{opener}-first-{t}")
+        else:
+            turn["ttft_s"], turn["cached_tokens"] = prefill(serve, f"{opener}-{t}", ids)
+            release(serve, f"{opener}-{t}")
         request = target_pb2.GenerateRequest(
             prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=ids)),
             sampling=common_pb2.SamplingParams(max_new_tokens=reply_tokens),
         )
-        chunks = list(a.Generate(request, timeout=600))
+        chunks = list(serve.Generate(request, timeout=600))
         reply_ids = [i for c in chunks for i in c.token_ids]
-        # the reply's KV (all but its last token, never fed back) published before B's next turn
+        # the reply's KV (all but its last token, never fed back) is published before the next turn
         wait_published(client, published_keys(ids + reply_ids[:-1], digest, 16))
         messages.append({"role": "assistant", "content": "".join(c.text for c in chunks)})
-        turns.append(
-            dict(
-                prompt_tokens=len(ids),
-                cached_same_replica=cached_a,
-                cached_other_replica=cached_b,  # B's own pool (its earlier turns), then Redis
-                ttft_same_replica_s=ttft_a,
-                ttft_other_replica_s=ttft_b,
-            )
+        turns.append(turn)
+    return turns
+
+
+def chat(stubs, client, tokenizer, digest: str, reply_tokens: int) -> dict[str, Any]:
+    """Two 8-turn conversations served by A: one A sees alone (prefix reuse from its own pool),
+    one whose every turn B sees first (what a conversation moved to B finds). They share only
+    the chat template's system prompt."""
+    a, b = stubs
+    same = conversation(a, client, tokenizer, digest, reply_tokens, "Hello!")
+    moved = conversation(a, client, tokenizer, digest, reply_tokens, "Good morning.", first=b)
+    out: dict[str, Any] = dict(reply_tokens=reply_tokens)
+    for name, turns in (("same_replica", same), ("other_replica", moved)):
+        total = sum(t["prompt_tokens"] for t in turns)
+        saved = sum(t["cached_tokens"] for t in turns)
+        out[name] = dict(
+            turns=turns, prompt_tokens=total, prefill_tokens_saved=saved, saved_fraction=saved / total
         )
-    total = sum(t["prompt_tokens"] for t in turns)
-    saved_a = sum(t["cached_same_replica"] for t in turns)
-    saved_b = sum(t["cached_other_replica"] for t in turns)
-    return dict(
-        turns=turns,
-        reply_tokens=reply_tokens,
-        prompt_tokens_total=total,
-        prefill_tokens_saved_same_replica=saved_a,
-        prefill_tokens_saved_other_replica=saved_b,
-        saved_fraction_same_replica=saved_a / total,
-        saved_fraction_other_replica=saved_b / total,
-    )
+    return out
 
 
 def run_kv_bench(
@@ -410,7 +413,7 @@ def run_kv_bench(
 def format_summary(r: dict[str, Any]) -> str:
     t, tp, c = r["ttft"], r["redis_throughput"], r["chat"]
     m, rate, ratio = t["median"], tp["adapter_bytes_per_s"], tp["ratio_vs_baseline"]
-    same, other = c["saved_fraction_same_replica"], c["saved_fraction_other_replica"]
+    same, other = c["same_replica"], c["other_replica"]
     return "\n".join(
         [
             f"TTFT, {t['prompt_tokens']}-token prompt, median of {t['repeats']} "
@@ -424,8 +427,9 @@ def format_summary(r: dict[str, Any]) -> str:
             f"Redis, {tp['value_bytes']} B values, pipeline {tp['pipeline']}: adapter SET "
             f"{rate['set'] / 1e6:.0f} MB/s, GET {rate['get'] / 1e6:.0f} MB/s; vs "
             f"{tp['baseline'].split(' ')[0]}: SET {ratio['set']:.2f}x, GET {ratio['get']:.2f}x",
-            f"chat, {len(c['turns'])} turns, {c['prompt_tokens_total']} prompt tokens: prefill saved "
-            f"{c['prefill_tokens_saved_same_replica']} ({same:.0%}) on the same replica, "
-            f"{c['prefill_tokens_saved_other_replica']} ({other:.0%}) on the other",
+            f"chat, {len(CHAT_TURNS)} turns: prefill saved {same['prefill_tokens_saved']} of "
+            f"{same['prompt_tokens']} prompt tokens ({same['saved_fraction']:.0%}) on the same replica, "
+            f"{other['prefill_tokens_saved']} of {other['prompt_tokens']} ({other['saved_fraction']:.0%}) "
+            "when each turn moves to another replica",
         ]
     )
