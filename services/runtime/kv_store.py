@@ -45,14 +45,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from opentelemetry import metrics
 
 from services.core.kv_format import BlockFormatError, decode_block, encode_block
 from services.runtime.settings import KV_STORAGE, KVStoreSettings, redact_url
 
 if TYPE_CHECKING:
-    import torch
-
     from services.core.engine import Engine
     from services.core.kv import BlockPool
 
@@ -202,7 +201,7 @@ class KVStore:
         # Copied now: a cached block may be evicted and overwritten before the writer runs.
         # Narrowed here too, so the writer thread does no torch arithmetic (see encode_block).
         dtype = pool.k.dtype
-        stored = _torch_dtype("bfloat16") if self.storage == "bfloat16" else dtype
+        stored = torch.bfloat16 if self.storage == "bfloat16" else dtype
         k = pool.k[:, block].to(stored, copy=True)  # [layers, kv_heads, block_size, head_dim]
         v = pool.v[:, block].to(stored, copy=True)
         try:
@@ -316,9 +315,3 @@ def attach_kv_store(
         "KV blocks shared through %s (ttl %ds, storage %s)", redact_url(store.url), store.ttl_s, store.storage
     )
     return store
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, name)
