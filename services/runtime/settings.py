@@ -97,6 +97,13 @@ def parse_optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def parse_metrics_port(text: str) -> int | None:
+    """Empty, ``none`` or ``off``: no Prometheus endpoint; a number: its port (0 = a free one)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return parse_int(text)
+
+
 def parse_str(text: str) -> str:
     value = text.strip()
     if not value:
@@ -142,6 +149,12 @@ class ServerSettings:
     )
     service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
     log_level: str = _field("info", parse_log_level, "log level: " + ", ".join(LOG_LEVELS))
+    metrics_port: int | None = _field(
+        None,
+        parse_metrics_port,
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on this port (0 = a free "
+        "port, logged; unset = no endpoint)",
+    )
     # security (services/runtime/security.py)
     tls_cert_file: str | None = _field(
         None, parse_optional_str, "PEM certificate chain: serve TLS (and present it to TLS upstreams)"
@@ -289,6 +302,10 @@ def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
                 "disconnected for pinging too often",
             )
         )
+    if v["metrics_port"] is not None and not 0 <= v["metrics_port"] <= 65535:
+        out.append(("metrics_port", f"metrics_port must be in 0..65535 or unset, got {v['metrics_port']}"))
+    if v["metrics_port"] and v["metrics_port"] == v["port"]:
+        out.append(("metrics_port", f"metrics_port must differ from port ({v['port']})"))
     for name in ("grace_seconds", "drain_delay_seconds"):
         if v[name] < 0:
             out.append((name, f"{name} must be >= 0, got {v[name]}"))

@@ -136,7 +136,7 @@ def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=
 
     settings = ServerSettings.from_env_and_args(args)
     settings.configure_logging()
-    setup_telemetry(f"specmesh-{role}")
+    setup_telemetry(f"specmesh-{role}", metrics_port=settings.metrics_port, metrics_host=settings.host)
     servicer = load()
     extra = f" ({describe(servicer)})" if describe else ""
 

@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
     except (SpecmeshError, SettingsError, ValueError) as exc:
         print(f"specmesh serve gateway: {exc}", file=sys.stderr)
         return 2
-    telemetry = setup_telemetry(settings.service_name)
+    telemetry = setup_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     asyncio.run(run_gateway(options, settings, telemetry=telemetry))
     return 0
 
