@@ -142,10 +142,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # -- RPCs ----------------------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
-        models = [await self.model_info("target")]
-        if self.has_draft:
-            models.append(await self.model_info("draft"))
-        return gateway_pb2.ListModelsResponse(models=models)
+        # the models a request can name in `model`: the target only (the draft assists it and is
+        # not requestable by name; its own GetModelInfo describes it)
+        return gateway_pb2.ListModelsResponse(models=[await self.model_info("target")])
 
     async def GenerateStream(
         self, request: gateway_pb2.GatewayGenerateRequest, context

@@ -335,14 +335,22 @@ def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], A
     return convert
 
 
-def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given)."""
+def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, **defaults: Any) -> None:
+    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given).
+
+    `defaults`: the service's own defaults, as it passes them to
+    :meth:`ServerSettings.from_env_and_args`, so that ``--help`` shows the default that applies
+    (the gateway's port 50050, not the built-in 0)."""
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(ServerSettings)}
+    if unknown:
+        raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
     group = parser
     if isinstance(parser, argparse.ArgumentParser):
         group = parser.add_argument_group("server", f"gRPC server (environment: {ENV_PREFIX}<NAME>)")
     for f in dataclasses.fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {f.default!r}]"
+        default = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {default!r}]"
         if f.metadata["parse"] is parse_bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.core.strategies import POLICY_NAMES, STRATEGY_CLI_NAMES
+from services.core.strategies import POLICY_NAMES, STRATEGY_METAVAR, strategy_arg
 
 ENV_GATEWAY = "SPECMESH_GATEWAY_ADDRESS"
 DEFAULT_GATEWAY = "127.0.0.1:50050"
@@ -60,7 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy", choices=POLICY_NAMES, default=None, help="default: the gateway's (speculative)"
     )
-    p.add_argument("--strategy", choices=STRATEGY_CLI_NAMES, default=None, help="default: the gateway's")
+    p.add_argument(
+        "--strategy", type=strategy_arg, metavar=STRATEGY_METAVAR, default=None, help="default: the gateway's"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off)")

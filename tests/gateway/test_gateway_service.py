@@ -345,9 +345,17 @@ def test_draft_policies_without_a_draft(make_stack, toy) -> None:
     assert list(stack.stub.Generate(req(gateway_pb2.POLICY_TARGET)).token_ids) == greedy(toy, PROMPT, 40)
 
 
-def test_list_models(stack) -> None:
+def test_list_models_lists_what_model_accepts(stack) -> None:
     models = stack.stub.ListModels(gateway_pb2.ListModelsRequest()).models
-    assert [x.name for x in models] == ["toy-target", "toy-draft"]
+    assert [x.name for x in models] == ["toy-target"]  # the draft assists; it is not requestable
+    for model in models:  # every listed name is accepted as `model`
+        named = req(max_new_tokens=4)
+        named.model = model.name
+        assert stack.stub.Generate(named).token_ids
+    draft = req()
+    draft.model = "toy-draft"
+    code, _, violations = rpc_error(stack.stub.Generate, draft)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0].field == "model"
 
 
 # --- telemetry ------------------------------------------------------------------------------
