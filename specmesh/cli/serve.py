@@ -17,7 +17,6 @@ def _rpcs(module, service: str, skip: tuple[str, ...] = ()) -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from specmesh.v1 import draft_pb2, scoring_pb2, target_pb2
 
-
     p = sub.add_parser("serve", help="run one service as a gRPC server")
     ssub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
     t = ssub.add_parser(
