@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n[speculative ({label}): {n} tokens in {spec_s:.2f}s = {n / spec_s:.1f} tokens/s, "
         f"first token {1000 * (first - start):.0f} ms, tau {stats.mean_accepted_length:.2f}, "
-        f"acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds]\n"
+        f"path acceptance {stats.path_acceptance_rate:.1%} ({stats.acceptance_rate:.1%} of drafted nodes) "
+        f"over {stats.rounds} rounds]\n"
         f"[target alone: {baseline.usage.output_tokens} tokens in {target_s:.2f}s = {base_rate:.1f} tok/s; "
         f"speculative output {same} the target's; tokens/s ratio {n / spec_s / base_rate:.2f}x]",
         file=sys.stderr,
