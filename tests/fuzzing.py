@@ -33,7 +33,7 @@ FUZZ = settings(
 )
 
 # SPECMESH_FUZZ_SCALE multiplies every test's number of cases (the default run sends about
-# 5,600; a longer local run: SPECMESH_FUZZ_SCALE=10).
+# 5,500; a longer local run: SPECMESH_FUZZ_SCALE=10).
 SCALE = float(os.environ.get("SPECMESH_FUZZ_SCALE", "1"))
 
 

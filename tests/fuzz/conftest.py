@@ -61,11 +61,20 @@ def fuzzer(stack, survivor) -> Iterator[Fuzzer]:
     yield f
     assert f.cases > 0
     survivor.cases += f.cases
+    TOTAL["cases"] += f.cases
     print(
         f"\n{f.cases} cases ({survivor.cases} so far):",
         ", ".join(f"{k} {v}" for k, v in sorted(f.codes.items())),
     )
     survivor.check()
+
+
+TOTAL = {"cases": 0}  # fuzz cases sent in this session, for the summary line
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if TOTAL["cases"]:
+        terminalreporter.write_line(f"fuzz: {TOTAL['cases']} generated cases sent to the servers")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -41,7 +41,7 @@ def test_verify(fuzzer) -> None:
     sessions = Sessions("verify")
     stub = target_pb2_grpc.TargetServiceStub(fuzzer.stack.channel("target"))
 
-    @examples(300)
+    @examples(200)
     @given(
         token_ids(VOCAB),
         st.data(),
@@ -78,7 +78,7 @@ def test_refused_calls_leave_the_session_as_it_was(fuzzer) -> None:
     stub = target_pb2_grpc.TargetServiceStub(fuzzer.stack.channel("target"))
     prompt = [3, 50, 60, 70]
 
-    @examples(200)
+    @examples(150)
     @given(
         st.sampled_from(["Verify", "Extend", "Prefill"]),
         token_ids(VOCAB),
