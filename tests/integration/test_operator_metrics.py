@@ -72,7 +72,7 @@ def test_metrics_endpoint_of_a_running_target(tiny_gguf, tmp_path) -> None:
         assert _value(text, "specmesh_sessions_open") == 1
         assert _value(text, "specmesh_kv_blocks_used") >= 37 // 16  # the session's full blocks at least
         assert _value(text, "specmesh_engine_queue_wait_seconds_count") >= 1
-        assert 'specmesh_model="tiny"' in text
+        assert 'specmesh_model="tiny"' in text and 'specmesh_service="target"' in text
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -2,13 +2,16 @@
 endpoint, or exported over OTLP): open sessions, KV blocks in use / cached / in all, engine
 calls waiting or running, and the time calls waited for the engine thread.
 
-Every instrument carries ``specmesh.model`` (the served model's name), so a process serving two
-engines (scoring's observer) or a test with several servers tells them apart. The gauges read
-the servicer through a weak reference: a closed, collected servicer reports nothing.
+The instruments exist once per process (an OpenTelemetry meter keeps the first instrument of a
+name and ignores the callbacks of later ones); every model servicer registers with them and the
+gauges report one point per live servicer, told apart by ``specmesh.service`` (target, draft,
+scoring) and ``specmesh.model``. Servicers are held weakly: a closed, collected one reports
+nothing.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -24,6 +27,7 @@ KV_BLOCKS_CAPACITY = "specmesh.kv.blocks.capacity"
 QUEUE_DEPTH = "specmesh.engine.queue_depth"
 QUEUE_WAIT = "specmesh.engine.queue_wait"
 MODEL = "specmesh.model"
+SERVICE = "specmesh.service"
 
 # queue waits from a free engine thread (~50 us) to a backlog of many forwards (seconds)
 _WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,55 +41,76 @@ class Observed(Protocol):
     engine_calls: int  # calls waiting for or running on the engine thread
 
 
-class ModelMetrics:
-    """The instruments of one model servicer; `waited(seconds)` records a queue wait."""
+def attributes(servicer: Observed) -> dict[str, str]:
+    service = type(servicer).__name__.removesuffix("Servicer").lower() or "model"
+    return {SERVICE: service, MODEL: servicer.engine.name}
 
-    def __init__(self, servicer: Observed, meter: metrics.Meter | None = None) -> None:
-        meter = meter or metrics.get_meter(SCOPE)
-        ref = weakref.ref(servicer)
-        self.attributes = {MODEL: servicer.engine.name}
 
-        def gauge(read: Callable[[Observed], int]) -> Callable[[Any], Iterable[metrics.Observation]]:
+class _Instruments:
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.servicers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+        def gauge(name: str, unit: str, description: str, read: Callable[[Observed], int]) -> None:
             def callback(_options: Any) -> Iterable[metrics.Observation]:
-                s = ref()
-                return [] if s is None else [metrics.Observation(read(s), self.attributes)]
+                return [metrics.Observation(read(s), attributes(s)) for s in list(self.servicers)]
 
-            return callback
+            meter.create_observable_gauge(name, [callback], unit=unit, description=description)
 
-        pool = servicer.engine.pool
-        meter.create_observable_gauge(
-            OPEN_SESSIONS, [gauge(lambda s: len(s.sessions))], unit="{session}", description="Open sessions"
-        )
-        meter.create_observable_gauge(
+        gauge(OPEN_SESSIONS, "{session}", "Open sessions", lambda s: len(s.sessions))
+        gauge(
             KV_BLOCKS_USED,
-            [gauge(lambda s: s.engine.pool.max_blocks - s.engine.pool.free_blocks)],
-            unit="{block}",
-            description=f"KV blocks referenced by a sequence ({pool.block_size} tokens each)",
+            "{block}",
+            "KV blocks referenced by a sequence",
+            lambda s: s.engine.pool.max_blocks - s.engine.pool.free_blocks,
         )
-        meter.create_observable_gauge(
+        gauge(
             KV_BLOCKS_CACHED,
-            [gauge(lambda s: s.engine.pool.cached_blocks)],
-            unit="{block}",
-            description="Sealed KV blocks no sequence references, kept for prefix reuse until evicted",
+            "{block}",
+            "Sealed KV blocks no sequence references, kept for prefix reuse until evicted",
+            lambda s: s.engine.pool.cached_blocks,
         )
-        meter.create_observable_gauge(
+        gauge(
             KV_BLOCKS_CAPACITY,
-            [gauge(lambda s: s.engine.pool.max_blocks)],
-            unit="{block}",
-            description="KV blocks in the preallocated pool",
+            "{block}",
+            "KV blocks in the preallocated pool",
+            lambda s: s.engine.pool.max_blocks,
         )
-        meter.create_observable_gauge(
+        gauge(
             QUEUE_DEPTH,
-            [gauge(lambda s: s.engine_calls)],
-            unit="{call}",
-            description="Calls waiting for or running on the engine thread",
+            "{call}",
+            "Calls waiting for or running on the engine thread",
+            lambda s: s.engine_calls,
         )
-        self._wait = meter.create_histogram(
+        self.queue_wait = meter.create_histogram(
             QUEUE_WAIT,
             unit="s",
             description="Time a call waited for the engine thread before it ran",
             explicit_bucket_boundaries_advisory=list(_WAIT_BUCKETS),
         )
 
+
+_lock = threading.Lock()
+_instruments: _Instruments | None = None
+
+
+def _shared() -> _Instruments:
+    """The process's instruments, on the global meter provider (a proxy until setup_telemetry
+    installs one, which OpenTelemetry then binds them to)."""
+    global _instruments
+    with _lock:
+        if _instruments is None:
+            _instruments = _Instruments(metrics.get_meter(SCOPE))
+        return _instruments
+
+
+class ModelMetrics:
+    """One servicer's view of the shared instruments: registering it adds it to the gauges;
+    `waited(seconds)` records a queue wait."""
+
+    def __init__(self, servicer: Observed) -> None:
+        self._instruments = _shared()
+        self._instruments.servicers.add(servicer)
+        self.attributes = attributes(servicer)
+
     def waited(self, seconds: float) -> None:
-        self._wait.record(seconds, self.attributes)
+        self._instruments.queue_wait.record(seconds, self.attributes)
