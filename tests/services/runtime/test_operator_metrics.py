@@ -38,6 +38,10 @@ def points(reader: InMemoryMetricReader) -> dict[str, dict[tuple, float]]:
     return out
 
 
+def open_session(servicer: ModelServicer, ref: common_pb2.SessionRef) -> None:
+    servicer._append(servicer._open_session(ref))
+
+
 def test_one_point_per_servicer_following_sessions_and_kv() -> None:
     reader = InMemoryMetricReader()
     instruments = om._Instruments(MeterProvider(metric_readers=[reader]).get_meter("t"))
@@ -51,10 +55,7 @@ def test_one_point_per_servicer_following_sessions_and_kv() -> None:
 
     ref = common_pb2.SessionRef(session_id="a", new_tokens=list(range(3, 12)), expected_length=9)
 
-    def open_session() -> None:
-        target._append(target._open_session(ref))
-
-    asyncio.run(target._on_engine(Clock(), open_session))
+    asyncio.run(target._on_engine(Clock(), open_session, target, ref))
     seen = points(reader)
     assert seen[om.OPEN_SESSIONS] == {key_t: 1, key_d: 0}
     assert seen[om.KV_BLOCKS_USED][key_t] >= 2 and seen[om.KV_BLOCKS_USED][key_d] == 0  # 9 tokens, 4 a block
@@ -62,7 +63,7 @@ def test_one_point_per_servicer_following_sessions_and_kv() -> None:
     assert seen[om.QUEUE_DEPTH] == {key_t: 0, key_d: 0}  # the call has finished
 
     target.close()
-    del target, open_session
+    del target
     gc.collect()
     assert points(reader)[om.OPEN_SESSIONS] == {key_d: 0}  # a collected servicer reports nothing
     draft.close()
