@@ -39,7 +39,7 @@ def stack(tiny_gguf, tmp_path_factory) -> Iterator[Stack]:
     with ServerThread(start) as thread:
         addresses = {role: state[role].address for role in ("target", "draft", "scoring")}
         addresses["gateway"] = thread.address
-        s = Stack(addresses, target.engine.config.vocab_size, target.engine.max_context)
+        s = Stack(addresses, target.engine.config.vocab_size)
         yield s
         for channel in s.channels.values():
             channel.close()

@@ -5,13 +5,12 @@ requests, which must be INVALID_ARGUMENT naming that field."""
 from __future__ import annotations
 
 import pytest
-from fuzzing import ANY_ANSWER, INT32, TEXT, C, budgets, examples, prompts, sampling, session_ids
+from fuzzing import ANY_ANSWER, INT32, TEXT, VOCAB, C, budgets, examples, prompts, sampling, session_ids
 from hypothesis import given
 from hypothesis import strategies as st
 
 from specmesh.v1 import common_pb2, draft_pb2, gateway_pb2, scoring_pb2, target_pb2
 
-VOCAB = 269
 GATEWAY = "/specmesh.v1.Gateway/"
 
 

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import math
 
-from fuzzing import ANY_ANSWER, INT32, C, Sessions, budgets, examples, sampling, session_ids, token_ids, trees
+from fuzzing import (
+    ANY_ANSWER,
+    INT32,
+    VOCAB,
+    C,
+    Sessions,
+    budgets,
+    examples,
+    sampling,
+    session_ids,
+    token_ids,
+    trees,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
-VOCAB = 269
 DRAFT, TARGET = "/specmesh.v1.DraftService/", "/specmesh.v1.TargetService/"
 STRATEGIES = st.sampled_from(list(common_pb2.DraftStrategy.values()))
 HOSTILE = [-1, VOCAB, 2**31 - 1, -(2**31)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
-from fuzzing import ANY_ANSWER, FLOATS, C, examples, prompts
+from fuzzing import ANY_ANSWER, FLOATS, VOCAB, C, examples, prompts
 from hypothesis import given
 from hypothesis import strategies as st
 
 from specmesh.v1 import scoring_pb2
 
-VOCAB = 269
 SCORING = "/specmesh.v1.ScoringService/"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fuzzing import (
     ANY_ANSWER,
     INT32,
+    VOCAB,
     C,
     Sessions,
     examples,
@@ -24,7 +25,6 @@ from hypothesis import strategies as st
 from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
 
 SERVICE = "/specmesh.v1.TargetService/"
-VOCAB = 269  # the tiny model's vocabulary (tests/conftest.py); checked against the server below
 RULES = st.sampled_from(list(common_pb2.AcceptanceRule.values())) | st.integers(-2, 9)
 
 

@@ -118,6 +118,12 @@ def setup_telemetry(
                 requested = (traces_exporter, metrics_exporter)
                 if any(r is not None for r in requested):
                     logger.debug("setup_telemetry called again; keeping the first configuration")
+                if metrics_port is not None and _installed.prometheus is None:
+                    logger.warning(
+                        "metrics_port %s ignored: this process's telemetry was set up without a "
+                        "Prometheus endpoint (set it in the first setup_telemetry call)",
+                        metrics_port,
+                    )
                 return _installed
             _installed = _build(
                 service_name, traces_exporter, metrics_exporter, True, metrics_port, metrics_host
