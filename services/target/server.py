@@ -25,10 +25,13 @@ def load_target(
     max_sessions: int = 256,
     max_kv_tokens: int = 65536,
     pack_weights: bool = True,
+    weights: str = "fp32",
 ) -> TargetServicer:
     """pack_weights: keep oneDNN-packed weight copies so verifying 3-16 tokens costs about one
-    decode step (CPU fp32; see services.core.model.linear)."""
-    loaded = load_engine(model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights)
+    decode step (CPU fp32; see services.core.model.linear). weights: fp32 or q4_1."""
+    loaded = load_engine(
+        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, weights=weights
+    )
     return TargetServicer(
         loaded.engine,
         Tokenizer.from_dir(loaded.model_dir),
