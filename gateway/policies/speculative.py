@@ -39,6 +39,7 @@ class Round:
 
     tree: common_pb2.TokenTree  # what the draft proposed (empty: nothing drafted)
     accepted: list[int]  # the accepted path's tokens
+    path: list[int]  # and its node indices in `tree`
     next_token: int  # the target's correction or bonus token
     draft_s: float | None  # Propose wall time (None: no Propose call)
     verify_s: float  # Verify / Extend wall time
@@ -80,7 +81,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
             target,
             sequence,
         )
-        accepted = checked_path(tree, verdict)
+        accepted, path = checked_path(tree, verdict), list(verdict.accepted_nodes)
     else:  # nothing to verify: the target just samples its next token
         verdict = await session_call(
             ctx,
@@ -89,7 +90,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
             target,
             sequence,
         )
-        accepted = []
+        accepted, path = [], []
     verified = time.perf_counter()
     target.committed(verdict.session_length, [verdict.next_token])
     if proposal is not None:
@@ -99,6 +100,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
     return Round(
         tree=tree,
         accepted=accepted,
+        path=path,
         next_token=verdict.next_token,
         draft_s=proposed - started if proposal is not None else None,
         verify_s=verified - proposed,
@@ -137,8 +139,7 @@ async def speculative_loop(
             ) as round_span:
                 done = await speculative_round(ctx, record, budget)
                 record.rounds += 1
-                drafted = len(done.tree.tokens)
-                record.stats.add_round(drafted, len(done.accepted))
+                record.stats.add_round(done.tree.parents, done.path)
                 if adaptive is not None:
                     adaptive.update(
                         len(done.accepted),
@@ -151,7 +152,7 @@ async def speculative_loop(
                 message = emit(record, out, [*done.accepted, done.next_token])
                 emitted = len(message.token_ids)
                 round_span.set_attributes(
-                    {m.DRAFTED: drafted, m.ACCEPTED_LEN: len(done.accepted), m.EMITTED: emitted}
+                    {m.DRAFTED: len(done.tree.tokens), m.ACCEPTED_LEN: len(done.accepted), m.EMITTED: emitted}
                 )
             ctx.instruments.accepted_length.record(
                 len(done.accepted), {m.REQUEST_MODEL: plan.model, m.STRATEGY: strategy}

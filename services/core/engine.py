@@ -21,6 +21,7 @@ from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, OutOfRange
 from services.core.kv import BlockPool, SequenceKV
 from services.core.model import LlamaModel, SmallBatchLinear
+from services.core.model_store import count_parameters
 from services.core.spec import ancestor_mask, tree_depths, validate_tree
 
 
@@ -300,7 +301,10 @@ class Engine:
         seq.accept_scratch(nodes)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())  # shared (tied) tensors count once
+        """Parameters of the model its config defines, what `specmesh models list` reports: a
+        copy made at load time (a draft's restricted head, rows of the tied embedding) is no
+        parameter of its own (it made the draft's ModelInfo say 51.9M against the list's 42.5M)."""
+        return count_parameters(self.config)
 
 
 def weights_digest(model_dir: Path) -> str:

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from services.core.errors import InvalidArgument
 from services.core.sessions import SessionStore, Turn, fingerprint
+from services.runtime.telemetry.operator_metrics import ModelMetrics
 from services.runtime.worker import Clock, EngineWorker
 from specmesh.v1 import common_pb2
 
@@ -56,11 +57,20 @@ class ModelServicer:
         )
         # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
         self._worker = worker or EngineWorker(engine.name)
+        self.engine_calls = 0  # waiting for or running on the engine thread (a gauge reads it)
+        self.metrics = ModelMetrics(self)
 
     # --- the engine thread ------------------------------------------------------------------
 
     async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        return await self._worker.run(clock, fn, *args)
+        queued = clock.queue_ns
+        self.engine_calls += 1
+        try:
+            return await self._worker.run(clock, fn, *args)
+        finally:
+            self.engine_calls -= 1
+            if clock.queue_ns != queued:  # the call reached the engine thread
+                self.metrics.waited((clock.queue_ns - queued) / 1e9)
 
     def close(self) -> None:
         self._worker.close()

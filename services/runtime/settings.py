@@ -97,6 +97,13 @@ def parse_optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def parse_metrics_port(text: str) -> int | None:
+    """Empty, ``none`` or ``off``: no Prometheus endpoint; a number: its port (0 = a free one)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return parse_int(text)
+
+
 def parse_str(text: str) -> str:
     value = text.strip()
     if not value:
@@ -142,6 +149,12 @@ class ServerSettings:
     )
     service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
     log_level: str = _field("info", parse_log_level, "log level: " + ", ".join(LOG_LEVELS))
+    metrics_port: int | None = _field(
+        None,
+        parse_metrics_port,
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on this port (0 = a free "
+        "port, logged; unset = no endpoint)",
+    )
     # security (services/runtime/security.py)
     tls_cert_file: str | None = _field(
         None, parse_optional_str, "PEM certificate chain: serve TLS (and present it to TLS upstreams)"
@@ -289,6 +302,10 @@ def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
                 "disconnected for pinging too often",
             )
         )
+    if v["metrics_port"] is not None and not 0 <= v["metrics_port"] <= 65535:
+        out.append(("metrics_port", f"metrics_port must be in 0..65535 or unset, got {v['metrics_port']}"))
+    if v["metrics_port"] and v["metrics_port"] == v["port"]:
+        out.append(("metrics_port", f"metrics_port must differ from port ({v['port']})"))
     for name in ("grace_seconds", "drain_delay_seconds"):
         if v[name] < 0:
             out.append((name, f"{name} must be >= 0, got {v[name]}"))
@@ -318,14 +335,22 @@ def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], A
     return convert
 
 
-def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given)."""
+def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, **defaults: Any) -> None:
+    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given).
+
+    `defaults`: the service's own defaults, as it passes them to
+    :meth:`ServerSettings.from_env_and_args`, so that ``--help`` shows the default that applies
+    (the gateway's port 50050, not the built-in 0)."""
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(ServerSettings)}
+    if unknown:
+        raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
     group = parser
     if isinstance(parser, argparse.ArgumentParser):
         group = parser.add_argument_group("server", f"gRPC server (environment: {ENV_PREFIX}<NAME>)")
     for f in dataclasses.fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {f.default!r}]"
+        default = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {default!r}]"
         if f.metadata["parse"] is parse_bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text

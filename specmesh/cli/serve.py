@@ -6,15 +6,23 @@ import argparse
 import asyncio
 import os
 
-from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy
+from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_METAVAR, strategy_arg
+
+
+def _rpcs(module, service: str, skip: tuple[str, ...] = ()) -> str:
+    """The RPCs of `service`, from its proto (the help never leaves one out)."""
+    methods = module.DESCRIPTOR.services_by_name[service].methods
+    return ", ".join(m.name for m in methods if m.name not in skip)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from specmesh.v1 import draft_pb2, scoring_pb2, target_pb2
+
     p = sub.add_parser("serve", help="run one service as a gRPC server")
     ssub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
     t = ssub.add_parser(
         "target",
-        help="the target (large) model: Prefill, Generate, Score, Extend, Release",
+        help="the target (large) model: " + _rpcs(target_pb2, "TargetService"),
         description="Serve a Llama-family model (a name in the model directory or an HF directory). "
         "SIGTERM or Ctrl-C drains in-flight calls before exiting.",
     )
@@ -49,16 +57,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     d = ssub.add_parser(
         "draft",
-        help="the draft (small) model: Prefill, Propose, Release",
+        help="the draft (small) model: " + _rpcs(draft_pb2, "DraftService"),
         description="Serve a draft model that proposes token trees (chain, static tree, dynamic tree, "
         "multi-candidate, prompt lookup) for the target to verify.",
     )
     d.add_argument("--model", default="smollm2-135m-instruct-draft", help="draft model name or directory")
     d.add_argument(
         "--default-strategy",
-        default=DEFAULT_STRATEGY.value,
-        choices=STRATEGY_NAMES,
-        help="strategy when a request leaves it unspecified (default: %(default)s)",
+        type=strategy_arg,
+        default=DEFAULT_STRATEGY,
+        metavar=STRATEGY_METAVAR,
+        help=f"strategy when a request leaves it unspecified (default: {DEFAULT_STRATEGY.cli})",
     )
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     d.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once")
@@ -90,7 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     sc = ssub.add_parser(
         "scoring",
-        help="the scoring service: Detect, Membership, Uncertainty",
+        # Attribute (ReAGent) is declared in the proto but answers UNIMPLEMENTED
+        help="the scoring service: " + _rpcs(scoring_pb2, "ScoringService", skip=("Attribute",)),
         description="Serve machine-text detection (log-likelihood, log-rank, entropy, Binoculars, "
         "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD) and token uncertainty "
         "over --model. Binoculars needs --observer, a second model sharing the tokenizer: --model "
@@ -144,7 +154,7 @@ def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=
 
     settings = ServerSettings.from_env_and_args(args)
     settings.configure_logging()
-    setup_telemetry(f"specmesh-{role}")
+    setup_telemetry(f"specmesh-{role}", metrics_port=settings.metrics_port, metrics_host=settings.host)
     servicer = load()
     extra = f" ({describe(servicer)})" if describe else ""
 
@@ -186,7 +196,7 @@ def run_draft(args: argparse.Namespace) -> int:
         lambda: load_draft(
             args.model,
             threads=args.threads,
-            default_strategy=Strategy(args.default_strategy),
+            default_strategy=args.default_strategy,
             max_sessions=args.max_sessions,
             max_kv_tokens=args.max_kv_tokens,
             vocab_limit=args.vocab_limit,

@@ -19,11 +19,14 @@ from services.core.strategies import (
     LIMITS,
     LOOKUP_TOKENS,
     POLICY_NAMES,
-    STRATEGY_CLI_NAMES,
+    STRATEGY_METAVAR,
+    strategy_arg,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50050
+# the gateway's server settings where they differ from ServerSettings' (--help shows these)
+SERVER_DEFAULTS = {"port": DEFAULT_PORT, "service_name": "specmesh-gateway"}
 ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
@@ -67,7 +70,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY.value, help="default: %(default)s"
     )
     d.add_argument(
-        "--strategy", choices=STRATEGY_CLI_NAMES, default=DEFAULT_STRATEGY.cli, help="default: %(default)s"
+        "--strategy",
+        type=strategy_arg,
+        metavar=STRATEGY_METAVAR,
+        default=DEFAULT_STRATEGY,
+        help=f"default: {DEFAULT_STRATEGY.cli}",
     )
     d.add_argument("--max-nodes", type=int, default=None, help="tree nodes per round (default strategy)")
     d.add_argument("--max-depth", type=int, default=None, help="draft depth per round (default strategy)")
@@ -95,7 +102,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     from services.runtime.settings import add_server_args
 
-    add_server_args(p)
+    add_server_args(p, **SERVER_DEFAULTS)
     p.set_defaults(func=run)
 
 
@@ -183,13 +190,15 @@ def run(args: argparse.Namespace) -> int:
     from services.runtime.telemetry import setup_telemetry
 
     try:
-        settings = ServerSettings.from_env_and_args(args, port=DEFAULT_PORT, service_name="specmesh-gateway")
+        settings = ServerSettings.from_env_and_args(args, **SERVER_DEFAULTS)
         settings.configure_logging()
         options = options_from_args(args)
     except (SpecmeshError, SettingsError, ValueError) as exc:
         print(f"specmesh serve gateway: {exc}", file=sys.stderr)
         return 2
-    telemetry = setup_telemetry(settings.service_name)
+    telemetry = setup_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     asyncio.run(run_gateway(options, settings, telemetry=telemetry))
     return 0
 
