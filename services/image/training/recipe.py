@@ -23,6 +23,7 @@ class ImageRecipe:
     lr: float = 2e-3
     class_dropout: float = 0.1  # share of AR examples conditioned on the null class (for CFG)
     codebook_size: int = 128
+    vq_channels: int = 48
     target_hidden: int = 96
     target_layers: int = 3
     draft_hidden: int = 32
@@ -40,7 +41,7 @@ class ImageRecipe:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def vq_config(self) -> VQConfig:
-        return VQConfig(codebook_size=self.codebook_size)
+        return VQConfig(codebook_size=self.codebook_size, channels=self.vq_channels)
 
     def layout(self) -> Layout:
         return Layout(self.codebook_size)
