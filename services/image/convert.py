@@ -15,7 +15,7 @@ from services.image.layout import Layout
 from specmesh.v1 import image_pb2
 
 MAX_IMAGES = 64  # per request: the KV pool and one response stream's size
-DEFAULT_CFG_SCALE = 2.0
+DEFAULT_CFG_SCALE = 4.0  # measured on the default models: class accuracy 0.65 at 2, 0.9 at 4 (60 images)
 DEFAULT_LANTERN_K = 8
 DEFAULT_GSD_GROUP = 5
 DRAFT_LEN = 4  # drafted tokens per round (exact SD, LANTERN) and Jacobi window (GSD)

@@ -13,10 +13,10 @@ from services.image.vq import VQConfig
 
 @dataclass(frozen=True)
 class ImageRecipe:
-    # CPU defaults: about 6 minutes on 2 shared cores at one torch thread (measured: 0.19 s per
-    # VQ step, 0.35 s per target step at batch 48)
+    # CPU defaults: minutes at one torch thread (measured on a 2-core machine shared with other
+    # jobs: 0.19 s per VQ step, about 0.6 s per target step at batch 48)
     vq_steps: int = 500
-    ar_steps: int = 500
+    ar_steps: int = 1000
     draft_steps: int = 500
     judge_steps: int = 300
     batch: int = 48
@@ -24,8 +24,8 @@ class ImageRecipe:
     class_dropout: float = 0.1  # share of AR examples conditioned on the null class (for CFG)
     codebook_size: int = 128
     vq_channels: int = 48
-    target_hidden: int = 96
-    target_layers: int = 3
+    target_hidden: int = 128
+    target_layers: int = 4
     draft_hidden: int = 32
     draft_layers: int = 1
     seed: int = 0
