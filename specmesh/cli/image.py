@@ -75,7 +75,8 @@ def build_request(args: argparse.Namespace):
 
 
 def _local(request, model_dir):
-    """(images [n, 1, 16, 16], mean accepted length, acceptance rate), in-process."""
+    """(images [n, 1, 16, 16], mean accepted length, acceptance rate, seconds), in-process; the
+    seconds count generation only, not loading the models."""
 
     from services.core.engine import Engine
     from services.core.image_spec import cosine_distances
@@ -91,8 +92,10 @@ def _local(request, model_dir):
     cfg, classes = decode_config(request, models.layout, neighbours, cosine_distances(codebook))
     target = Engine.from_dir(models.target_dir)
     draft = Engine.from_dir(models.draft_dir)
+    start = time.perf_counter()
     out = generate(models, target, draft, classes, cfg)
-    return out.images, out.stats["mean_accepted_length"], out.stats["acceptance_rate"]
+    seconds = time.perf_counter() - start
+    return out.images, out.stats["mean_accepted_length"], out.stats["acceptance_rate"], seconds
 
 
 def _remote(request, address):
@@ -125,12 +128,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from services.image import png
 
     request = build_request(args)
-    start = time.perf_counter()
     if args.address:
+        start = time.perf_counter()
         images, tau, rate = _remote(request, args.address)
+        seconds = time.perf_counter() - start
     else:
-        images, tau, rate = _local(request, args.model_dir)
-    seconds = time.perf_counter() - start
+        images, tau, rate, seconds = _local(request, args.model_dir)
     with open(args.out, "wb") as f:
         f.write(png.grid_png(images, cols=min(8, len(images)), scale=4))
     line = f"{len(images)} images of class {args.class_label} ({args.method}) -> {args.out}: "
