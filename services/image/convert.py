@@ -48,9 +48,7 @@ def decode_config(
 ) -> tuple[ImageDecodeConfig, list[int]]:
     """(config, class token per image). neighbours [K, k_max], cos_dist [K, K]: the codebook's
     latent geometry the relaxed rules group by."""
-    class_token = layout.class_token(request.class_label, "class_label")
-    if not 1 <= request.num_images <= MAX_IMAGES:
-        raise InvalidArgument(f"must be in [1, {MAX_IMAGES}], got {request.num_images}", "num_images")
+    classes = _class_tokens(request, layout)
     if request.policy not in POLICIES:
         names = ", ".join(image_pb2.ImagePolicy.Name(p) for p in POLICIES)
         raise InvalidArgument(f"unknown policy {request.policy}; known: {names}", "policy")
@@ -86,4 +84,21 @@ def decode_config(
         draft_len=DRAFT_LEN,
         rule=rule,
     )
-    return cfg, [class_token] * request.num_images
+    return cfg, classes
+
+
+def _class_tokens(request: image_pb2.ImageGenerateRequest, layout: Layout) -> list[int]:
+    """One class token per image: class_labels when given, else num_images of class_label."""
+    if request.class_labels:
+        n = len(request.class_labels)
+        if n > MAX_IMAGES:
+            raise InvalidArgument(f"at most {MAX_IMAGES} images per request, got {n}", "class_labels")
+        if request.num_images not in (0, n):
+            raise InvalidArgument(
+                f"is {request.num_images} but class_labels has {n} entries (use 0 or {n})", "num_images"
+            )
+        return [layout.class_token(c, "class_labels") for c in request.class_labels]
+    token = layout.class_token(request.class_label, "class_label")
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise InvalidArgument(f"must be in [1, {MAX_IMAGES}], got {request.num_images}", "num_images")
+    return [token] * request.num_images

@@ -80,6 +80,8 @@ def test_previews_come_first_and_the_final_equals_a_non_streamed_run(image, poli
         (dict(lantern_delta=float("nan")), "lantern_delta"),
         (dict(policy=9), "policy"),
         (dict(cfg_scale=0.5), "cfg_scale"),
+        (dict(class_labels=[1, 11], num_images=0), "class_labels"),
+        (dict(class_labels=[1, 2], num_images=3), "num_images"),
         (dict(sampling=common_pb2.SamplingParams(temperature=-1)), "sampling.temperature"),
     ],
 )
@@ -91,6 +93,16 @@ def test_bad_input_is_invalid_argument_naming_the_field(image, kw, field) -> Non
     assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in violations] == [field]
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_batch_of_classes_gets_one_image_each_as_if_asked_alone(image) -> None:
+    """Image i draws from stream (seed, i) whatever its batch holds, so a mixed batch's image of
+    class 3 at index 0 equals image 0 of a request for class 3 alone (same seed)."""
+    _, stub, _ = image
+    mixed = finals(stub.Generate(request(class_labels=[3, 7, 0], num_images=0)))
+    assert sorted(mixed) == [0, 1, 2]
+    alone = finals(stub.Generate(request(class_label=3, num_images=1)))
+    assert alone[0] == mixed[0]
 
 
 def test_a_cancelled_stream_frees_its_kv(image) -> None:
