@@ -18,7 +18,7 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
         epilog="Example: specmesh bench image --n 256 --out image.json",
     )
     p.add_argument("--n", type=int, default=256, help="images per method (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="images per decode call (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="images per decode call (default: %(default)s)")
     p.add_argument(
         "--sweep-n", type=int, default=128, help="images per delta in the sweep (default: %(default)s)"
     )
