@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from bench.image.run import ImageBenchConfig, run, summary
 from services.image import png
 
 
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()  # the benchmark sets its own
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("keep_torch_threads")
 def test_bench_writes_every_figure_per_method_and_the_sweep(tiny_image_dir, tmp_path) -> None:
     out = tmp_path / "image.json"
     cfg = ImageBenchConfig(
