@@ -13,7 +13,8 @@ def add_parser(tsub: argparse._SubParsersAction) -> None:
         "splits): a VQ tokenizer (8x8 token grid, EMA codebook with dead-code restarts), a judge "
         "classifier, a class-conditional AR model over the token grid with class dropout for "
         "classifier-free guidance, and a small draft AR model; the last two on the serving engine's "
-        "Llama architecture. A few minutes on CPU (one thread is fastest on a loaded machine); "
+        "Llama architecture. On CPU 20 minutes on a busy 2-core machine, less on a quiet one (one "
+        "thread is fastest on a loaded machine); "
         "CUDA takes larger batches and more steps. Writes safetensors, image.json, "
         "train_report.json (reconstruction error, codebook usage, accuracy, NLL, data manifest) and "
         "manifest.json (sha256 of every file).",

@@ -13,8 +13,8 @@ from services.image.vq import VQConfig
 
 @dataclass(frozen=True)
 class ImageRecipe:
-    # CPU defaults: minutes at one torch thread (measured on a 2-core machine shared with other
-    # jobs: 0.19 s per VQ step, about 0.6 s per target step at batch 48)
+    # CPU defaults at one torch thread: 20 minutes in all on a 2-core Intel Xeon shared with
+    # three other jobs (about 0.2-1 s per VQ step, 0.8-1 s per target step at batch 48)
     vq_steps: int = 500
     ar_steps: int = 1000
     draft_steps: int = 500
