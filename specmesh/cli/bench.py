@@ -4,6 +4,7 @@ Subcommands:
   decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
   h2o      target perplexity under H2O KV budgets vs the full cache, on real texts
+  image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             raise
     else:
         add_spec_parser(bench_sub)
+    from specmesh.cli import bench_image
+
+    bench_image.add_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:

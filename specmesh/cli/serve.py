@@ -140,6 +140,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_server_args(sc)
     sc.set_defaults(func=run_scoring)
 
+    im = ssub.add_parser(
+        "image",
+        help="the image service: class-conditional digits (AR, exact SD, LANTERN, GSD), streamed",
+        description="Serve the image models of `specmesh train image`: ImageService.Generate streams "
+        "PNG previews of the token grid, then the final images.",
+    )
+    im.add_argument(
+        "--model-dir", default=None, help="image model directory (default: <model root>/digits-image)"
+    )
+    im.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    im.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens, per model")
+    add_server_args(im)
+    im.set_defaults(func=run_image)
+
     from specmesh.cli import serve_gateway
 
     serve_gateway.add_parser(ssub)
@@ -226,3 +240,14 @@ def run_scoring(args: argparse.Namespace) -> int:
         return f"observer: {servicer.observer.name if servicer.observer else 'none'}"
 
     return _serve_model(args, "scoring", load, registrar, describe)
+
+
+def run_image(args: argparse.Namespace) -> int:
+    from services.image.server import load_image, registrar
+
+    return _serve_model(
+        args,
+        "image",
+        lambda: load_image(args.model_dir, threads=args.threads, max_kv_tokens=args.max_kv_tokens),
+        registrar,
+    )
