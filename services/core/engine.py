@@ -39,6 +39,8 @@ class Engine:
         self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab: logits column -> token id
         self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
         self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
+        # Set by services.runtime.batching: merges concurrent callers' forwards into one.
+        self.forward_hook = None
         dtype = next(model.parameters()).dtype
         # Preallocated at max_kv_tokens: virtual memory on CPU until used (see BlockPool), device
         # memory at once elsewhere.
@@ -128,8 +130,15 @@ class Engine:
                 f"{current} + {adding} tokens exceed the model context of {self.max_context}", field
             )
 
+    def forward(self, seqs: list[SequenceKV], token_lists: list[list[int]], **kw):
+        """forward_now(), or, when a batcher is attached (services.runtime.batching), the same
+        result computed in one forward with other callers' sequences."""
+        if self.forward_hook is not None:
+            return self.forward_hook(seqs, token_lists, **kw)
+        return self.forward_now(seqs, token_lists, **kw)
+
     @torch.inference_mode()
-    def forward(
+    def forward_now(
         self,
         seqs: list[SequenceKV],
         token_lists: list[list[int]],
