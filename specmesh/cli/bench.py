@@ -3,6 +3,7 @@
 Subcommands:
   decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
+  load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             raise
     else:
         add_spec_parser(bench_sub)
+    from specmesh.cli.bench_load import add_load_parser
+
+    add_load_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
