@@ -6,6 +6,7 @@ one the call gives alone: greedy token for token, seeded sampling draw for draw,
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -145,3 +146,29 @@ def test_concurrent_speculative_streams_equal_target_only_greedy(stack) -> None:
     got, shared = merged_forwards(target, lambda: concurrently(run(gateway_pb2.POLICY_SPECULATIVE), TEXTS))
     assert got == expected
     assert shared > 1 and max(draft._worker.batcher.batch_sizes) > 1  # Verify and Propose both merged
+
+
+def test_cancelled_streams_return_their_kv_blocks_in_every_service(stack) -> None:
+    target, draft, stub, gateway = stack
+    pools = (target.engine.pool, draft.engine.pool)
+    free = [p.free_blocks for p in pools]
+    prompt = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompts(target)[2]))
+    sampling = common_pb2.SamplingParams(max_new_tokens=200, ignore_eos=True)
+    calls = [
+        stub.Generate(target_pb2.GenerateRequest(prompt=prompt, sampling=sampling, session_id="cancelled")),
+        stub.Generate(target_pb2.GenerateRequest(prompt=prompt, sampling=sampling)),
+        gateway.GenerateStream(
+            gateway_pb2.GatewayGenerateRequest(
+                prompt=prompt, sampling=sampling, policy=gateway_pb2.POLICY_SPECULATIVE
+            )
+        ),
+    ]
+    for call in calls:
+        next(call), next(call)
+    assert [p.free_blocks for p in pools] != free  # the streams hold KV now
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 60
+    while [p.free_blocks for p in pools] != free or len(target.sessions) or len(draft.sessions):
+        assert time.monotonic() < deadline, ([p.free_blocks for p in pools], free)
+        time.sleep(0.05)
