@@ -223,18 +223,25 @@ class ForwardBatcher:
                     break
 
     def _take(self) -> list[Job]:
-        """The waiting jobs of the next forward, oldest first, each sequence at most once."""
+        """The waiting jobs of the next forward: the oldest, then every other one that fits (each
+        sequence at most once, max_batch and max_tokens, little padding; see _little_padding)."""
         batch: list[Job] = []
         seen: set[int] = set()
-        tokens = 0
+        rows = tokens = longest = 0
         for job in list(self._waiting):
-            n = sum(len(t) for t in job.call.token_lists)
+            lengths = [len(t) for t in job.call.token_lists]
             ids = {id(s) for s in job.call.seqs}
-            if len(batch) >= self.max_batch or (batch and tokens + n > self.max_tokens) or ids & seen:
+            n, t = sum(lengths), max(lengths, default=0)
+            if batch and (
+                len(batch) >= self.max_batch
+                or tokens + n > self.max_tokens
+                or ids & seen
+                or not _little_padding(rows + len(lengths), max(longest, t), tokens + n)
+            ):
                 continue
             batch.append(job)
             seen |= ids
-            tokens += n
+            rows, tokens, longest = rows + len(lengths), tokens + n, max(longest, t)
         for job in batch:
             self._waiting.remove(job)
         return batch
@@ -286,6 +293,18 @@ class ForwardBatcher:
             out.append((logits[start:end], hidden[start:end]))
             start = end
         return out
+
+
+# A merged forward computes rows x longest token positions (Engine.forward pads every sequence to
+# the longest), so a decode step (1 token) merged with a 300-token prefill would cost 300
+# positions. Merge only while the padding stays under a quarter of the useful tokens, or a few
+# positions: decode steps merge with decode steps, tree verifications of similar size with each
+# other, and a long prefill runs alone.
+PAD_SLACK = 8
+
+
+def _little_padding(rows: int, longest: int, useful: int) -> bool:
+    return rows * longest - useful <= max(PAD_SLACK, useful // 4)
 
 
 class _Cancelled(Exception):

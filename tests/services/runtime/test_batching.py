@@ -155,3 +155,12 @@ def test_idle_engine_runs_at_once_without_the_window(engine) -> None:
     # six forwards after a 5 s wait each would take 30 s: the window never applied (not a timing
     # measurement: a bound 6x below what waiting would cost)
     assert clock.timing().total_ns < 5e9
+
+
+def test_merging_stops_where_padding_would_cost_more_than_it_saves() -> None:
+    from services.runtime.batching import _little_padding
+
+    assert _little_padding(rows=8, longest=1, useful=8)  # decode steps of eight streams
+    assert _little_padding(rows=4, longest=17, useful=60)  # trees of 14-17 nodes
+    assert not _little_padding(rows=2, longest=300, useful=301)  # a decode step beside a prefill
+    assert not _little_padding(rows=2, longest=17, useful=18)  # a decode step beside a tree
