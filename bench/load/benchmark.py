@@ -8,7 +8,9 @@ request after another, prompts of mixed lengths (short chat questions, code, and
 joined into one long prompt) and policies alternating between `target` and `speculative`.
 Reported per level: errors, p50/p99 time to first token and per output token, aggregate
 tokens/s; per mode: ``throughput_gain_8_vs_1`` and the services' resident memory after the
-warm-up and at the end.
+warm-up and at the end. A level is a fixed window: streams still open when it ends are cut off
+(cancelled, counted as cut_at_end, their tokens so far counted), so every level costs the same
+time whatever the per-stream latency.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def run_mode(cfg: LoadBenchConfig, batching: bool, prompts: list[list[int]], log
 
         warm: list[Stream] = []
         for _ in range(cfg.warmup_requests * len(policies)):  # one request at a time
-            warm += asyncio.run(run_level(stack.gateway, 1, 0, request, cfg.timeout_s))[0]
+            warm += asyncio.run(run_level(stack.gateway, 1, None, request, cfg.timeout_s))[0]
         rss_warm = stack_rss(stack)
         levels = []
         for concurrency in cfg.levels:
@@ -104,6 +106,7 @@ def run_mode(cfg: LoadBenchConfig, batching: bool, prompts: list[list[int]], log
             streams, elapsed = asyncio.run(
                 run_level(stack.gateway, concurrency, cfg.duration_s, request, cfg.timeout_s, tick)
             )
+            bar.n = bar.total
             bar.close()
             level = summarize_level(concurrency, streams, elapsed)
             levels.append(level)

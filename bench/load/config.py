@@ -13,7 +13,7 @@ MODES = {"both": (True, False), "on": (True,), "off": (False,)}
 class LoadBenchConfig:
     out: Path
     concurrency: int = 32  # the highest level; the sweep is DEFAULT_LEVELS up to it
-    duration_s: float = 60.0  # per level: new requests start until then, in-flight ones finish
+    duration_s: float = 60.0  # per level; streams still open then are cut off
     max_new_tokens: int = 32
     policies: tuple[str, ...] = ("target", "speculative")  # request i uses policies[i % len]
     batching: str = "both"  # run the stack with batching on, off, or both (one after the other)
@@ -22,7 +22,7 @@ class LoadBenchConfig:
     draft_model: str = "smollm2-135m-instruct-draft"
     target_threads: int | None = None
     draft_threads: int | None = None
-    warmup_requests: int = 4  # per policy, before the resident memory "after warm-up" is read
+    warmup_requests: int = 2  # per policy, before the resident memory "after warm-up" is read
     timeout_s: float = 600.0
     levels: tuple[int, ...] = field(init=False)
 

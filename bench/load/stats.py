@@ -16,9 +16,11 @@ class Stream:
     prompt_tokens: int
     start: float  # perf_counter when the request was sent
     first: float | None = None  # when the first chunk with tokens arrived
-    end: float | None = None  # when the stream finished (or failed)
+    last: float | None = None  # when the last chunk with tokens arrived
+    end: float | None = None  # when the stream finished, failed or was cut off
     tokens: int = 0
     error: str | None = None  # gRPC status name of a failed stream
+    cut: bool = False  # still streaming when the level's time was up: cancelled by the client
 
     @property
     def ttft(self) -> float | None:
@@ -27,9 +29,9 @@ class Stream:
     @property
     def per_token(self) -> float | None:
         """Time per output token after the first (the GenAI time_per_output_token)."""
-        if self.first is None or self.end is None or self.tokens < 2:
+        if self.first is None or self.last is None or self.tokens < 2:
             return None
-        return (self.end - self.first) / (self.tokens - 1)
+        return (self.last - self.first) / (self.tokens - 1)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -43,6 +45,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize_level(concurrency: int, streams: Sequence[Stream], elapsed_s: float) -> dict:
+    """Tokens/s counts the tokens that arrived within `elapsed_s` (the level's window), those of
+    streams cut off at its end included; latencies come from every stream that got that far."""
     ok = [s for s in streams if s.error is None]
     ttft = [s.ttft for s in ok if s.ttft is not None]
     tpot = [s.per_token for s in ok if s.per_token is not None]
@@ -56,6 +60,8 @@ def summarize_level(concurrency: int, streams: Sequence[Stream], elapsed_s: floa
     return {
         "concurrency": concurrency,
         "requests": len(streams),
+        "completed": sum(1 for s in ok if not s.cut),
+        "cut_at_end": sum(1 for s in ok if s.cut),
         "errors": len(streams) - len(ok),
         "error_codes": dict(Counter(s.error for s in streams if s.error is not None)),
         "output_tokens": tokens,

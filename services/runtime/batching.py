@@ -224,24 +224,24 @@ class ForwardBatcher:
 
     def _take(self) -> list[Job]:
         """The waiting jobs of the next forward: the oldest, then every other one that fits (each
-        sequence at most once, max_batch and max_tokens, little padding; see _little_padding)."""
+        sequence at most once, max_batch, max_tokens, at most PAD_SLACK padded positions added)."""
         batch: list[Job] = []
         seen: set[int] = set()
         rows = tokens = longest = 0
         for job in list(self._waiting):
             lengths = [len(t) for t in job.call.token_lists]
             ids = {id(s) for s in job.call.seqs}
-            n, t = sum(lengths), max(lengths, default=0)
+            call = (len(lengths), max(lengths, default=0), sum(lengths))
             if batch and (
                 len(batch) >= self.max_batch
-                or tokens + n > self.max_tokens
+                or tokens + call[2] > self.max_tokens
                 or ids & seen
-                or not _little_padding(rows + len(lengths), max(longest, t), tokens + n)
+                or _padding_added((rows, longest, tokens), call) > PAD_SLACK
             ):
                 continue
             batch.append(job)
             seen |= ids
-            rows, tokens, longest = rows + len(lengths), tokens + n, max(longest, t)
+            rows, longest, tokens = rows + call[0], max(longest, call[1]), tokens + call[2]
         for job in batch:
             self._waiting.remove(job)
         return batch
@@ -296,15 +296,21 @@ class ForwardBatcher:
 
 
 # A merged forward computes rows x longest token positions (Engine.forward pads every sequence to
-# the longest), so a decode step (1 token) merged with a 300-token prefill would cost 300
-# positions. Merge only while the padding stays under a quarter of the useful tokens, or a few
-# positions: decode steps merge with decode steps, tree verifications of similar size with each
-# other, and a long prefill runs alone.
-PAD_SLACK = 8
+# the longest), and each forward has a fixed cost too: on CPU a SmolLM2 forward of 1 position
+# takes about as long as 16 extra positions (27 ms vs 53 ms for 17; README, packed weights). So
+# a call joins a forward when the padded positions it adds stay within that: decode steps merge
+# with decode steps, trees and prefills of similar size with each other, and a decode step never
+# pays for the length of a prefill or a tree.
+PAD_SLACK = 16
 
 
-def _little_padding(rows: int, longest: int, useful: int) -> bool:
-    return rows * longest - useful <= max(PAD_SLACK, useful // 4)
+def _padding_added(batch: tuple[int, int, int], call: tuple[int, int, int]) -> int:
+    """Padded positions that merging `call` into `batch` adds; both are (sequences, longest
+    length, tokens)."""
+    rows, longest, useful = batch
+    c_rows, c_longest, c_useful = call
+    before = rows * longest - useful
+    return (rows + c_rows) * max(longest, c_longest) - useful - c_useful - before
 
 
 class _Cancelled(Exception):

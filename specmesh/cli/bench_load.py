@@ -28,7 +28,8 @@ def add_load_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="concurrent streaming requests through the gateway: latency percentiles and tokens/s",
         description="Starts the local stack (target, draft, gateway as processes) and streams greedy "
         "requests through the gateway from N concurrent clients, each sending one request after "
-        "another, at 1, 8 and --concurrency streams for --duration seconds each. Prompts are of mixed "
+        "another, at 1, 8 and --concurrency streams for --duration seconds each (streams still open "
+        "then are cancelled and counted as cut_at_end). Prompts are of mixed "
         "lengths (the prompt files' prompts and long prompts joined from three of them); policies "
         "alternate between target and speculative. Reports errors (count and status codes), p50/p99 "
         "time to first token and per output token, aggregate tokens/s per level, "
@@ -48,7 +49,8 @@ def add_load_parser(bench_sub: argparse._SubParsersAction) -> None:
         "--duration",
         type=_positive(float),
         default=60.0,
-        help="seconds each level starts new requests; in-flight ones then finish (default: %(default)s)",
+        help="seconds each level lasts; streams still open then are cut off, their tokens so far "
+        "counted (default: %(default)s)",
     )
     p.add_argument(
         "--max-new-tokens", type=_positive(int), default=32, help="tokens per request (default: %(default)s)"

@@ -18,12 +18,13 @@ def test_percentile_interpolates_between_closest_ranks() -> None:
 
 def test_level_summary_counts_errors_and_times_tokens() -> None:
     streams = [
-        Stream("target", 10, start=0.0, first=0.5, end=2.5, tokens=5),  # 0.5 s to first, 0.5 s/token
-        Stream("speculative", 30, start=1.0, first=1.2, end=2.2, tokens=11),  # 0.1 s/token
+        Stream("target", 10, start=0.0, first=0.5, last=2.5, end=2.5, tokens=5),  # 0.5 s/token
+        Stream("speculative", 30, start=1.0, first=1.2, last=2.2, end=4.0, tokens=11, cut=True),
         Stream("target", 10, start=1.0, end=1.1, error="RESOURCE_EXHAUSTED"),
     ]
     s = summarize_level(8, streams, elapsed_s=4.0)
     assert (s["requests"], s["errors"], s["error_codes"]) == (3, 1, {"RESOURCE_EXHAUSTED": 1})
+    assert (s["completed"], s["cut_at_end"]) == (1, 1)
     assert s["output_tokens"] == 16 and s["tokens_per_s"] == 4.0
     assert s["ttft_ms"] == {"p50": 350.0, "p99": 497.0}
     assert s["per_token_ms"]["p50"] == 300.0

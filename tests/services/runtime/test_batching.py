@@ -157,10 +157,10 @@ def test_idle_engine_runs_at_once_without_the_window(engine) -> None:
     assert clock.timing().total_ns < 5e9
 
 
-def test_merging_stops_where_padding_would_cost_more_than_it_saves() -> None:
-    from services.runtime.batching import _little_padding
+def test_merging_stops_where_padding_would_cost_more_than_a_forward() -> None:
+    from services.runtime.batching import PAD_SLACK, _padding_added
 
-    assert _little_padding(rows=8, longest=1, useful=8)  # decode steps of eight streams
-    assert _little_padding(rows=4, longest=17, useful=60)  # trees of 14-17 nodes
-    assert not _little_padding(rows=2, longest=300, useful=301)  # a decode step beside a prefill
-    assert not _little_padding(rows=2, longest=17, useful=18)  # a decode step beside a tree
+    assert _padding_added((7, 1, 7), (1, 1, 1)) == 0  # an eighth decode step
+    assert _padding_added((3, 40, 110), (1, 45, 45)) == 15 <= PAD_SLACK  # prefills of similar length
+    assert _padding_added((1, 300, 300), (1, 1, 1)) == 299 > PAD_SLACK  # a decode step beside a prefill
+    assert _padding_added((8, 1, 8), (1, 17, 17)) == 128 > PAD_SLACK  # a tree beside decode steps
