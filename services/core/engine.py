@@ -130,7 +130,9 @@ class Engine:
                 f"{current} + {adding} tokens exceed the model context of {self.max_context}", field
             )
 
-    def forward(self, seqs: list[SequenceKV], token_lists: list[list[int]], **kw):
+    def forward(
+        self, seqs: list[SequenceKV], token_lists: list[list[int]], **kw
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """forward_now(), or, when a batcher is attached (services.runtime.batching), the same
         result computed in one forward with other callers' sequences."""
         if self.forward_hook is not None:

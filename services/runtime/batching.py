@@ -31,7 +31,6 @@ finished, as the calls of one session did before batching.
 
 from __future__ import annotations
 
-import logging
 import queue
 import time
 from collections.abc import Callable
@@ -43,8 +42,6 @@ import greenlet
 if TYPE_CHECKING:
     from services.core.engine import Engine
     from services.core.kv import SequenceKV
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
