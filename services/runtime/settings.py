@@ -334,7 +334,7 @@ class EngineSettings(_EnvSettings):
     max_sessions: int = _field(256, parse_int, "open sessions kept at once")
     session_ttl_seconds: float = _field(600.0, parse_float, "idle time after which a session expires, s")
     max_new_tokens: int = _field(4096, parse_int, "largest sampling.max_new_tokens of one Generate call")
-    max_tree_nodes: int = _field(256, parse_int, "largest token tree one Verify or Propose handles")
+    max_tree_nodes: int = _field(256, parse_int, "largest token tree one Verify accepts (tree.tokens)")
 
     @staticmethod
     def _check(v: Mapping[str, Any]) -> list[tuple[str, str]]:
