@@ -4,6 +4,7 @@ sessions, replay and Release come from services.runtime.model_servicer."""
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator
 
 import torch
@@ -200,7 +201,9 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
                 f"must be at most {self.max_new_tokens} on this server, got {params.max_new_tokens}",
                 "sampling.max_new_tokens",
             )
-        key = request.session_id or None  # the steps of one session's call never interleave
+        # this call's engine steps never interleave with each other or another call on the session:
+        # the clean-up after a cancelled step must run after that step, not while it waits for its forward
+        key = request.session_id or f"generate-{uuid.uuid4().hex}"
 
         turn: Turn | None = None  # rolled back if the call does not finish
         if request.session_id:
