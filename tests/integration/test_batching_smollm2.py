@@ -65,7 +65,7 @@ def prompts(target) -> list[list[int]]:
 def generate(stub, prompt: list[int], **sampling) -> list[int]:
     request = target_pb2.GenerateRequest(
         prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
-        sampling=common_pb2.SamplingParams(max_new_tokens=10, ignore_eos=True, **sampling),
+        sampling=common_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True, **sampling),
     )
     return [t for c in stub.Generate(request, timeout=300) for t in c.token_ids]
 
@@ -134,7 +134,7 @@ def test_concurrent_speculative_streams_equal_target_only_greedy(stack) -> None:
             message = common_pb2.ChatMessage(role="user", content=text)
             request = gateway_pb2.GatewayGenerateRequest(
                 prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[message])),
-                sampling=common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True),
+                sampling=common_pb2.SamplingParams(max_new_tokens=10, ignore_eos=True),
                 policy=policy,
             )
             return [t for c in gateway.GenerateStream(request, timeout=300) for t in c.token_ids]
