@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.attention import attention
+from kernels.dispatch import use_triton
+from kernels.paged_attention import MAX_TREE_NODES, PagedLayout, paged_attention
 from services.core.kv import SequenceKV
 
 
@@ -28,6 +31,9 @@ class AttentionBatch:
     gather_idx: torch.Tensor  # [B, nb] block ids to gather keys from (padded with the first)
     key_len: int  # K: key slots every sequence's mask covers
     mask: torch.Tensor | None  # [B, 1, T, K] bool, True = attend; None = attend to all K keys
+    # The same keys and mask for a kernel that reads the blocks in place (kernels.paged_attention);
+    # None where the dense path runs: the CPU, or a tree of more than 64 nodes.
+    paged: PagedLayout | None = None
 
     @classmethod
     def build(
@@ -78,8 +84,11 @@ class AttentionBatch:
                 ids = (s.blocks if table is None else table)[:nb]
                 padded.append(ids + [ids[0]] * (nb - len(ids)))
             gather = torch.tensor(padded, dtype=torch.long, device=dev)
+        paged = None
+        if use_triton(dev) and all(t is None or t.shape[1] <= MAX_TREE_NODES for t in trees):
+            paged = cls._paged(seqs, n_new, trees, T, gather, key_lens)
         mask = None
-        if T > 1 or len(set(key_lens)) > 1 or any(t is not None for t in trees):
+        if paged is None and (T > 1 or len(set(key_lens)) > 1 or any(t is not None for t in trees)):
             mask = cls._mask(seqs, n_new, trees, T, K)
         return cls(
             seqs,
@@ -92,6 +101,42 @@ class AttentionBatch:
             gather,
             K,
             mask,
+            paged,
+        )
+
+    @staticmethod
+    def _paged(
+        seqs: list[SequenceKV],
+        n_new: list[int],
+        trees: list[torch.Tensor | None],
+        T: int,
+        gather: torch.Tensor,
+        key_lens: list[int],
+    ) -> PagedLayout:
+        """The rule of _mask in PagedLayout's terms: a prefix length per query plus tree bits."""
+        bs = seqs[0].pool.block_size
+        prefix = torch.zeros(len(seqs), T, dtype=torch.int32)
+        bits = torch.zeros(len(seqs), T, dtype=torch.int64)
+        start = torch.zeros(len(seqs), dtype=torch.int32)
+        for b, (s, n, tree) in enumerate(zip(seqs, n_new, trees, strict=True)):
+            p = s.length
+            prefix[b] = max(p, 1)  # padded queries: any finite slot (output unused)
+            if tree is None:
+                prefix[b, :n] = torch.arange(p + 1, p + n + 1)  # causal over past + new
+            else:
+                start[b] = len(s.blocks) * bs
+                prefix[b, :n] = p
+                # Bit i for tree node i; node 63's bit wraps to the sign, as int64 arithmetic does.
+                shifts = torch.arange(tree.shape[1], dtype=torch.int64)
+                bits[b, :n] = (tree.to(torch.int64) << shifts).sum(-1)
+        dev = gather.device
+        return PagedLayout(
+            table=gather.to(torch.int32),
+            prefix=prefix.to(dev),
+            tree_start=start.to(dev),
+            tree_bits=bits.to(dev),
+            key_len=torch.tensor(key_lens, dtype=torch.int32, device=dev),
+            max_key_len=max(key_lens),
         )
 
     @staticmethod
@@ -113,10 +158,19 @@ class AttentionBatch:
             mask[b, 0] = allowed
         return mask
 
-    def write_and_gather(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new K/V ([B, kv_heads, T, D]) and return all keys/values [B, kv_heads, K, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new K/V ([B, kv_heads, T, D]) and attend q [B, H, T, D] over every
+        key a query may see: in place through the block table where a paged kernel runs,
+        else over a gathered copy. Returns [B, H, T, D]."""
+        self.write(layer, k_new, v_new)
+        pool = self.seqs[0].pool
+        if self.paged is not None:
+            return paged_attention(q, pool.k[layer], pool.v[layer], self.paged)
+        keys, values = self.gather(layer)
+        return attention(q, keys, values, self.mask)
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Store this layer's new K/V [B, kv_heads, T, D] in their cache slots."""
         pool = self.seqs[0].pool
         B, H, T, D = k_new.shape
         k_rows = k_new.transpose(1, 2).reshape(B * T, H, D)
@@ -125,6 +179,12 @@ class AttentionBatch:
             k_rows, v_rows = k_rows[self.write_rows], v_rows[self.write_rows]
         pool.k[layer][self.write_blk, :, self.write_off, :] = k_rows
         pool.v[layer][self.write_blk, :, self.write_off, :] = v_rows
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's first K key slots of this layer: keys, values [B, kv_heads, K, D]."""
+        pool = self.seqs[0].pool
+        B = self.gather_idx.shape[0]
+        H, D = pool.k.shape[2], pool.k.shape[4]
         if B == 1:
             # index_select on the contiguous block dim, then one transposing copy (cheaper than
             # advanced indexing; selecting from a transposed view would copy the whole layer).

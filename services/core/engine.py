@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from kernels.linear import BUCKET_ROWS, PATHS
+from kernels.linear_choice import choose_plans, machine_key, shape_name
 from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, OutOfRange
@@ -39,6 +43,8 @@ class Engine:
         self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab: logits column -> token id
         self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
         self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
+        self.linear_choice: dict[str, Any] = {}  # matmul paths chosen by choose_linear_paths
+        self.weights = "fp32"  # or "q4_1" (use_q4_weights)
         # Set by services.runtime.batching: merges concurrent callers' forwards into one.
         self.forward_hook = None
         dtype = next(model.parameters()).dtype
@@ -82,6 +88,55 @@ class Engine:
         copy of the projection weights; returns its bytes."""
         self.packed_bytes = sum(m.pack() for m in self.model.modules() if isinstance(m, SmallBatchLinear))
         return self.packed_bytes
+
+    def use_q4_weights(self, model_dir: Path) -> int:
+        """Serve the projections from the model's published 4-bit weights (q4_1.safetensors in
+        the store; see services.core.quant) with bf16 activations: another weights
+        configuration, so its KV never shares blocks with the fp32 one. Returns the
+        projections switched (0 where the CPU int4 kernel is missing)."""
+        from services.core.quant import Q4_FILE, load_q4
+
+        switched = self.model.use_q4_weights(load_q4(Path(model_dir) / Q4_FILE))
+        if switched:
+            self.weights = "q4_1"
+            self.pool.rename(self.digest + "+q4_1")
+        return switched
+
+    def choose_linear_paths(self, cache_file: Path | None = None) -> dict[str, Any]:
+        """Give every fp32 projection the matmul path per row bucket measured fastest on this
+        machine (kernels.linear_choice; cached in cache_file). Call after pack_weights, on the
+        engine thread. SPECMESH_LINEAR_PATH=linear|mm_t|packed forces one path everywhere,
+        `default` keeps the built-in plan. Returns what was chosen (also in self.linear_choice)."""
+        layers = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, SmallBatchLinear) and m.int8 is None and m.int4 is None
+        ]
+        if self.device.type != "cpu" or not layers:
+            return {}
+        forced = os.environ.get("SPECMESH_LINEAR_PATH", "auto").strip().lower() or "auto"
+        if forced not in (*PATHS, "default", "auto"):
+            raise ValueError(
+                f"SPECMESH_LINEAR_PATH={forced!r}: expected auto, default or one of {', '.join(PATHS)}"
+            )
+        choice: dict[str, Any] = {
+            "source": forced,
+            "machine": machine_key(),
+            "bucket_rows": list(BUCKET_ROWS),
+        }
+        if forced != "auto":
+            for m in layers:
+                m.plan = None if forced == "default" else (forced,) * len(BUCKET_ROWS)
+        else:
+            shapes = sorted({tuple(m.weight.shape) for m in layers})
+            packed = all(m.packed is not None for m in layers)
+            choices, choice["source"] = choose_plans(shapes, packed, cache_file)
+            for m in layers:
+                m.plan = choices[tuple(m.weight.shape)].plan
+            choice["plans"] = {shape_name(s): list(c.plan) for s, c in choices.items()}
+            choice["timings_us"] = {shape_name(s): c.timings_us for s, c in choices.items()}
+        self.linear_choice = choice
+        return choice
 
     def quantize_int8(self) -> int:
         """Compute every projection, the head included, with int8 weights (see

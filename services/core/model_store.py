@@ -80,7 +80,7 @@ def write_manifest(model_dir: str | Path) -> dict[str, Any]:
     files = {
         p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
         for p in sorted(d.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")  # caches, temp files
     }
     manifest = {"version": 1, "hash": "sha256", "files": files}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

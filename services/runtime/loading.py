@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kernels.linear_choice import CACHE_FILE
 from services.core.model_store import resolve_model
 from services.runtime.settings import EngineSettings
 from services.runtime.worker import EngineWorker
@@ -38,12 +39,14 @@ def load_engine(
     max_kv_tokens: int,
     pack_weights: bool,
     prepare: Callable[[Engine], None] | None = None,
+    weights: str = "fp32",
     limits: EngineSettings | None = None,
 ) -> LoadedEngine:
     """Resolve `model`, load it on a new engine thread (see services.runtime.worker), run
     `prepare` there (a draft restricts its head), then keep oneDNN-packed weight copies when
-    `pack_weights` (see services.core.model.linear). `limits`: the engine thread's batching
-    window, batch size and queue bound (defaults: EngineSettings())."""
+    `pack_weights` (see services.core.model.linear). weights: `fp32`, or `q4_1` for the
+    model's published 4-bit groups (services.core.quant). `limits`: the engine thread's
+    batching window, batch size and queue bound (defaults: EngineSettings())."""
     from services.core.engine import Engine  # lazy: torch
 
     model_dir = Path(resolve_model(model))
@@ -58,8 +61,23 @@ def load_engine(
     engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
     if prepare is not None:
         worker.call(prepare, engine)
+    if weights == "q4_1":
+        if not worker.call(engine.use_q4_weights, model_dir):
+            raise RuntimeError("--weights q4_1 needs torch's CPU int4 kernel, which this torch build lacks")
+        log.info("serving the published 4-bit weights (Q4_1 groups, bf16 activations)")
+    elif weights != "fp32":
+        raise ValueError(f"unknown weights {weights!r}: expected fp32 or q4_1")
     if pack_weights and worker.call(engine.pack_weights):
         log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
+    choice = worker.call(engine.choose_linear_paths, model_dir / CACHE_FILE)
+    if choice.get("plans"):
+        log.info(
+            "matmul paths per row bucket %s (%s on %s): %s",
+            choice["bucket_rows"],
+            choice["source"],
+            choice["machine"],
+            "; ".join(f"{shape} {'/'.join(plan)}" for shape, plan in choice["plans"].items()),
+        )
     config = json.loads((model_dir / "config.json").read_text())
     license = (config.get("specmesh") or {}).get("license", "")
     log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)

@@ -25,13 +25,19 @@ def load_target(
     max_sessions: int | None = None,
     max_kv_tokens: int = 65536,
     pack_weights: bool = True,
+    weights: str = "fp32",
     limits: EngineSettings | None = None,
 ) -> TargetServicer:
     """pack_weights: keep oneDNN-packed weight copies so verifying 3-16 tokens costs about one
-    decode step (CPU fp32; see services.core.model.linear)."""
+    decode step (CPU fp32; see services.core.model.linear). weights: fp32 or q4_1."""
     limits = engine_limits(limits, max_sessions)
     loaded = load_engine(
-        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, limits=limits
+        model,
+        threads=threads,
+        max_kv_tokens=max_kv_tokens,
+        pack_weights=pack_weights,
+        weights=weights,
+        limits=limits,
     )
     return TargetServicer(
         loaded.engine,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy
 
@@ -30,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
+    )
+    t.add_argument(
+        "--weights",
+        choices=("fp32", "q4_1"),
+        default=os.environ.get("SPECMESH_WEIGHTS", "fp32"),
+        help="fp32: the dequantized weights; q4_1: the published 4-bit groups of a GGUF import, "
+        "bf16 activations at the products (env SPECMESH_WEIGHTS; default: %(default)s)",
     )
     from services.runtime.settings import add_engine_args, add_server_args
 
@@ -162,6 +170,7 @@ def run_target(args: argparse.Namespace) -> int:
             threads=args.threads,
             max_kv_tokens=args.max_kv_tokens,
             pack_weights=args.pack_weights,
+            weights=args.weights,
             limits=limits,
         ),
         registrar,
