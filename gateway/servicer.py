@@ -228,7 +228,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         def timeout() -> float | None:
             remaining = deadline()
-            return remaining if remaining is not None else self.config.upstream_timeout_s
+            bound = remaining if remaining is not None else self.config.upstream_timeout_s
+            attempt = self.config.attempt_timeout_s
+            return bound if attempt is None or (bound is not None and bound <= attempt) else attempt
 
         try:
             with trace.use_span(span, end_on_exit=False):

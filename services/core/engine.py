@@ -46,6 +46,8 @@ class Engine:
         self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
         self.linear_choice: dict[str, Any] = {}  # matmul paths chosen by choose_linear_paths
         self.weights = "fp32"  # or "q4_1" (use_q4_weights)
+        # Set by services.runtime.batching: merges concurrent callers' forwards into one.
+        self.forward_hook = None
         dtype = next(model.parameters()).dtype
         # Preallocated at max_kv_tokens: virtual memory on CPU until used (see BlockPool), device
         # memory at once elsewhere.
@@ -184,8 +186,17 @@ class Engine:
                 f"{current} + {adding} tokens exceed the model context of {self.max_context}", field
             )
 
-    @torch.inference_mode()
     def forward(
+        self, seqs: list[SequenceKV], token_lists: list[list[int]], **kw
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """forward_now(), or, when a batcher is attached (services.runtime.batching), the same
+        result computed in one forward with other callers' sequences."""
+        if self.forward_hook is not None:
+            return self.forward_hook(seqs, token_lists, **kw)
+        return self.forward_now(seqs, token_lists, **kw)
+
+    @torch.inference_mode()
+    def forward_now(
         self,
         seqs: list[SequenceKV],
         token_lists: list[list[int]],

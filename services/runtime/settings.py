@@ -119,8 +119,80 @@ def _field(default: Any, parser: Callable[[str], Any], help: str, *, secret: boo
     return dataclasses.field(default=default, repr=not secret, metadata={"parse": parser, "help": help})
 
 
+class _EnvSettings:
+    """Construction shared by the settings dataclasses: defaults < environment < flags."""
+
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(field, message) for every invalid value in `values` (all fields present)."""
+        return []
+
+    def __post_init__(self) -> None:
+        problems = self._check(dataclasses.asdict(self))
+        if problems:
+            raise SettingsError(f"invalid {_words(type(self))}: " + "; ".join(msg for _, msg in problems))
+
+    @classmethod
+    def env_var(cls, field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **defaults: Any):
+        return cls.from_env_and_args(None, env=env, **defaults)
+
+    @classmethod
+    def from_env_and_args(
+        cls,
+        args: argparse.Namespace | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ):
+        """Build settings; precedence: flags in `args` > `SPECMESH_*` in `env` > `defaults` > built-in.
+
+        `env` defaults to ``os.environ``; `defaults` lets a service pick its own defaults
+        (``ServerSettings.from_env_and_args(args, service_name="draft", port=50052)``).
+        Flags left at ``None`` (not given) fall through to the environment.
+        """
+        env = os.environ if env is None else env
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(defaults) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+        values: dict[str, Any] = dict(defaults)
+        sources: dict[str, str] = {}
+        for name, f in fields.items():
+            var = cls.env_var(name)
+            raw = env.get(var)
+            if raw is not None:
+                try:
+                    values[name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{var}={raw!r}: {exc}") from None
+                sources[name] = f"{var}={raw!r}"
+            if args is not None:
+                flag_value = getattr(args, name, None)
+                if flag_value is not None:
+                    values[name] = None if flag_value is _EXPLICIT_NONE else flag_value
+                    sources[name] = f"--{name.replace('_', '-')}={values[name]!r}"
+        merged = {name: values.get(name, f.default) for name, f in fields.items()}
+        problems = cls._check(merged)
+        if problems:
+            raise SettingsError(
+                "; ".join(f"{sources[name]}: {msg}" if name in sources else msg for name, msg in problems)
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+def _words(cls: type) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
+
+
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(_EnvSettings):
     """How a specmesh gRPC server binds, limits messages, keeps connections alive and shuts down."""
 
     host: str = _field("127.0.0.1", parse_str, "address to bind (0.0.0.0 or :: for all interfaces)")
@@ -177,66 +249,9 @@ class ServerSettings:
         None, parse_optional_str, "bearer token sent to upstream services", secret=True
     )
 
-    def __post_init__(self) -> None:
-        problems = _problems(dataclasses.asdict(self))
-        if problems:
-            raise SettingsError("invalid server settings: " + "; ".join(msg for _, msg in problems))
-
-    # -- construction -------------------------------------------------------------------------
-
-    @classmethod
-    def env_var(cls, field_name: str) -> str:
-        return ENV_PREFIX + field_name.upper()
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **defaults: Any) -> ServerSettings:
-        return cls.from_env_and_args(None, env=env, **defaults)
-
-    @classmethod
-    def from_env_and_args(
-        cls,
-        args: argparse.Namespace | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        **defaults: Any,
-    ) -> ServerSettings:
-        """Build settings; precedence: flags in `args` > `SPECMESH_*` in `env` > `defaults` > built-in.
-
-        `env` defaults to ``os.environ``; `defaults` lets a service pick its own defaults
-        (``ServerSettings.from_env_and_args(args, service_name="draft", port=50052)``).
-        Flags left at ``None`` (not given) fall through to the environment.
-        """
-        env = os.environ if env is None else env
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(defaults) - set(fields)
-        if unknown:
-            raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
-        values: dict[str, Any] = dict(defaults)
-        sources: dict[str, str] = {}
-        for name, f in fields.items():
-            var = cls.env_var(name)
-            raw = env.get(var)
-            if raw is not None:
-                try:
-                    values[name] = f.metadata["parse"](raw)
-                except ValueError as exc:
-                    raise SettingsError(f"{var}={raw!r}: {exc}") from None
-                sources[name] = f"{var}={raw!r}"
-            if args is not None:
-                flag_value = getattr(args, name, None)
-                if flag_value is not None:
-                    values[name] = None if flag_value is _EXPLICIT_NONE else flag_value
-                    sources[name] = f"--{name.replace('_', '-')}={values[name]!r}"
-        merged = {name: values.get(name, f.default) for name, f in fields.items()}
-        problems = _problems(merged)
-        if problems:
-            raise SettingsError(
-                "; ".join(f"{sources[name]}: {msg}" if name in sources else msg for name, msg in problems)
-            )
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> ServerSettings:
-        return dataclasses.replace(self, **changes)
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return _problems(values)
 
     def configure_logging(self) -> None:
         """Process-wide logging at :attr:`log_level` (call once, in a server's main)."""
@@ -319,6 +334,37 @@ def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class EngineSettings(_EnvSettings):
+    """Limits and batching of a model service (target, draft): what one engine takes on at once."""
+
+    batching: bool = _field(
+        True, parse_bool, "merge concurrent calls' forwards into one engine forward (dynamic batching)"
+    )
+    batch_window_ms: float = _field(
+        2.0, parse_float, "longest wait for concurrent calls to join a forward, ms (none when idle)"
+    )
+    max_batch: int = _field(32, parse_int, "most calls merged into one forward")
+    max_queue: int = _field(
+        256, parse_int, "calls waiting for or on the engine before RESOURCE_EXHAUSTED with a retry hint"
+    )
+    max_sessions: int = _field(256, parse_int, "open sessions kept at once")
+    session_ttl_seconds: float = _field(600.0, parse_float, "idle time after which a session expires, s")
+    max_new_tokens: int = _field(4096, parse_int, "largest sampling.max_new_tokens of one Generate call")
+    max_tree_nodes: int = _field(256, parse_int, "largest token tree one Verify accepts (tree.tokens)")
+
+    @staticmethod
+    def _check(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+        out = []
+        for name in ("max_batch", "max_queue", "max_sessions", "max_new_tokens", "max_tree_nodes"):
+            if v[name] <= 0:
+                out.append((name, f"{name} must be positive, got {v[name]}"))
+        for name in ("batch_window_ms", "session_ttl_seconds"):
+            if v[name] < 0:
+                out.append((name, f"{name} must be >= 0, got {v[name]}"))
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # argparse
 
@@ -341,16 +387,27 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
     `defaults`: the service's own defaults, as it passes them to
     :meth:`ServerSettings.from_env_and_args`, so that ``--help`` shows the default that applies
     (the gateway's port 50050, not the built-in 0)."""
-    unknown = set(defaults) - {f.name for f in dataclasses.fields(ServerSettings)}
+    _add_args(parser, ServerSettings, "server", "gRPC server", defaults)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--batching``, ``--batch-window-ms``, ``--max-queue``, ... (EngineSettings)."""
+    _add_args(parser, EngineSettings, "engine", "limits and batching of the model engine", {})
+
+
+def _add_args(
+    parser, cls: type[_EnvSettings], title: str, description: str, defaults: dict[str, Any]
+) -> None:
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise TypeError(f"unknown ServerSettings field(s): {sorted(unknown)}")
+        raise TypeError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
     group = parser
     if isinstance(parser, argparse.ArgumentParser):
-        group = parser.add_argument_group("server", f"gRPC server (environment: {ENV_PREFIX}<NAME>)")
-    for f in dataclasses.fields(ServerSettings):
+        group = parser.add_argument_group(title, f"{description} (environment: {ENV_PREFIX}<NAME>)")
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default)
-        help_text = f"{f.metadata['help']} [{ServerSettings.env_var(f.name)}, default {default!r}]"
+        help_text = f"{f.metadata['help']} [{cls.env_var(f.name)}, default {default!r}]"
         if f.metadata["parse"] is parse_bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -5,6 +5,7 @@ Subcommands:
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
   h2o      target perplexity under H2O KV budgets vs the full cache, on real texts
   image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
+  load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     else:
         add_spec_parser(bench_sub)
     from specmesh.cli import bench_image
+    from specmesh.cli.bench_load import add_load_parser
 
     bench_image.add_parser(bench_sub)
+    add_load_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:

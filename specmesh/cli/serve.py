@@ -31,9 +31,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     t.add_argument(
-        "--max-sessions", type=int, default=256, help="open sessions kept at once (default: %(default)s)"
-    )
-    t.add_argument(
         "--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens (default: %(default)s)"
     )
     t.add_argument(
@@ -50,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fp32: the dequantized weights; q4_1: the published 4-bit groups of a GGUF import, "
         "bf16 activations at the products (env SPECMESH_WEIGHTS; default: %(default)s)",
     )
-    from services.runtime.settings import add_server_args
+    from services.runtime.settings import add_engine_args, add_server_args
 
+    add_engine_args(t)
     add_server_args(t)
     t.set_defaults(func=run_target)
 
@@ -70,7 +68,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"strategy when a request leaves it unspecified (default: {DEFAULT_STRATEGY.cli})",
     )
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    d.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once")
     d.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
     d.add_argument(
         "--vocab-limit",
@@ -94,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
     )
+    add_engine_args(d)
     add_server_args(d)
     d.set_defaults(func=run_draft)
 
@@ -160,16 +158,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=None) -> int:
-    """Settings, logging and telemetry, then `load()` (the servicer, on its engine thread), then
-    serve it until SIGTERM / SIGINT and close it. `describe(servicer)` adds to the start line."""
+    """Settings, logging and telemetry, then `load(limits)` (the servicer, on its engine thread,
+    with its EngineSettings), then serve it until SIGTERM / SIGINT and close it.
+    `describe(servicer)` adds to the start line."""
     from services.runtime.server import run_forever
-    from services.runtime.settings import ServerSettings
+    from services.runtime.settings import EngineSettings, ServerSettings
     from services.runtime.telemetry import setup_telemetry
 
     settings = ServerSettings.from_env_and_args(args)
+    limits = EngineSettings.from_env_and_args(args)
     settings.configure_logging()
     setup_telemetry(f"specmesh-{role}", metrics_port=settings.metrics_port, metrics_host=settings.host)
-    servicer = load()
+    servicer = load(limits)
     extra = f" ({describe(servicer)})" if describe else ""
 
     def announce(server) -> None:
@@ -189,13 +189,13 @@ def run_target(args: argparse.Namespace) -> int:
     return _serve_model(
         args,
         "target",
-        lambda: load_target(
+        lambda limits: load_target(
             args.model,
             threads=args.threads,
-            max_sessions=args.max_sessions,
             max_kv_tokens=args.max_kv_tokens,
             pack_weights=args.pack_weights,
             weights=args.weights,
+            limits=limits,
         ),
         registrar,
     )
@@ -207,15 +207,15 @@ def run_draft(args: argparse.Namespace) -> int:
     return _serve_model(
         args,
         "draft",
-        lambda: load_draft(
+        lambda limits: load_draft(
             args.model,
             threads=args.threads,
             default_strategy=args.default_strategy,
-            max_sessions=args.max_sessions,
             max_kv_tokens=args.max_kv_tokens,
             vocab_limit=args.vocab_limit,
             pack_weights=args.pack_weights,
             int8=args.int8,
+            limits=limits,
         ),
         registrar,
     )
@@ -224,7 +224,7 @@ def run_draft(args: argparse.Namespace) -> int:
 def run_scoring(args: argparse.Namespace) -> int:
     from services.scoring.server import load_scoring, registrar
 
-    def load():
+    def load(limits):  # scoring batches whole texts itself (services.scoring.batcher)
         servicer = load_scoring(
             args.model,
             observer=args.observer,
@@ -248,6 +248,6 @@ def run_image(args: argparse.Namespace) -> int:
     return _serve_model(
         args,
         "image",
-        lambda: load_image(args.model_dir, threads=args.threads, max_kv_tokens=args.max_kv_tokens),
+        lambda limits: load_image(args.model_dir, threads=args.threads, max_kv_tokens=args.max_kv_tokens),
         registrar,
     )

@@ -100,6 +100,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=DRAFT_CHUNK,
         help="tokens per draft call under the draft policy (default %(default)s)",
     )
+    p.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="longest wait for one upstream attempt; past it the call is retried on another replica "
+        "while the request has time left (default: an attempt may use all of it)",
+    )
     from services.runtime.settings import add_server_args
 
     add_server_args(p, **SERVER_DEFAULTS)
@@ -167,12 +175,15 @@ def options_from_args(args: argparse.Namespace):
             raise ValueError(f"the default {strategy_name(key)} budget: {exc.message}") from None
     if args.draft_chunk < 1:
         raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
+    if args.attempt_timeout is not None and not args.attempt_timeout > 0:
+        raise ValueError(f"--attempt-timeout must be > 0, got {args.attempt_timeout}")
     config = GatewayConfig(
         default_policy=policy_value(args.policy),
         default_strategy=strategy,
         default_budgets=budgets,
         adaptive=args.adaptive,
         draft_chunk=args.draft_chunk,
+        attempt_timeout_s=args.attempt_timeout,
     )
     draft = args.draft if args.draft and args.draft.lower() != "none" else None
     tokenizer_dir = resolve_model(args.model) if args.model else None
