@@ -314,12 +314,15 @@ def run_decode_bench(
     hf_attn_implementation: str = "sdpa",
     progress: bool = True,
     png: bool = True,
+    weights: str = "fp32",
 ) -> dict[str, Any]:
     """Measure greedy decode tokens/s of our engine and of transformers; write JSON (+ PNG) to `out`.
 
     prompts: user messages (chat template applied), default DEFAULT_PROMPTS. threads: torch
     intra-op threads for the run (restored afterwards), default torch's current setting.
-    Returns the result dict that is also written to `out`.
+    weights: our engine's weights configuration, fp32 or q4_1 (services.core.quant); the
+    transformers baseline is always the fp32 checkpoint. Returns the result dict that is also
+    written to `out`.
     """
     import torch
 
@@ -337,7 +340,7 @@ def run_decode_bench(
         torch.set_num_threads(threads)
     try:
         return _bench(
-            model, prompts, max_new_tokens, repeats, Path(out), hf_attn_implementation, progress, png
+            model, prompts, max_new_tokens, repeats, Path(out), hf_attn_implementation, progress, png, weights
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -352,6 +355,7 @@ def _bench(
     hf_attn_implementation: str,
     progress: bool,
     png: bool,
+    weights: str,
 ) -> dict[str, Any]:
     import torch
     import transformers
@@ -367,6 +371,8 @@ def _bench(
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     model_dir = resolve_model(model)
     engine = Engine.from_dir(model_dir)
+    if weights == "q4_1" and not engine.use_q4_weights(model_dir):
+        raise RuntimeError("weights q4_1 need torch's CPU int4 kernel, which this torch build lacks")
     # As the services run it: packed weight copies, matmul paths measured on this machine.
     engine.pack_weights()
     engine.choose_linear_paths(Path(model_dir) / CACHE_FILE)
@@ -486,6 +492,7 @@ def _bench(
                 "mode": "eager (no torch.compile)",
             },
             "ours_generate": "services.core.generation.generate, greedy, ignore_eos",
+            "ours_weights": engine.weights,
             "ours_packed_weights": engine.packed_bytes > 0,
             "ours_linear_paths": engine.linear_choice,
             "interleaving": "per prompt and repeat, engine order alternates; one warm-up run of each first",

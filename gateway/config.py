@@ -53,3 +53,7 @@ class GatewayConfig:
     draft_chunk: int = DRAFT_CHUNK
     # Timeout of each upstream call when the client set no deadline (None: none).
     upstream_timeout_s: float | None = 120.0
+    # Longest wait for one attempt of a session call: past it the call is retried on another
+    # replica (a slow or stuck one is left out of choice for a moment) while the request has time
+    # left (None: an attempt may take all of the request's remaining time).
+    attempt_timeout_s: float | None = None

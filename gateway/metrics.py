@@ -45,6 +45,9 @@ REQUEST_DURATION = "gen_ai.server.request.duration"
 ACCEPTED_LENGTH = "specmesh.spec.accepted_length"
 SESSION_STORE_ERRORS = "specmesh.session_store.errors"
 RESUMED = "specmesh.resumed"  # span attribute: the request resumed an earlier stream
+# span attributes: no draft replica answered, so the round ran on the target alone
+DRAFT_FALLBACK = "specmesh.spec.draft_fallback"
+DRAFT_FALLBACK_ROUNDS = "specmesh.spec.draft_fallback_rounds"
 
 # bucket boundaries recommended by the GenAI semantic conventions
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)

@@ -222,9 +222,10 @@ class UpstreamPool:
             log.warning("%s replica %s is %s", self.role, replica.address, "up" if healthy else "down")
         replica.healthy = healthy
 
-    def mark_down(self, replica: Replica) -> None:
-        """A call to `replica` failed with UNAVAILABLE: leave it out of choice for MARK_DOWN_S."""
-        log.warning("%s replica %s failed a call (UNAVAILABLE); choosing others", self.role, replica.address)
+    def mark_down(self, replica: Replica, reason: str = "UNAVAILABLE") -> None:
+        """A call to `replica` failed (UNAVAILABLE, or ran past its deadline): leave it out of
+        choice for MARK_DOWN_S."""
+        log.warning("%s replica %s failed a call (%s); choosing others", self.role, replica.address, reason)
         replica.down_until = time.monotonic() + MARK_DOWN_S
 
     # -- choice ---------------------------------------------------------------------------------

@@ -66,8 +66,7 @@ def validate(
         if policy in gateway_pb2.Policy.values():
             raise InvalidArgument(f"policy {policy_name(policy)} is not available yet; use {known}", "policy")
         raise InvalidArgument(f"unknown policy {policy}; use {known}", "policy")
-    if request.quality not in gateway_pb2.Quality.values():
-        raise InvalidArgument(f"unknown quality {request.quality}", "quality")
+    check_quality(request.quality, policy)
     uses_draft = policy != gateway_pb2.POLICY_TARGET
     if uses_draft and not has_draft:
         raise FailedPrecondition(
@@ -140,6 +139,37 @@ def validate(
         adaptive=spec.adaptive or config.adaptive,
         vocab_limit=vocab_limit,
     )
+
+
+def check_quality(quality: int, policy: int) -> None:
+    """`quality` is honoured or refused, never ignored: EXACT holds for every served policy but
+    draft; HIGH and FAST are for policy auto (choosing a policy per request), not served yet."""
+    if quality not in gateway_pb2.Quality.values():
+        raise InvalidArgument(f"unknown quality {quality}", "quality")
+    if quality in (gateway_pb2.QUALITY_HIGH, gateway_pb2.QUALITY_FAST):
+        raise InvalidArgument(
+            f"{gateway_pb2.Quality.Name(quality)} is not served yet: it is for policy auto, which "
+            "chooses a policy per request; leave quality unset (or EXACT) and pick the policy",
+            "quality",
+        )
+    if quality == gateway_pb2.QUALITY_EXACT and policy == gateway_pb2.POLICY_DRAFT:
+        raise InvalidArgument(
+            "QUALITY_EXACT (the target's output distribution) contradicts policy draft (the small "
+            "model alone); use policy target or speculative",
+            "quality",
+        )
+
+
+# Said on the first chunk of a draft-policy stream (GenerateChunk.warnings).
+DRAFT_WARNING = (
+    "policy draft: this text is the small draft model's alone, not the target model's (lower "
+    "quality); policy speculative gives the target's output, usually faster than policy target"
+)
+
+
+def plan_warnings(plan: Plan) -> list[str]:
+    """What a client should be told about a request's output."""
+    return [DRAFT_WARNING] if plan.policy == gateway_pb2.POLICY_DRAFT else []
 
 
 # fields a resume request must leave unset: the session's record already holds them

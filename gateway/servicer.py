@@ -22,7 +22,7 @@ from .config import GatewayConfig, policy_name
 from .policies import PolicyContext, run_policy
 from .pool import Replica, UpstreamPool
 from .record import RequestRecord, new_session_id
-from .requests import Plan, check_resume, validate
+from .requests import Plan, check_resume, plan_warnings, validate
 from .session_store import MemoryStore, SessionStore
 
 log = logging.getLogger("specmesh.gateway")
@@ -142,10 +142,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # -- RPCs ----------------------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
-        models = [await self.model_info("target")]
-        if self.has_draft:
-            models.append(await self.model_info("draft"))
-        return gateway_pb2.ListModelsResponse(models=models)
+        # the models a request can name in `model`: the target only (the draft assists it and is
+        # not requestable by name; its own GetModelInfo describes it)
+        return gateway_pb2.ListModelsResponse(models=[await self.model_info("target")])
 
     async def GenerateStream(
         self, request: gateway_pb2.GatewayGenerateRequest, context
@@ -161,6 +160,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async for chunk in self._generate(request, context):
             response.token_ids.extend(chunk.token_ids)
             texts.append(chunk.text)
+            response.warnings.extend(chunk.warnings)
             if chunk.finish_reason:
                 response.finish_reason = chunk.finish_reason
                 response.usage.CopyFrom(chunk.usage)
@@ -228,7 +228,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         def timeout() -> float | None:
             remaining = deadline()
-            return remaining if remaining is not None else self.config.upstream_timeout_s
+            bound = remaining if remaining is not None else self.config.upstream_timeout_s
+            attempt = self.config.attempt_timeout_s
+            return bound if attempt is None or (bound is not None and bound <= attempt) else attempt
 
         try:
             with trace.use_span(span, end_on_exit=False):
@@ -239,12 +241,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     plan, max_context = await self.plan(request)
                     record = RequestRecord(session_id=session_id, plan=plan, max_context=max_context)
             span.set_attributes(_request_attributes(record.plan))
+            notes = plan_warnings(record.plan)  # told once, on this stream's first chunk
+
+            def first_told(chunk: gateway_pb2.GenerateChunk) -> gateway_pb2.GenerateChunk:
+                nonlocal notes
+                chunk.warnings.extend(notes)
+                notes = []
+                return chunk
+
             if request.session_id:
                 span.set_attribute(m.RESUMED, True)
                 missed = self._missed(record, request.resume_from)
                 if missed is not None:
                     first_token_at = time.perf_counter()
-                    yield missed
+                    yield first_told(missed)
                 if record.finish:
                     return
             chunks = run_policy(ctx, record)
@@ -255,7 +265,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     # saved before it is sent: a stored record covers every token a client has
                     if record.plan.policy != gateway_pb2.POLICY_TARGET or chunk.finish_reason:
                         await self.store.save(record)
-                    yield self._labelled(chunk, record, offset=len(record.tokens) - len(chunk.token_ids))
+                    offset = len(record.tokens) - len(chunk.token_ids)
+                    yield first_told(self._labelled(chunk, record, offset=offset))
             finally:
                 await chunks.aclose()  # runs the loop's cleanup (session releases) now
         except BaseException as exc:

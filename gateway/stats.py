@@ -6,12 +6,20 @@
 * mean_accepted_length (tau): tokens each verification round produced, counting the
   correction/bonus token: (accepted_tokens + rounds) / rounds; 1.0 for plain decoding. Counted
   before stop truncation, so it measures the draft, not where the request happened to end;
-* acceptance_rate: accepted_tokens / drafted_tokens.
+* acceptance_rate: accepted_tokens / drafted_tokens, per drafted node: a 16-node tree that
+  yields 2 tokens scores 12.5% however good its best path was;
+* verified_path_tokens: positions the target checked along the path it walked, the accepted
+  tokens plus one per round that ended on a node with children (all rejected), none when it
+  ended on a leaf; path_acceptance_rate = accepted_tokens / verified_path_tokens, the per-token
+  acceptance a chain reports (alpha in Leviathan et al. 2211.17192);
+* rounds_by_depth[d-1] / accepted_by_depth[d-1]: rounds whose tree reached depth d, and those of
+  them that accepted a token at depth d.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from specmesh.v1 import common_pb2
 
@@ -22,13 +30,27 @@ class SpecCounter:
     drafted: int = 0
     accepted: int = 0
     routed: int = 0
+    verified_path: int = 0
+    depth_rounds: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
 
-    def add_round(self, drafted: int, accepted: int) -> None:
-        if accepted > drafted or drafted < 0 or accepted < 0:
-            raise ValueError(f"a round cannot accept {accepted} of {drafted} drafted tokens")
+    def add_round(self, parents: Sequence[int], path: Sequence[int]) -> None:
+        """One verification round: the proposed tree's `parents` (-1 = root; empty when nothing
+        was drafted) and the accepted `path` (node indices from the root)."""
+        last = -1
+        for node in path:
+            if not 0 <= node < len(parents) or parents[node] != last:
+                raise ValueError(f"path {list(path)} is not a root-to-node path of parents {list(parents)}")
+            last = node
+        depth = tree_depth(parents)
         self.rounds += 1
-        self.drafted += drafted
-        self.accepted += accepted
+        self.drafted += len(parents)
+        self.accepted += len(path)
+        self.verified_path += len(path) + (1 if last in parents else 0)
+        for counts, n in ((self.depth_rounds, depth), (self.depth_accepted, len(path))):
+            counts.extend([0] * (depth - len(counts)))
+            for d in range(n):
+                counts[d] += 1
 
     @property
     def tau(self) -> float:
@@ -38,6 +60,10 @@ class SpecCounter:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def path_acceptance_rate(self) -> float:
+        return self.accepted / self.verified_path if self.verified_path else 0.0
+
     def to_proto(self) -> common_pb2.SpecStats:
         return common_pb2.SpecStats(
             rounds=self.rounds,
@@ -46,6 +72,10 @@ class SpecCounter:
             mean_accepted_length=self.tau,
             acceptance_rate=self.acceptance_rate,
             routed_tokens=self.routed,
+            verified_path_tokens=self.verified_path,
+            path_acceptance_rate=self.path_acceptance_rate,
+            rounds_by_depth=self.depth_rounds,
+            accepted_by_depth=self.depth_accepted,
         )
 
 

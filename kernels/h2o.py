@@ -1,5 +1,5 @@
 """H2O heavy-hitter statistics (Zhang et al., arXiv 2306.14048): accumulate attention mass per
-cached key, then keep the heaviest keys plus a recent window.
+cached key (the keep-set policy built on it is services.core.h2o.h2o_keep).
 
 H2O scores each cached token by the attention it has received so far, summed over steps and
 queries, per head; under a KV budget it keeps the top-scoring ("heavy hitter") tokens and the
@@ -30,16 +30,3 @@ def h2o_accumulate(scores: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
 
         return h2o_accumulate_triton(scores, attn)
     return h2o_accumulate_reference(scores, attn)
-
-
-def h2o_keep(scores: torch.Tensor, length: int, budget: int, recent: int) -> torch.Tensor:
-    """Indices [B, Hkv, min(budget, length)], ascending, of the keys to keep among the first
-    `length`: the last min(recent, budget) slots, then the highest-scoring of the others (ties
-    to the earlier slot). scores [B, Hkv, K >= length]."""
-    if budget >= length:
-        return torch.arange(length, device=scores.device).expand(*scores.shape[:2], length)
-    recent = min(recent, budget)
-    older = scores[..., : length - recent]  # [B, Hkv, length - recent]
-    heavy = older.topk(budget - recent, dim=-1, sorted=False).indices
-    window = torch.arange(length - recent, length, device=scores.device).expand(*scores.shape[:2], recent)
-    return torch.cat([heavy, window], -1).sort(-1).values

@@ -98,6 +98,36 @@ def int8_linear(x: torch.Tensor, prepacked: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x, prepacked, False)
 
 
+def prepare_int4(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ATen CPU int4 kernel's copy of 4-bit grouped weights w = codes * scale + offset
+    (codes [N, K] in 0..15, scale and offset [N, K / group]); None where the kernel is missing.
+
+    The kernel computes w = (code - 8) * s + z, so s = scale and z = offset + 8 * scale: the
+    same weights. Its fast path takes bf16 activations (fp32 ones ran ~100x slower on the
+    Xeon), so the scales are kept in bf16 as well."""
+    if codes.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    s = scale.float()
+    z = offset.float() + 8 * s
+    scales_and_zeros = (
+        torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    )  # [K/g, N, 2]
+    return packed, scales_and_zeros
+
+
+def int4_linear(x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
+    """x [..., in] (any float dtype) @ W^T with W a prepare_int4() copy; bf16 activations,
+    fp32 result."""
+    packed, scales_and_zeros = prepared
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_and_zeros)
+    return out.float().reshape(*x.shape[:-1], out.shape[-1])
+
+
 def linear_path(path: str, x2: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
     """x2 [rows, in] @ w^T -> [rows, out] through one of PATHS (`packed` needs the packed copy).
 
@@ -118,12 +148,16 @@ def linear(
     packed: torch.Tensor | None = None,
     int8: torch.Tensor | None = None,
     plan: Plan | None = None,
+    int4: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T -> [..., out] through the path the plan gives this row count.
 
-    `int8` (approximate, drafts only) takes precedence. Without a plan, default_plan. A plan's
+    `int4` (the model's own 4-bit weights: prepare_int4's pair and the group size) and `int8`
+    (approximate, drafts only) take precedence. Without a plan, default_plan. A plan's
     `packed` falls back to F.linear where the layer has no packed copy.
     """
+    if int4 is not None:
+        return int4_linear(x, int4[:2], int4[2])
     if int8 is not None:
         return int8_linear(x, int8)
     if x.device.type != "cpu":

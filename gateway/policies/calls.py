@@ -5,7 +5,10 @@ is retried under a fresh session id with the whole sequence as new tokens (a re-
 
 * the replica answers FAILED_PRECONDITION: it lost or never had the session (once per call);
 * the replica is gone (UNAVAILABLE, or its health watch reports it down): the session moves to
-  the least-loaded other replica, which prefills the whole sequence.
+  the least-loaded other replica, which prefills the whole sequence;
+* the replica is slow: the attempt's deadline (``ctx.timeout()``, bounded by the gateway's
+  ``attempt_timeout_s``) fires while the request still has time and another replica is there;
+  the slow one is left out of choice for a moment (as after UNAVAILABLE) and the session moves.
 
 A retried round sends the same random-stream counter, so it draws the same numbers: the
 output is the one an uninterrupted request would have produced.
@@ -67,8 +70,11 @@ async def session_call(
         try:
             return await getattr(replica.stub, method)(make(session.ref()), timeout=ctx.timeout())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                pool.mark_down(replica)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE or (
+                exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                and _retry_elsewhere(ctx, pool, failed, replica)
+            ):
+                pool.mark_down(replica, exc.code().name)
                 failed.append(replica.address)
                 last_error = exc
                 continue
@@ -77,6 +83,13 @@ async def session_call(
                 _abandon(ctx, session, sequence)
                 continue
             raise
+
+
+def _retry_elsewhere(ctx: PolicyContext, pool, failed: list[str], replica) -> bool:
+    """After an attempt's deadline: whether the request has time left and another replica to try."""
+    remaining = ctx.deadline()
+    others = [r for r in pool.replicas if r.address not in failed and r is not replica]
+    return bool(others) and (remaining is None or remaining > 0)
 
 
 def _abandon(ctx: PolicyContext, session: UpstreamSession, sequence: list[int]) -> None:

@@ -12,16 +12,26 @@ is committed by nobody yet: it is the target's new token of the next round, and 
 tokens are the accepted path plus ``next_token``. An empty tree (prompt lookup found nothing,
 or the adaptive budget chose not to draft) becomes a Target.Extend. Replica choice, re-prefill
 and failover are :func:`gateway.policies.calls.session_call`'s.
+
+Draft down: a round for which no draft replica is available (or whose Propose fails with
+UNAVAILABLE on every replica) runs on the target alone, as an Extend: the output is what
+target-only decoding gives, the client sees no error, and the round span carries
+``specmesh.spec.draft_fallback`` (the request span counts such rounds). The draft's pending
+tokens keep growing, so a draft that comes back re-prefills them and drafts again.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+import grpc.aio
 from opentelemetry import trace
 
+from services.core.errors import Unavailable
 from specmesh.v1 import common_pb2, draft_pb2, gateway_pb2, target_pb2
 
 from .. import metrics as m
@@ -32,6 +42,8 @@ from ..stats import tree_depth
 from .calls import session_call
 from .context import PolicyContext, emit
 
+log = logging.getLogger("specmesh.gateway")
+
 
 @dataclass(frozen=True)
 class Round:
@@ -39,33 +51,53 @@ class Round:
 
     tree: common_pb2.TokenTree  # what the draft proposed (empty: nothing drafted)
     accepted: list[int]  # the accepted path's tokens
+    path: list[int]  # and its node indices in `tree`
     next_token: int  # the target's correction or bonus token
     draft_s: float | None  # Propose wall time (None: no Propose call)
     verify_s: float  # Verify / Extend wall time
     verified_tokens: int  # tokens the target ran its forward over
 
 
+class DraftDown(Exception):
+    """No draft replica could answer this round's Propose."""
+
+
+def draft_reachable(ctx: PolicyContext) -> bool:
+    """Whether some draft replica is available (health watch and recent calls say so)."""
+    pool = ctx.pools.get("draft")
+    return pool is not None and any(r.available for r in pool.replicas)
+
+
 async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: Budget | None) -> Round:
-    """Propose (unless `budget` is None), verify, and advance both upstream sessions."""
+    """Propose (unless `budget` is None), verify, and advance both upstream sessions. Raises
+    DraftDown, having changed nothing but the draft's replica choice, when Propose fails for
+    want of a draft replica."""
     plan, r = record.plan, record.rounds
     draft, target = record.upstream("draft"), record.upstream("target")
     sequence = record.sequence  # what both services hold after their pending tokens
     proposal, started = None, time.perf_counter()
     if budget is not None:
-        proposal = await session_call(
-            ctx,
-            "Propose",
-            lambda ref: draft_pb2.ProposeRequest(
-                session=ref,
-                strategy=plan.strategy,
-                budget=budget_to_proto(budget),
-                sampling=plan.sampling,
-                random=common_pb2.RandomStream(seed=draft_seed(plan.seed), counter=r),
-                vocab_limit=plan.vocab_limit,
-            ),
-            draft,
-            sequence,
-        )
+        try:
+            proposal = await session_call(
+                ctx,
+                "Propose",
+                lambda ref: draft_pb2.ProposeRequest(
+                    session=ref,
+                    strategy=plan.strategy,
+                    budget=budget_to_proto(budget),
+                    sampling=plan.sampling,
+                    random=common_pb2.RandomStream(seed=draft_seed(plan.seed), counter=r),
+                    vocab_limit=plan.vocab_limit,
+                ),
+                draft,
+                sequence,
+            )
+        except Unavailable as exc:
+            raise DraftDown(str(exc)) from exc
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            raise DraftDown(exc.details() or "draft unavailable") from exc
     proposed = time.perf_counter()
     tree = proposal.tree if proposal is not None else common_pb2.TokenTree()
     random = common_pb2.RandomStream(seed=plan.seed, counter=r)
@@ -80,7 +112,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
             target,
             sequence,
         )
-        accepted = checked_path(tree, verdict)
+        accepted, path = checked_path(tree, verdict), list(verdict.accepted_nodes)
     else:  # nothing to verify: the target just samples its next token
         verdict = await session_call(
             ctx,
@@ -89,7 +121,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
             target,
             sequence,
         )
-        accepted = []
+        accepted, path = [], []
     verified = time.perf_counter()
     target.committed(verdict.session_length, [verdict.next_token])
     if proposal is not None:
@@ -99,6 +131,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
     return Round(
         tree=tree,
         accepted=accepted,
+        path=path,
         next_token=verdict.next_token,
         draft_s=proposed - started if proposal is not None else None,
         verify_s=verified - proposed,
@@ -115,12 +148,15 @@ async def speculative_loop(
     adaptive = _adaptive(ctx, record)
     strategy = strategy_name(plan.strategy)
     parent = trace.set_span_in_context(ctx.span)
+    fallback_rounds = 0
     try:
         while out.finish is None:
             wanted = adaptive.current() if adaptive else plan.budget
             budget = None  # None: the adaptive budget expects the target alone to be faster
             # with one token left, the target's own next token is all there is to emit
-            if wanted is not None and out.remaining > 1:
+            drafting = wanted is not None and out.remaining > 1
+            fallback = drafting and not draft_reachable(ctx)  # draft down: the target alone
+            if drafting and not fallback:
                 budget = cap_budget(
                     wanted,
                     remaining_tokens=out.remaining,
@@ -135,10 +171,20 @@ async def speculative_loop(
             with ctx.instruments.tracer.start_as_current_span(
                 m.ROUND_SPAN, context=parent, attributes=attributes
             ) as round_span:
-                done = await speculative_round(ctx, record, budget)
+                try:
+                    done = await speculative_round(ctx, record, budget)
+                except DraftDown as exc:
+                    log.warning(
+                        "no draft replica answers (%s): round %d on the target alone", exc, record.rounds
+                    )
+                    fallback = True
+                    done = await speculative_round(ctx, record, None)
+                if fallback:
+                    fallback_rounds += 1
+                    round_span.set_attribute(m.DRAFT_FALLBACK, True)
+                    ctx.span.set_attribute(m.DRAFT_FALLBACK_ROUNDS, fallback_rounds)
                 record.rounds += 1
-                drafted = len(done.tree.tokens)
-                record.stats.add_round(drafted, len(done.accepted))
+                record.stats.add_round(done.tree.parents, done.path)
                 if adaptive is not None:
                     adaptive.update(
                         len(done.accepted),
@@ -151,7 +197,7 @@ async def speculative_loop(
                 message = emit(record, out, [*done.accepted, done.next_token])
                 emitted = len(message.token_ids)
                 round_span.set_attributes(
-                    {m.DRAFTED: drafted, m.ACCEPTED_LEN: len(done.accepted), m.EMITTED: emitted}
+                    {m.DRAFTED: len(done.tree.tokens), m.ACCEPTED_LEN: len(done.accepted), m.EMITTED: emitted}
                 )
             ctx.instruments.accepted_length.record(
                 len(done.accepted), {m.REQUEST_MODEL: plan.model, m.STRATEGY: strategy}

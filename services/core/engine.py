@@ -21,6 +21,7 @@ from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, OutOfRange
 from services.core.kv import BlockPool, SequenceKV
 from services.core.model import LlamaModel, SmallBatchLinear
+from services.core.model_store import count_parameters
 from services.core.spec import ancestor_mask, tree_depths, validate_tree
 
 
@@ -53,6 +54,9 @@ class Engine:
         self.packed_bytes = 0  # memory held by oneDNN-packed weight copies (pack_weights)
         self.int8_bytes = 0  # memory held by int8 weight copies (quantize_int8)
         self.linear_choice: dict[str, Any] = {}  # matmul paths chosen by choose_linear_paths
+        self.weights = "fp32"  # or "q4_1" (use_q4_weights)
+        # Set by services.runtime.batching: merges concurrent callers' forwards into one.
+        self.forward_hook = None
         dtype = next(model.parameters()).dtype
         # Preallocated at max_kv_tokens: virtual memory on CPU until used (see BlockPool), device
         # memory at once elsewhere.
@@ -96,12 +100,29 @@ class Engine:
         self.packed_bytes = sum(m.pack() for m in self.model.modules() if isinstance(m, SmallBatchLinear))
         return self.packed_bytes
 
+    def use_q4_weights(self, model_dir: Path) -> int:
+        """Serve the projections from the model's published 4-bit weights (q4_1.safetensors in
+        the store; see services.core.quant) with bf16 activations: another weights
+        configuration, so its KV never shares blocks with the fp32 one. Returns the
+        projections switched (0 where the CPU int4 kernel is missing)."""
+        from services.core.quant import Q4_FILE, load_q4
+
+        switched = self.model.use_q4_weights(load_q4(Path(model_dir) / Q4_FILE))
+        if switched:
+            self.weights = "q4_1"
+            self.pool.rename(self.digest + "+q4_1")
+        return switched
+
     def choose_linear_paths(self, cache_file: Path | None = None) -> dict[str, Any]:
         """Give every fp32 projection the matmul path per row bucket measured fastest on this
         machine (kernels.linear_choice; cached in cache_file). Call after pack_weights, on the
         engine thread. SPECMESH_LINEAR_PATH=linear|mm_t|packed forces one path everywhere,
         `default` keeps the built-in plan. Returns what was chosen (also in self.linear_choice)."""
-        layers = [m for m in self.model.modules() if isinstance(m, SmallBatchLinear) and m.int8 is None]
+        layers = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, SmallBatchLinear) and m.int8 is None and m.int4 is None
+        ]
         if self.device.type != "cpu" or not layers:
             return {}
         forced = os.environ.get("SPECMESH_LINEAR_PATH", "auto").strip().lower() or "auto"
@@ -175,8 +196,17 @@ class Engine:
                 f"{current} + {adding} tokens exceed the model context of {self.max_context}", field
             )
 
-    @torch.inference_mode()
     def forward(
+        self, seqs: list[SequenceKV], token_lists: list[list[int]], **kw
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """forward_now(), or, when a batcher is attached (services.runtime.batching), the same
+        result computed in one forward with other callers' sequences."""
+        if self.forward_hook is not None:
+            return self.forward_hook(seqs, token_lists, **kw)
+        return self.forward_now(seqs, token_lists, **kw)
+
+    @torch.inference_mode()
+    def forward_now(
         self,
         seqs: list[SequenceKV],
         token_lists: list[list[int]],
@@ -307,7 +337,10 @@ class Engine:
         seq.accept_scratch(nodes)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())  # shared (tied) tensors count once
+        """Parameters of the model its config defines, what `specmesh models list` reports: a
+        copy made at load time (a draft's restricted head, rows of the tied embedding) is no
+        parameter of its own (it made the draft's ModelInfo say 51.9M against the list's 42.5M)."""
+        return count_parameters(self.config)
 
 
 def weights_digest(model_dir: Path) -> str:

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear import Plan, linear, prepare_int8, prepare_packed
+from kernels.linear import Plan, linear, prepare_int4, prepare_int8, prepare_packed
 from services.core.attention_batch import AttentionBatch
 from services.core.config import LlamaConfig
+from services.core.quant import GROUP, Q4Groups
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -86,11 +87,14 @@ class SmallBatchLinear(nn.Linear):
         self.packed: torch.Tensor | None = None  # not a parameter: derived, and not saved
         self.int8: torch.Tensor | None = None  # ditto; takes precedence over `packed`
         self.plan: Plan | None = None  # matmul path per row bucket (kernels.linear_choice)
+        # The model's published 4-bit weights (kernels.linear.prepare_int4 + group size), which
+        # then serve every product instead of `weight` (kept: the fp32 dequantization).
+        self.int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def pack(self) -> int:
         """Make (or refresh) the packed copy; returns its size in bytes (0 if unavailable, or
         when the int8 copy serves this layer)."""
-        self.packed = None if self.int8 is not None else prepare_packed(self.weight)
+        self.packed = None if self.int8 is not None or self.int4 is not None else prepare_packed(self.weight)
         return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
 
     def quantize_int8(self) -> int:
@@ -99,7 +103,7 @@ class SmallBatchLinear(nn.Linear):
         return 0 if self.int8 is None else self.weight.numel() + 8 * self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.int8, self.plan)
+        return linear(x, self.weight, self.packed, self.int8, self.plan, self.int4)
 
 
 class RMSNorm(nn.Module):
@@ -196,6 +200,34 @@ class LlamaModel(nn.Module):
         if logit_rows is not None:
             return self.lm_head(hidden.reshape(-1, hidden.shape[-1])[logit_rows]), hidden
         return self.lm_head(hidden), hidden
+
+    def use_q4_weights(self, groups: dict[str, Q4Groups]) -> int:
+        """Serve every projection that has published 4-bit groups (HF names, see
+        services.core.quant) from them. Each one must dequantize to exactly the fp32 weight
+        loaded, so the codes are known to be these weights. Returns the projections switched."""
+        switched = 0
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            fused = {
+                layer.self_attn.qkv_proj: [p + f"self_attn.{n}_proj.weight" for n in "qkv"],
+                layer.self_attn.o_proj: [p + "self_attn.o_proj.weight"],
+                layer.mlp.gate_up_proj: [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                layer.mlp.down_proj: [p + "mlp.down_proj.weight"],
+            }
+            for module, names in fused.items():
+                if not all(n in groups for n in names):
+                    continue
+                g = Q4Groups.cat([groups[n] for n in names])
+                if not torch.equal(g.dequantize(), module.weight.detach()):
+                    raise ValueError(
+                        f"the 4-bit weights of {names[0]} do not dequantize to the loaded weights"
+                    )
+                prepared = prepare_int4(g.codes, g.scale, g.offset, GROUP)
+                if prepared is None:
+                    return 0
+                module.int4 = (*prepared, GROUP)
+                switched += 1
+        return switched
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load HF LlamaForCausalLM names, fusing q/k/v and gate/up."""

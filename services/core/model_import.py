@@ -65,9 +65,14 @@ def _tokenizer_config(m: Any) -> dict[str, Any]:
 def _write_model_dir(m: Any, d: Path, provenance: dict[str, Any]) -> None:
     from safetensors.torch import save_file  # lazy: torch
 
+    from services.core.quant import Q4_FILE, save_q4
+
     state = {k: v.contiguous() for k, v in m.state_dict.items()}
     # {"format": "pt"} is what transformers checks before trusting a safetensors file.
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    q4 = getattr(m, "q4_1", None)
+    if q4:  # the published 4-bit weights as well, for `--weights q4_1` (services.core.quant)
+        save_q4(d / Q4_FILE, q4)
     cfg = m.config.to_hf_dict()
     cfg["specmesh"] = provenance
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

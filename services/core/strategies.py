@@ -22,6 +22,7 @@ accepts the other accepts too.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -90,6 +91,19 @@ def parse_strategy(name: str, field: str = "strategy") -> Strategy:
         raise InvalidArgument(
             f"unknown strategy {name!r}; use one of {', '.join(STRATEGY_CLI_NAMES)}", field
         ) from None
+
+
+# What --help shows for a strategy option: the documented (hyphen) spelling; `_` is accepted too.
+STRATEGY_METAVAR = "{" + ",".join(STRATEGY_CLI_NAMES) + "}"
+
+
+def strategy_arg(text: str) -> Strategy:
+    """argparse ``type=`` for every strategy option of the CLI: one parser, so each command
+    accepts ``dynamic-tree`` (documented) and ``dynamic_tree`` alike."""
+    try:
+        return parse_strategy(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def parse_policy(name: str, field: str = "policy") -> Policy:

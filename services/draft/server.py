@@ -11,9 +11,9 @@ from services.core.engine import Engine
 from services.core.model_store import load_draft_vocab, resolve_model
 from services.core.strategies import DEFAULT_STRATEGY, Strategy
 from services.draft.servicer import DraftServicer
-from services.runtime.loading import load_engine
+from services.runtime.loading import engine_limits, load_engine
 from services.runtime.server import RunningServer, serve
-from services.runtime.settings import ServerSettings
+from services.runtime.settings import EngineSettings, ServerSettings
 from specmesh.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,12 @@ def load_draft(
     *,
     threads: int | None = None,
     default_strategy: Strategy = DEFAULT_STRATEGY,
-    max_sessions: int = 256,
+    max_sessions: int | None = None,
     max_kv_tokens: int = 65536,
     vocab_limit: int | None = None,
     pack_weights: bool = True,
     int8: bool = True,
+    limits: EngineSettings | None = None,
 ) -> DraftServicer:
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
     (None = all of them, 0 = the full vocabulary). int8: compute the projections with int8
@@ -48,15 +49,23 @@ def load_draft(
             else:
                 log.warning("int8 kernels (fbgemm) unavailable here: the draft computes in fp32")
 
+    limits = engine_limits(limits, max_sessions)
     loaded = load_engine(
-        model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights, prepare=prepare
+        model,
+        threads=threads,
+        max_kv_tokens=max_kv_tokens,
+        pack_weights=pack_weights,
+        prepare=prepare,
+        limits=limits,
     )
     return DraftServicer(
         loaded.engine,
         default_strategy=default_strategy,
-        max_sessions=max_sessions,
+        max_sessions=limits.max_sessions,
+        session_ttl_seconds=limits.session_ttl_seconds,
         license=loaded.license,
         worker=loaded.worker,
+        batching=limits.batching,
     )
 
 

@@ -39,6 +39,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         session_ttl_seconds: float = 600.0,
         license: str = "",
         worker: EngineWorker | None = None,
+        batching: bool = True,
     ) -> None:
         super().__init__(
             engine,
@@ -46,6 +47,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             session_ttl_seconds=session_ttl_seconds,
             license=license,
             worker=worker,
+            batching=batching,
         )
         self.default_strategy = default_strategy
         self.drafter = Drafter(engine)
@@ -85,7 +87,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             self._root_logits(session)
             return session.length
 
-        length = await self._on_engine(clock, run)
+        length = await self._on_engine(clock, run, key=request.session.session_id)
         return draft_pb2.DraftPrefillResponse(session_length=length, timing=clock.timing())
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
@@ -127,4 +129,4 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             session.remember(fingerprint, reply)
             return reply
 
-        return self._timed(await self._on_engine(clock, run), clock)
+        return self._timed(await self._on_engine(clock, run, key=request.session.session_id), clock)

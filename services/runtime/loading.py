@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kernels.linear_choice import CACHE_FILE
 from services.core.model_store import resolve_model
+from services.runtime.settings import EngineSettings
 from services.runtime.worker import EngineWorker
 
 if TYPE_CHECKING:
@@ -38,17 +39,34 @@ def load_engine(
     max_kv_tokens: int,
     pack_weights: bool,
     prepare: Callable[[Engine], None] | None = None,
+    weights: str = "fp32",
+    limits: EngineSettings | None = None,
 ) -> LoadedEngine:
     """Resolve `model`, load it on a new engine thread (see services.runtime.worker), run
     `prepare` there (a draft restricts its head), then keep oneDNN-packed weight copies when
-    `pack_weights` (see services.core.model.linear)."""
+    `pack_weights` (see services.core.model.linear). weights: `fp32`, or `q4_1` for the
+    model's published 4-bit groups (services.core.quant). `limits`: the engine thread's
+    batching window, batch size and queue bound (defaults: EngineSettings())."""
     from services.core.engine import Engine  # lazy: torch
 
     model_dir = Path(resolve_model(model))
-    worker = EngineWorker(model_dir.name, threads)
+    limits = limits or EngineSettings()
+    worker = EngineWorker(
+        model_dir.name,
+        threads,
+        window_s=limits.batch_window_ms / 1000,
+        max_batch=limits.max_batch,
+        max_queue=limits.max_queue,
+    )
     engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
     if prepare is not None:
         worker.call(prepare, engine)
+    if weights == "q4_1":
+        if not worker.call(engine.use_q4_weights, model_dir):
+            raise RuntimeError("--weights q4_1 needs torch's CPU int4 kernel, which this torch build lacks")
+        log.info("serving the published 4-bit weights (Q4_1 groups, bf16 activations)")
+    elif weights != "fp32":
+        raise ValueError(f"unknown weights {weights!r}: expected fp32 or q4_1")
     if pack_weights and worker.call(engine.pack_weights):
         log.info("packed weight copies: %.0f MiB", engine.packed_bytes / 2**20)
     choice = worker.call(engine.choose_linear_paths, model_dir / CACHE_FILE)
@@ -64,3 +82,9 @@ def load_engine(
     license = (config.get("specmesh") or {}).get("license", "")
     log.info("loaded %s (%d parameters) from %s", engine.name, engine.parameter_count(), model_dir)
     return LoadedEngine(engine, worker, model_dir, license)
+
+
+def engine_limits(limits: EngineSettings | None, max_sessions: int | None) -> EngineSettings:
+    """`limits` (default EngineSettings()) with max_sessions overridden when given."""
+    limits = limits or EngineSettings()
+    return limits if max_sessions is None else limits.replace(max_sessions=max_sessions)

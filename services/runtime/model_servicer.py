@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from services.core.errors import InvalidArgument
 from services.core.sessions import SessionStore, Turn, fingerprint
+from services.runtime.telemetry.operator_metrics import ModelMetrics
 from services.runtime.worker import Clock, EngineWorker
 from specmesh.v1 import common_pb2
 
@@ -48,7 +49,10 @@ class ModelServicer:
         session_ttl_seconds: float = 600.0,
         license: str = "",
         worker: EngineWorker | None = None,
+        batching: bool = True,
     ) -> None:
+        """batching: merge concurrent calls' forwards (services.runtime.batching); outputs are
+        the same either way, up to floating-point rounding of the larger matmuls."""
         self.engine = engine
         self.license = license
         self.sessions = SessionStore(
@@ -56,11 +60,26 @@ class ModelServicer:
         )
         # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
         self._worker = worker or EngineWorker(engine.name)
+        if batching:
+            self._worker.attach(engine)
+        self.engine_calls = 0  # waiting for or running on the engine thread (a gauge reads it)
+        self.metrics = ModelMetrics(self)
 
     # --- the engine thread ------------------------------------------------------------------
 
-    async def _on_engine(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        return await self._worker.run(clock, fn, *args)
+    async def _on_engine(
+        self, clock: Clock, fn: Callable[..., T], *args, key: str | None = None, bounded: bool = True
+    ) -> T:
+        """fn(*args) on the engine thread; calls with the same key (session id) never interleave;
+        bounded=False for clean-up, which the queue limit must never refuse."""
+        queued = clock.queue_ns
+        self.engine_calls += 1
+        try:
+            return await self._worker.run(clock, fn, *args, key=key or None, bounded=bounded)
+        finally:
+            self.engine_calls -= 1
+            if clock.queue_ns != queued:  # the call reached the engine thread
+                self.metrics.waited((clock.queue_ns - queued) / 1e9)
 
     def close(self) -> None:
         self._worker.close()
@@ -122,7 +141,9 @@ class ModelServicer:
     async def Release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
         if not request.session_id:
             raise InvalidArgument("session_id is empty", "session_id")
-        released = await self._on_engine(Clock(), self.sessions.release, request.session_id)
+        released = await self._on_engine(
+            Clock(), self.sessions.release, request.session_id, key=request.session_id, bounded=False
+        )
         return common_pb2.ReleaseResponse(released=released)
 
     # --- idempotent replay --------------------------------------------------------------------

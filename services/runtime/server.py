@@ -3,7 +3,8 @@
 Every server gets, in this order of interceptors: OpenTelemetry tracing, the
 ``rpc.server.duration`` histogram, the exception mapper, then the caller's interceptors;
 message size limits and keepalive settings from :class:`ServerSettings`; ``grpc.health.v1``
-(every registered service and the overall ``""`` SERVING); server reflection; and a graceful
+(every registered service and the overall ``""`` SERVING); server reflection (v1 and v1alpha);
+a Prometheus scrape endpoint when ``metrics_port`` is set; and a graceful
 stop that reports NOT_SERVING first, then lets in-flight RPCs finish within the grace period.
 """
 
@@ -23,7 +24,7 @@ import grpc.aio
 from grpc_health.v1 import health as _health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from . import security
 from .errors import ExceptionInterceptor
@@ -37,6 +38,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 HEALTH_SERVICE_NAME = _health.SERVICE_NAME
 REFLECTION_SERVICE_NAME = reflection.SERVICE_NAME
+# grpcio-reflection ships only v1alpha; grpc.reflection.v1 has the same messages under another
+# proto package (identical on the wire), so the v1alpha servicer answers on the v1 name as well.
+REFLECTION_V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 
 RegisterFn = Callable[[grpc.aio.Server], "Iterable[str] | None | Awaitable[Iterable[str] | None]"]
 OnStartFn = Callable[["RunningServer"], "Awaitable[None] | None"]
@@ -189,6 +193,23 @@ class RunningServer:
         await self.stop()
 
 
+def _enable_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Server reflection as ``grpc.reflection.v1alpha`` and ``grpc.reflection.v1`` (newer clients,
+    grpcurl among them, ask v1 first). The list it answers names v1alpha only: this process has
+    no descriptor of the v1 proto to describe it with."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    handlers = {"ServerReflectionInfo": v1}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE_NAME, handlers),)
+    )
+
+
 def _port_taken(host: str, port: int) -> str | None:
     """Why `host:port` cannot be bound right now (None: it can, or port 0), found with a plain
     socket so that a taken port is one clear line instead of gRPC's own log of the failure."""
@@ -221,13 +242,16 @@ async def serve(
     `register(server)` adds the servicers (``add_XServicer_to_server(...)``) and returns their
     full service names (``"specmesh.v1.Draft"``), which get health entries and reflection; it
     may be async. `settings` defaults to ``ServerSettings.from_env()``; `telemetry` to
-    ``setup_telemetry(settings.service_name)`` (exporters from ``OTEL_*``, default none).
+    ``setup_telemetry(settings.service_name)`` (exporters from ``OTEL_*``, default none; a
+    Prometheus endpoint when ``settings.metrics_port`` is set).
     `interceptors` run inside the runtime's own (after tracing, metrics and exception mapping).
     `on_start(running)` (sync or async) runs after the server started.
     """
     settings = settings if settings is not None else ServerSettings.from_env()
     if telemetry is None:
-        telemetry = setup_telemetry(settings.service_name)
+        telemetry = setup_telemetry(
+            settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+        )
     try:
         credentials = security.server_credentials(settings)
     except security.SecurityError as exc:
@@ -258,7 +282,7 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *names):
         await health.set(name, SERVING)
-    reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME], server)
+    _enable_reflection([*names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME], server)
 
     bind = _join(settings.host, settings.port)
     taken = _port_taken(settings.host, settings.port)

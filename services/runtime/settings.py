@@ -97,6 +97,13 @@ def parse_optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def parse_metrics_port(text: str) -> int | None:
+    """Empty, ``none`` or ``off``: no Prometheus endpoint; a number: its port (0 = a free one)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return parse_int(text)
+
+
 def parse_str(text: str) -> str:
     value = text.strip()
     if not value:
@@ -113,12 +120,17 @@ def _field(default: Any, parser: Callable[[str], Any], help: str, *, secret: boo
 
 
 class _EnvSettings:
-    """Defaults < ``SPECMESH_<FIELD>`` < ``--<field>`` for a frozen dataclass of `_field`s;
-    `_check(values)` returns (field, message) for every invalid value."""
+    """Construction shared by the settings dataclasses: defaults < environment < flags."""
 
     @staticmethod
     def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(field, message) for every invalid value in `values` (all fields present)."""
         return []
+
+    def __post_init__(self) -> None:
+        problems = self._check(dataclasses.asdict(self))
+        if problems:
+            raise SettingsError(f"invalid {_words(type(self))}: " + "; ".join(msg for _, msg in problems))
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -175,6 +187,10 @@ class _EnvSettings:
         return dataclasses.replace(self, **changes)
 
 
+def _words(cls: type) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
+
+
 @dataclass(frozen=True)
 class ServerSettings(_EnvSettings):
     """How a specmesh gRPC server binds, limits messages, keeps connections alive and shuts down."""
@@ -205,6 +221,12 @@ class ServerSettings(_EnvSettings):
     )
     service_name: str = _field("specmesh", parse_str, "name reported to telemetry (service.name)")
     log_level: str = _field("info", parse_log_level, "log level: " + ", ".join(LOG_LEVELS))
+    metrics_port: int | None = _field(
+        None,
+        parse_metrics_port,
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on this port (0 = a free "
+        "port, logged; unset = no endpoint)",
+    )
     # security (services/runtime/security.py)
     tls_cert_file: str | None = _field(
         None, parse_optional_str, "PEM certificate chain: serve TLS (and present it to TLS upstreams)"
@@ -226,11 +248,6 @@ class ServerSettings(_EnvSettings):
     upstream_auth_token: str | None = _field(
         None, parse_optional_str, "bearer token sent to upstream services", secret=True
     )
-
-    def __post_init__(self) -> None:
-        problems = _problems(dataclasses.asdict(self))
-        if problems:
-            raise SettingsError("invalid server settings: " + "; ".join(msg for _, msg in problems))
 
     @staticmethod
     def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -272,6 +289,86 @@ class ServerSettings(_EnvSettings):
         ]
 
 
+def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) for every invalid value in `v` (all fields present)."""
+    out: list[tuple[str, str]] = []
+    if not isinstance(v["host"], str) or not v["host"].strip():
+        out.append(("host", "host must not be empty"))
+    if not 0 <= v["port"] <= 65535:
+        out.append(("port", f"port must be in 0..65535, got {v['port']}"))
+    if not 0 < v["max_message_bytes"] <= _GRPC_INT_MAX:
+        out.append(
+            (
+                "max_message_bytes",
+                f"max_message_bytes must be in 1..{_GRPC_INT_MAX}, got {v['max_message_bytes']}",
+            )
+        )
+    for name in ("keepalive_time_ms", "keepalive_timeout_ms", "min_ping_interval_without_data_ms"):
+        if not 0 < v[name] <= _GRPC_INT_MAX:
+            out.append((name, f"{name} must be a positive number of milliseconds, got {v[name]}"))
+    if v["keepalive_time_ms"] < v["min_ping_interval_without_data_ms"]:
+        # aio_channel() pings at keepalive_time_ms; a server that accepts pings less often
+        # answers with GOAWAY "too_many_pings" and drops the connection.
+        out.append(
+            (
+                "keepalive_time_ms",
+                f"keepalive_time_ms ({v['keepalive_time_ms']}) must be >= min_ping_interval_without_data_ms "
+                f"({v['min_ping_interval_without_data_ms']}), or clients using these settings are "
+                "disconnected for pinging too often",
+            )
+        )
+    if v["metrics_port"] is not None and not 0 <= v["metrics_port"] <= 65535:
+        out.append(("metrics_port", f"metrics_port must be in 0..65535 or unset, got {v['metrics_port']}"))
+    if v["metrics_port"] and v["metrics_port"] == v["port"]:
+        out.append(("metrics_port", f"metrics_port must differ from port ({v['port']})"))
+    for name in ("grace_seconds", "drain_delay_seconds"):
+        if v[name] < 0:
+            out.append((name, f"{name} must be >= 0, got {v[name]}"))
+    if v["max_concurrent_rpcs"] is not None and v["max_concurrent_rpcs"] <= 0:
+        out.append(
+            (
+                "max_concurrent_rpcs",
+                f"max_concurrent_rpcs must be positive or unset, got {v['max_concurrent_rpcs']}",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class EngineSettings(_EnvSettings):
+    """Limits and batching of a model service (target, draft): what one engine takes on at once."""
+
+    batching: bool = _field(
+        True, parse_bool, "merge concurrent calls' forwards into one engine forward (dynamic batching)"
+    )
+    batch_window_ms: float = _field(
+        2.0, parse_float, "longest wait for concurrent calls to join a forward, ms (none when idle)"
+    )
+    max_batch: int = _field(32, parse_int, "most calls merged into one forward")
+    max_queue: int = _field(
+        256, parse_int, "calls waiting for or on the engine before RESOURCE_EXHAUSTED with a retry hint"
+    )
+    max_sessions: int = _field(256, parse_int, "open sessions kept at once")
+    session_ttl_seconds: float = _field(600.0, parse_float, "idle time after which a session expires, s")
+    max_new_tokens: int = _field(4096, parse_int, "largest sampling.max_new_tokens of one Generate call")
+    max_tree_nodes: int = _field(256, parse_int, "largest token tree one Verify accepts (tree.tokens)")
+
+    @staticmethod
+    def _check(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+        out = []
+        for name in ("max_batch", "max_queue", "max_sessions", "max_new_tokens", "max_tree_nodes"):
+            if v[name] <= 0:
+                out.append((name, f"{name} must be positive, got {v[name]}"))
+        for name in ("batch_window_ms", "session_ttl_seconds"):
+            if v[name] < 0:
+                out.append((name, f"{name} must be >= 0, got {v[name]}"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse
+
+
 KV_STORAGE = ("exact", "bfloat16")
 
 
@@ -301,11 +398,6 @@ class KVStoreSettings(_EnvSettings):
         256, parse_int, "blocks waiting to be published before new ones are dropped (and counted)"
     )
 
-    def __post_init__(self) -> None:
-        problems = self._check(dataclasses.asdict(self))
-        if problems:
-            raise SettingsError("invalid KV store settings: " + "; ".join(msg for _, msg in problems))
-
     @staticmethod
     def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [
@@ -323,51 +415,6 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
-def _problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(field, message) for every invalid value in `v` (all fields present)."""
-    out: list[tuple[str, str]] = []
-    if not isinstance(v["host"], str) or not v["host"].strip():
-        out.append(("host", "host must not be empty"))
-    if not 0 <= v["port"] <= 65535:
-        out.append(("port", f"port must be in 0..65535, got {v['port']}"))
-    if not 0 < v["max_message_bytes"] <= _GRPC_INT_MAX:
-        out.append(
-            (
-                "max_message_bytes",
-                f"max_message_bytes must be in 1..{_GRPC_INT_MAX}, got {v['max_message_bytes']}",
-            )
-        )
-    for name in ("keepalive_time_ms", "keepalive_timeout_ms", "min_ping_interval_without_data_ms"):
-        if not 0 < v[name] <= _GRPC_INT_MAX:
-            out.append((name, f"{name} must be a positive number of milliseconds, got {v[name]}"))
-    if v["keepalive_time_ms"] < v["min_ping_interval_without_data_ms"]:
-        # aio_channel() pings at keepalive_time_ms; a server that accepts pings less often
-        # answers with GOAWAY "too_many_pings" and drops the connection.
-        out.append(
-            (
-                "keepalive_time_ms",
-                f"keepalive_time_ms ({v['keepalive_time_ms']}) must be >= min_ping_interval_without_data_ms "
-                f"({v['min_ping_interval_without_data_ms']}), or clients using these settings are "
-                "disconnected for pinging too often",
-            )
-        )
-    for name in ("grace_seconds", "drain_delay_seconds"):
-        if v[name] < 0:
-            out.append((name, f"{name} must be >= 0, got {v[name]}"))
-    if v["max_concurrent_rpcs"] is not None and v["max_concurrent_rpcs"] <= 0:
-        out.append(
-            (
-                "max_concurrent_rpcs",
-                f"max_concurrent_rpcs must be positive or unset, got {v['max_concurrent_rpcs']}",
-            )
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# argparse
-
-
 def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
@@ -380,25 +427,38 @@ def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], A
     return convert
 
 
-def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given)."""
-    add_settings_args(parser, ServerSettings, "server", "gRPC server")
+def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, **defaults: Any) -> None:
+    """Add ``--host``, ``--port``, ``--max-message-bytes``, ... (all default to None = not given).
+
+    `defaults`: the service's own defaults, as it passes them to
+    :meth:`ServerSettings.from_env_and_args`, so that ``--help`` shows the default that applies
+    (the gateway's port 50050, not the built-in 0)."""
+    _add_args(parser, ServerSettings, "server", "gRPC server", defaults)
 
 
 def add_kv_store_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--redis-url``, ``--kv-ttl-seconds``, ... of :class:`KVStoreSettings`."""
-    add_settings_args(parser, KVStoreSettings, "KV store", "KV blocks shared through Redis")
+    """Add ``--redis-url``, ``--kv-ttl-seconds``, ... (KVStoreSettings)."""
+    _add_args(parser, KVStoreSettings, "KV store", "KV blocks shared through Redis", {})
 
 
-def add_settings_args(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, title: str, description: str
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--batching``, ``--batch-window-ms``, ``--max-queue``, ... (EngineSettings)."""
+    _add_args(parser, EngineSettings, "engine", "limits and batching of the model engine", {})
+
+
+def _add_args(
+    parser, cls: type[_EnvSettings], title: str, description: str, defaults: dict[str, Any]
 ) -> None:
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
     group = parser
     if isinstance(parser, argparse.ArgumentParser):
         group = parser.add_argument_group(title, f"{description} (environment: {ENV_PREFIX}<NAME>)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [{cls.env_var(f.name)}, default {f.default!r}]"
+        default = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata['help']} [{cls.env_var(f.name)}, default {default!r}]"
         if f.metadata["parse"] is parse_bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -14,11 +14,14 @@ run torch ops too.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from services.core.errors import ResourceExhausted
+from services.runtime.batching import ForwardBatcher, Job
 from specmesh.v1 import common_pb2
 
 T = TypeVar("T")
@@ -38,31 +41,80 @@ class Clock:
 
 
 class EngineWorker:
-    def __init__(self, name: str, threads: int | None = None) -> None:
-        """threads: torch intra-op threads of the engine thread (None = torch's default)."""
-        self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix=f"engine-{name}", initializer=_set_torch_threads, initargs=(threads,)
+    """The engine thread: runs jobs one at a time, or, once a batcher engine is attached
+    (:meth:`attach`), interleaved so that their forwards merge (services.runtime.batching)."""
+
+    def __init__(
+        self,
+        name: str,
+        threads: int | None = None,
+        *,
+        window_s: float = 0.002,
+        max_batch: int = 32,
+        max_queue: int = 256,
+    ) -> None:
+        """threads: torch intra-op threads of the engine thread (None = torch's default).
+        max_queue: calls admitted at once (waiting or running); more get RESOURCE_EXHAUSTED."""
+        self.batcher = ForwardBatcher(window_s=window_s, max_batch=max_batch)
+        self.max_queue = max_queue
+        self.in_flight = 0  # calls submitted by run() and not yet answered (event loop side)
+        self._thread = threading.Thread(
+            target=self._serve, args=(threads,), name=f"engine-{name}", daemon=True
         )
+        self._thread.start()
+
+    def _serve(self, threads: int | None) -> None:
+        _set_torch_threads(threads)
+        self.batcher.run_forever()
+
+    def attach(self, engine) -> None:
+        """Merge the forwards of concurrent calls on `engine` (dynamic batching)."""
+        self.batcher.attach(engine)
 
     def call(self, fn: Callable[..., T], *args) -> T:
         """Run fn on the engine thread and wait for it (start-up work such as loading weights)."""
-        return self._executor.submit(fn, *args).result()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-    async def run(self, clock: Clock, fn: Callable[..., T], *args) -> T:
-        submitted = time.perf_counter_ns()
+        def deliver(ok: bool, value) -> None:
+            done.set_result(value) if ok else done.set_exception(value)
 
-        def timed() -> T:
-            began = time.perf_counter_ns()
-            clock.queue_ns += began - submitted
-            try:
-                return fn(*args)
-            finally:
-                clock.forward_ns += time.perf_counter_ns() - began
+        self.batcher.inbox.put(Job(fn, args, deliver))
+        return done.result()
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+    async def run(
+        self, clock: Clock, fn: Callable[..., T], *args, key: str | None = None, bounded: bool = True
+    ) -> T:
+        """Run fn(*args) on the engine thread. key: calls with the same key (a session id) run one
+        after the other, never interleaved. A bounded call is refused with RESOURCE_EXHAUSTED
+        beyond max_queue; clean-up (releasing a session's KV) is never refused."""
+        if bounded and self.in_flight >= self.max_queue:
+            raise ResourceExhausted(
+                f"the engine has {self.in_flight} calls queued (max_queue={self.max_queue}); "
+                "retry after a short delay (about 100 ms) or on another replica"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def resolve(ok: bool, value) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        def deliver(ok: bool, value) -> None:
+            clock.queue_ns += (job.started_ns or time.perf_counter_ns()) - job.submitted_ns
+            clock.forward_ns += job.engine_ns
+            loop.call_soon_threadsafe(resolve, ok, value)
+
+        job = Job(fn, args, deliver, key=key, cancelled=future.cancelled)
+        self.in_flight += 1
+        try:
+            self.batcher.inbox.put(job)
+            return await future
+        finally:
+            self.in_flight -= 1
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.batcher.inbox.put(None)
+        self._thread.join()
 
 
 def _set_torch_threads(threads: int | None) -> None:

@@ -55,7 +55,8 @@ def tensor_from_proto(t: common_pb2.Tensor, field: str) -> torch.Tensor:
     bad = [d for d in t.shape if d < 0]
     if bad:
         raise InvalidArgument(f"dimensions must be >= 0, got shape {list(t.shape)}", f"{field}.shape")
-    n = math.prod(t.shape) if t.shape else 0  # Python ints: no int64 overflow on huge shapes
+    # Python ints: no int64 overflow on huge shapes; shape [] is a scalar (one element)
+    n = math.prod(t.shape)
     if t.dtype == "bfloat16":
         raw = np.frombuffer(t.data, dtype=np.uint16)
         if raw.size != n:

@@ -4,6 +4,7 @@ sessions, replay and Release come from services.runtime.model_servicer."""
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator
 
 import torch
@@ -37,7 +38,9 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         session_ttl_seconds: float = 600.0,
         license: str = "",
         worker: EngineWorker | None = None,
+        batching: bool = True,
         max_tree_nodes: int = 256,
+        max_new_tokens: int = 4096,
     ) -> None:
         super().__init__(
             engine,
@@ -45,8 +48,10 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
             session_ttl_seconds=session_ttl_seconds,
             license=license,
             worker=worker,
+            batching=batching,
         )
         self.max_tree_nodes = max_tree_nodes
+        self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
         self._tokenizer_reply: target_pb2.GetTokenizerResponse | None = None
 
@@ -67,7 +72,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
             cached = self._append(turn)[1] if turn.new else 0
             return turn.session.length, cached
 
-        length, cached = await self._on_engine(clock, run)
+        length, cached = await self._on_engine(clock, run, key=request.session.session_id)
         return target_pb2.PrefillResponse(session_length=length, cached_tokens=cached, timing=clock.timing())
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
@@ -117,7 +122,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
             turn.session.remember(fingerprint, reply)
             return reply
 
-        return self._timed(await self._on_engine(clock, run), clock)
+        return self._timed(await self._on_engine(clock, run, key=request.session.session_id), clock)
 
     async def Extend(self, request: target_pb2.ExtendRequest, context) -> target_pb2.ExtendResponse:
         clock = Clock()
@@ -133,7 +138,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
             token = next_token(logits, cfg, round_generator(request.random.seed, request.random.counter))
             return token, float(logits.float().log_softmax(-1)[token]), turn.session.length
 
-        token, logprob, length = await self._on_engine(clock, run)
+        token, logprob, length = await self._on_engine(clock, run, key=request.session.session_id)
         return target_pb2.ExtendResponse(
             next_token=token, next_logprob=logprob, session_length=length, timing=clock.timing()
         )
@@ -191,6 +196,14 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         params.validate(
             vocab_size=self.engine.config.vocab_size, prompt_len=len(ids), max_context=self.engine.max_context
         )
+        if params.max_new_tokens > self.max_new_tokens:
+            raise OutOfRange(
+                f"must be at most {self.max_new_tokens} on this server, got {params.max_new_tokens}",
+                "sampling.max_new_tokens",
+            )
+        # this call's engine steps never interleave with each other or another call on the session:
+        # the clean-up after a cancelled step must run after that step, not while it waits for its forward
+        key = request.session_id or f"generate-{uuid.uuid4().hex}"
 
         turn: Turn | None = None  # rolled back if the call does not finish
         if request.session_id:
@@ -206,7 +219,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         finished = False
         try:
             while True:
-                step = await self._on_engine(clock, next, steps, None)
+                step = await self._on_engine(clock, next, steps, None, key=key)
                 if step is None:
                     break
                 produced += step.token_ids
@@ -214,7 +227,7 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
                     yield target_pb2.GenerateResponse(token_ids=step.token_ids, text=step.text)
                     continue
                 if turn is not None:  # commit the whole exchange, last token's KV included
-                    await self._on_engine(clock, self.engine.extend, seq, produced[-1:])
+                    await self._on_engine(clock, self.engine.extend, seq, produced[-1:], key=key)
                     turn.session.commit(ids + produced)
                 finished = True
                 usage = common_pb2.Usage(
@@ -229,9 +242,9 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
                 )
         finally:
             if turn is None:
-                await self._on_engine(clock, seq.release)
+                await self._on_engine(clock, seq.release, key=key, bounded=False)
             elif not finished:  # cancelled or failed: as if the call never came
-                await self._on_engine(clock, self.sessions.rollback, turn)
+                await self._on_engine(clock, self.sessions.rollback, turn, key=key, bounded=False)
 
 
 def _room_checked(params: GenerationParams, length: int, max_context: int) -> GenerationParams:

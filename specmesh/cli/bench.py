@@ -4,6 +4,9 @@ Subcommands:
   decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
   kv       KV prefix reuse through Redis: TTFT cold / memory / Redis, bytes/s, chat (bench_kv.py)
+  h2o      target perplexity under H2O KV budgets vs the full cache, on real texts
+  image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
+  load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _add_decode(bench_sub)
+    _add_h2o(bench_sub)
     try:  # `bench spec` lives in its own module
         from specmesh.cli.bench_spec import add_spec_parser
     except ModuleNotFoundError as e:
@@ -32,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from specmesh.cli.bench_kv import add_kv_parser
 
     add_kv_parser(bench_sub)
+    from specmesh.cli import bench_image
+    from specmesh.cli.bench_load import add_load_parser
+
+    bench_image.add_parser(bench_sub)
+    add_load_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
@@ -74,9 +83,56 @@ def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
         choices=["sdpa", "eager"],
         help="transformers attention implementation (default: %(default)s)",
     )
+    d.add_argument(
+        "--weights",
+        choices=("fp32", "q4_1"),
+        default="fp32",
+        help="our engine's weights: fp32, or q4_1 (the GGUF's 4-bit groups, bf16 activations; its "
+        "greedy output is reported against transformers' fp32, not required to equal it) "
+        "(default: %(default)s)",
+    )
     d.add_argument("--no-png", action="store_true", help="skip the PNG chart")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_decode)
+
+
+def _add_h2o(bench_sub: argparse._SubParsersAction) -> None:
+    h = bench_sub.add_parser(
+        "h2o",
+        help="target perplexity under H2O KV budgets (100/50/20/10%%) on real texts",
+        description="Teacher-forced perplexity of the target on real texts (first --tokens tokens of each) "
+        "with the full KV cache and with H2O budgets (heavy hitters by accumulated attention plus a recent "
+        "window, per layer and KV head; arXiv 2306.14048) of 50%%, 20%% and 10%% of the text. Reports "
+        "ppl_rel_increase against the full cache of the same run. Default texts: the zlib and xz FAQs and "
+        "two stdlib modules (bench/h2o.py).",
+        epilog="Example: specmesh bench h2o --out h2o.json",
+    )
+    h.add_argument("--model", default="smollm2-135m-instruct", help="target model (default: %(default)s)")
+    h.add_argument("--out", type=Path, required=True, help="JSON output path; the PNG goes next to it (.png)")
+    h.add_argument("--texts", type=Path, nargs="+", help="text files (.gz read too) instead of the defaults")
+    h.add_argument("--tokens", type=int, default=1536, help="tokens scored per text (default: %(default)s)")
+    h.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    h.add_argument("--no-png", action="store_true", help="skip the PNG chart")
+    h.add_argument("--no-progress", action="store_true", help="no progress bar")
+    h.set_defaults(func=run_h2o)
+
+
+def run_h2o(args: argparse.Namespace) -> int:
+    _import_bench_decode()  # puts the source checkout's bench/ on the path when needed
+    from bench import h2o
+
+    result = h2o.run_h2o_bench(
+        args.model,
+        args.out,
+        texts=args.texts,
+        tokens=args.tokens,
+        threads=args.threads,
+        progress=not args.no_progress,
+        png=not args.no_png,
+    )
+    print(h2o.format_summary(result))
+    print(f"wrote {result['json']}" + (f" and {result['png']}" if result["png"] else ""))
+    return 0
 
 
 def _import_bench_decode():
@@ -106,9 +162,10 @@ def run_decode(args: argparse.Namespace) -> int:
         hf_attn_implementation=args.hf_attn,
         progress=not args.no_progress,
         png=not args.no_png,
+        weights=args.weights,
     )
     print(decode.format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['png']}" if result["png"] else ""))
     if result["png_note"] and not args.no_png:
         print(f"note: {result['png_note']}")
-    return 0 if result["greedy_identical"] else 1
+    return 0 if result["greedy_identical"] or args.weights != "fp32" else 1

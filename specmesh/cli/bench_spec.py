@@ -10,18 +10,18 @@ import os
 import sys
 from pathlib import Path
 
-from services.core.strategies import STRATEGY_NAMES as STRATEGY_CHOICES
+from services.core.strategies import STRATEGY_CLI_NAMES, STRATEGY_NAMES, strategy_arg
 
 
 def _strategies(value: str) -> list[str]:
-    names = [v.strip().lower().replace("-", "_") for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in STRATEGY_CHOICES]
-    if unknown or not names:
+    """A comma-separated list, each name spelled either way (``dynamic-tree``, ``dynamic_tree``);
+    the results keep the ``_`` names as their keys."""
+    names = [v for v in value.split(",") if v.strip()]
+    if not names:
         raise argparse.ArgumentTypeError(
-            f"unknown strategy {', '.join(unknown) or '(none)'}; use a comma-separated subset of "
-            + ",".join(STRATEGY_CHOICES)
+            "no strategy; use a comma-separated subset of " + ",".join(STRATEGY_CLI_NAMES)
         )
-    return names
+    return [strategy_arg(n).value for n in names]
 
 
 def _positive_int(value: str) -> int:
@@ -86,9 +86,9 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         type=_strategies,
-        default=list(STRATEGY_CHOICES),
+        default=list(STRATEGY_NAMES),
         metavar="S1,S2",
-        help="draft strategies to run (default: " + ",".join(STRATEGY_CHOICES) + ")",
+        help="draft strategies to run, comma-separated (default: all: " + ",".join(STRATEGY_CLI_NAMES) + ")",
     )
     p.add_argument("--adaptive", action="store_true", help="also run each strategy with the adaptive budget")
     p.add_argument(

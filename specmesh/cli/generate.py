@@ -2,7 +2,9 @@
 
 Prints the answer as it is accepted, then on stderr: tokens, tokens/s, time to first token,
 and for the speculative policy the mean accepted length (tau, counting the bonus token), the
-acceptance rate and the number of verification rounds. `--json` prints one JSON object instead.
+acceptance along the verified path (overall and per depth) and per drafted node, and the number
+of verification rounds; the gateway's warnings (policy draft) go to stderr first. `--json`
+prints one JSON object instead.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.core.strategies import POLICY_NAMES, STRATEGY_CLI_NAMES
+from services.core.strategies import POLICY_NAMES, STRATEGY_METAVAR, strategy_arg
 
 ENV_GATEWAY = "SPECMESH_GATEWAY_ADDRESS"
 DEFAULT_GATEWAY = "127.0.0.1:50050"
@@ -60,7 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy", choices=POLICY_NAMES, default=None, help="default: the gateway's (speculative)"
     )
-    p.add_argument("--strategy", choices=STRATEGY_CLI_NAMES, default=None, help="default: the gateway's")
+    p.add_argument(
+        "--strategy", type=strategy_arg, metavar=STRATEGY_METAVAR, default=None, help="default: the gateway's"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off)")
@@ -153,6 +157,11 @@ def summary(last, n_tokens: int, elapsed: float, first: float | None, start: flo
         "accepted_tokens": s.accepted_tokens,
         "mean_accepted_length": s.mean_accepted_length,
         "acceptance_rate": s.acceptance_rate,
+        "verified_path_tokens": s.verified_path_tokens,
+        "path_acceptance_rate": s.path_acceptance_rate,
+        "acceptance_by_depth": [
+            a / r if r else 0.0 for a, r in zip(s.accepted_by_depth, s.rounds_by_depth, strict=True)
+        ],
         "session_id": last.session_id,
     }
 
@@ -172,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     text: list[str] = []
     tokens: list[int] = []
+    warnings: list[str] = []
     last = None
     start = time.perf_counter()
     first = None
@@ -190,6 +200,10 @@ def run(args: argparse.Namespace) -> int:
             metadata = call_metadata(args.auth_token)
             chunks = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
             for chunk in chunks:
+                warnings.extend(chunk.warnings)
+                if not args.json:
+                    for note in chunk.warnings:
+                        print(f"specmesh generate: warning: {note}", file=sys.stderr)
                 if chunk.token_ids and first is None:
                     first = time.perf_counter()
                 tokens.extend(chunk.token_ids)
@@ -219,17 +233,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     info = summary(last, len(tokens), elapsed, first, start)
     if args.json:
-        print(json.dumps({"text": "".join(text), "token_ids": tokens, **info}))
+        print(json.dumps({"text": "".join(text), "token_ids": tokens, "warnings": warnings, **info}))
         return 0
     print()
     line = f"[{info['output_tokens']} tokens in {elapsed:.2f}s: {info['tokens_per_second']:.1f} tokens/s" + (
         f", first token after {info['time_to_first_token_s'] * 1000:.0f} ms" if first is not None else ""
     )
     if info["drafted_tokens"] and info["rounds"]:
+        by_depth = " ".join(f"{a:.0%}" for a in info["acceptance_by_depth"])
         line += (
-            f"; tau {info['mean_accepted_length']:.2f} tokens/round, acceptance "
-            f"{info['acceptance_rate']:.1%} ({info['accepted_tokens']}/{info['drafted_tokens']} drafted) "
-            f"over {info['rounds']} rounds"
+            f"; tau {info['mean_accepted_length']:.2f} tokens/round, path acceptance "
+            f"{info['path_acceptance_rate']:.1%} ({info['accepted_tokens']}/{info['verified_path_tokens']} "
+            f"verified; by depth {by_depth}), {info['acceptance_rate']:.1%} of "
+            f"{info['drafted_tokens']} drafted nodes, over {info['rounds']} rounds"
         )
     elif info["drafted_tokens"]:
         line += f"; {info['drafted_tokens']} tokens drafted, none verified (draft policy)"

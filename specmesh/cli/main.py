@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "quickstart": "quickstart",
     "up": "up",
     "generate": "generate",
+    "image": "image",
     "models": "models",
     "train": "train",
     "serve": "serve",

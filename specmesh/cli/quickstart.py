@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from services.core.strategies import STRATEGY_NAMES, Strategy
+from services.core.strategies import STRATEGY_METAVAR, Strategy, strategy_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--strategy",
-        default=Strategy.DYNAMIC_TREE.value,
-        choices=STRATEGY_NAMES,
-        help="draft strategy (default: %(default)s)",
+        type=strategy_arg,
+        default=Strategy.DYNAMIC_TREE,
+        metavar=STRATEGY_METAVAR,
+        help=f"draft strategy (default: {Strategy.DYNAMIC_TREE.cli})",
     )
     p.add_argument(
         "--no-adaptive",
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
     ensure_default_models(args.draft_minutes)
-    strategy = common_pb2.DraftStrategy.Value(Strategy(args.strategy).wire)
+    strategy = common_pb2.DraftStrategy.Value(args.strategy.wire)
     sampling = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if args.seed is not None:
         sampling.seed = args.seed
@@ -93,11 +94,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         same = "sampled independently of"
     base_rate = baseline.usage.output_tokens / target_s
-    label = f"{args.strategy}, adaptive" if args.adaptive else args.strategy
+    label = f"{args.strategy.cli}, adaptive" if args.adaptive else args.strategy.cli
     print(
         f"\n[speculative ({label}): {n} tokens in {spec_s:.2f}s = {n / spec_s:.1f} tokens/s, "
         f"first token {1000 * (first - start):.0f} ms, tau {stats.mean_accepted_length:.2f}, "
-        f"acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds]\n"
+        f"path acceptance {stats.path_acceptance_rate:.1%} ({stats.acceptance_rate:.1%} of drafted nodes) "
+        f"over {stats.rounds} rounds]\n"
         f"[target alone: {baseline.usage.output_tokens} tokens in {target_s:.2f}s = {base_rate:.1f} tok/s; "
         f"speculative output {same} the target's; tokens/s ratio {n / spec_s / base_rate:.2f}x]",
         file=sys.stderr,

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
-from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy
+from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_METAVAR, strategy_arg
+
+
+def _rpcs(module, service: str, skip: tuple[str, ...] = ()) -> str:
+    """The RPCs of `service`, from its proto (the help never leaves one out)."""
+    methods = module.DESCRIPTOR.services_by_name[service].methods
+    return ", ".join(m.name for m in methods if m.name not in skip)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from specmesh.v1 import draft_pb2, scoring_pb2, target_pb2
+
     p = sub.add_parser("serve", help="run one service as a gRPC server")
     ssub = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
     t = ssub.add_parser(
         "target",
-        help="the target (large) model: Prefill, Generate, Score, Extend, Release",
+        help="the target (large) model: " + _rpcs(target_pb2, "TargetService"),
         description="Serve a Llama-family model (a name in the model directory or an HF directory). "
         "SIGTERM or Ctrl-C drains in-flight calls before exiting.",
     )
@@ -21,9 +30,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", default="smollm2-135m-instruct", help="model name or directory (default: %(default)s)"
     )
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    t.add_argument(
-        "--max-sessions", type=int, default=256, help="open sessions kept at once (default: %(default)s)"
-    )
     t.add_argument(
         "--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens (default: %(default)s)"
     )
@@ -34,27 +40,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
     )
-    from services.runtime.settings import add_kv_store_args, add_server_args
+    t.add_argument(
+        "--weights",
+        choices=("fp32", "q4_1"),
+        default=os.environ.get("SPECMESH_WEIGHTS", "fp32"),
+        help="fp32: the dequantized weights; q4_1: the published 4-bit groups of a GGUF import, "
+        "bf16 activations at the products (env SPECMESH_WEIGHTS; default: %(default)s)",
+    )
+    from services.runtime.settings import add_engine_args, add_kv_store_args, add_server_args
 
+    add_engine_args(t)
     add_server_args(t)
     add_kv_store_args(t)
     t.set_defaults(func=run_target)
 
     d = ssub.add_parser(
         "draft",
-        help="the draft (small) model: Prefill, Propose, Release",
+        help="the draft (small) model: " + _rpcs(draft_pb2, "DraftService"),
         description="Serve a draft model that proposes token trees (chain, static tree, dynamic tree, "
         "multi-candidate, prompt lookup) for the target to verify.",
     )
     d.add_argument("--model", default="smollm2-135m-instruct-draft", help="draft model name or directory")
     d.add_argument(
         "--default-strategy",
-        default=DEFAULT_STRATEGY.value,
-        choices=STRATEGY_NAMES,
-        help="strategy when a request leaves it unspecified (default: %(default)s)",
+        type=strategy_arg,
+        default=DEFAULT_STRATEGY,
+        metavar=STRATEGY_METAVAR,
+        help=f"strategy when a request leaves it unspecified (default: {DEFAULT_STRATEGY.cli})",
     )
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    d.add_argument("--max-sessions", type=int, default=256, help="open sessions kept at once")
     d.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
     d.add_argument(
         "--vocab-limit",
@@ -78,13 +92,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
     )
+    add_engine_args(d)
     add_server_args(d)
     add_kv_store_args(d)
     d.set_defaults(func=run_draft)
 
     sc = ssub.add_parser(
         "scoring",
-        help="the scoring service: Detect, Membership, Uncertainty",
+        # Attribute (ReAGent) is declared in the proto but answers UNIMPLEMENTED
+        help="the scoring service: " + _rpcs(scoring_pb2, "ScoringService", skip=("Attribute",)),
         description="Serve machine-text detection (log-likelihood, log-rank, entropy, Binoculars, "
         "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD) and token uncertainty "
         "over --model. Binoculars needs --observer, a second model sharing the tokenizer: --model "
@@ -124,6 +140,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_server_args(sc)
     sc.set_defaults(func=run_scoring)
 
+    im = ssub.add_parser(
+        "image",
+        help="the image service: class-conditional digits (AR, exact SD, LANTERN, GSD), streamed",
+        description="Serve the image models of `specmesh train image`: ImageService.Generate streams "
+        "PNG previews of the token grid, then the final images.",
+    )
+    im.add_argument(
+        "--model-dir", default=None, help="image model directory (default: <model root>/digits-image)"
+    )
+    im.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    im.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens, per model")
+    add_server_args(im)
+    im.set_defaults(func=run_image)
+
     from specmesh.cli import serve_gateway
 
     serve_gateway.add_parser(ssub)
@@ -132,19 +162,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _serve_model(
     args: argparse.Namespace, role: str, load, registrar, describe=None, *, share_kv: bool = False
 ) -> int:
-    """Settings, logging and telemetry, then `load()` (the servicer, on its engine thread), then
-    serve it until SIGTERM / SIGINT and close it. `describe(servicer)` adds to the start line.
-    share_kv: publish and restore KV blocks through Redis (KVStoreSettings: --redis-url)."""
+    """Settings, logging and telemetry, then `load(limits)` (the servicer, on its engine thread,
+    with its EngineSettings), then serve it until SIGTERM / SIGINT and close it.
+    `describe(servicer)` adds to the start line. share_kv: publish and restore KV blocks
+    through Redis (KVStoreSettings: --redis-url)."""
     from services.runtime.kv_store import attach_kv_store
     from services.runtime.server import run_forever
-    from services.runtime.settings import KVStoreSettings, ServerSettings
+    from services.runtime.settings import EngineSettings, KVStoreSettings, ServerSettings
     from services.runtime.telemetry import setup_telemetry
 
     settings = ServerSettings.from_env_and_args(args)
+    limits = EngineSettings.from_env_and_args(args)
     kv_settings = KVStoreSettings.from_env_and_args(args) if share_kv else KVStoreSettings()
     settings.configure_logging()
-    setup_telemetry(f"specmesh-{role}")
-    servicer = load()
+    setup_telemetry(f"specmesh-{role}", metrics_port=settings.metrics_port, metrics_host=settings.host)
+    servicer = load(limits)
     kv = attach_kv_store(servicer.engine, kv_settings)
     extra = f" ({describe(servicer)})" if describe else ""
 
@@ -167,12 +199,13 @@ def run_target(args: argparse.Namespace) -> int:
     return _serve_model(
         args,
         "target",
-        lambda: load_target(
+        lambda limits: load_target(
             args.model,
             threads=args.threads,
-            max_sessions=args.max_sessions,
             max_kv_tokens=args.max_kv_tokens,
             pack_weights=args.pack_weights,
+            weights=args.weights,
+            limits=limits,
         ),
         registrar,
         share_kv=True,
@@ -185,15 +218,15 @@ def run_draft(args: argparse.Namespace) -> int:
     return _serve_model(
         args,
         "draft",
-        lambda: load_draft(
+        lambda limits: load_draft(
             args.model,
             threads=args.threads,
-            default_strategy=Strategy(args.default_strategy),
-            max_sessions=args.max_sessions,
+            default_strategy=args.default_strategy,
             max_kv_tokens=args.max_kv_tokens,
             vocab_limit=args.vocab_limit,
             pack_weights=args.pack_weights,
             int8=args.int8,
+            limits=limits,
         ),
         registrar,
         share_kv=True,
@@ -203,7 +236,7 @@ def run_draft(args: argparse.Namespace) -> int:
 def run_scoring(args: argparse.Namespace) -> int:
     from services.scoring.server import load_scoring, registrar
 
-    def load():
+    def load(limits):  # scoring batches whole texts itself (services.scoring.batcher)
         servicer = load_scoring(
             args.model,
             observer=args.observer,
@@ -219,3 +252,14 @@ def run_scoring(args: argparse.Namespace) -> int:
         return f"observer: {servicer.observer.name if servicer.observer else 'none'}"
 
     return _serve_model(args, "scoring", load, registrar, describe)
+
+
+def run_image(args: argparse.Namespace) -> int:
+    from services.image.server import load_image, registrar
+
+    return _serve_model(
+        args,
+        "image",
+        lambda limits: load_image(args.model_dir, threads=args.threads, max_kv_tokens=args.max_kv_tokens),
+        registrar,
+    )

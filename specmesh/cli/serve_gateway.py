@@ -19,11 +19,14 @@ from services.core.strategies import (
     LIMITS,
     LOOKUP_TOKENS,
     POLICY_NAMES,
-    STRATEGY_CLI_NAMES,
+    STRATEGY_METAVAR,
+    strategy_arg,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50050
+# the gateway's server settings where they differ from ServerSettings' (--help shows these)
+SERVER_DEFAULTS = {"port": DEFAULT_PORT, "service_name": "specmesh-gateway"}
 ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
@@ -67,7 +70,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY.value, help="default: %(default)s"
     )
     d.add_argument(
-        "--strategy", choices=STRATEGY_CLI_NAMES, default=DEFAULT_STRATEGY.cli, help="default: %(default)s"
+        "--strategy",
+        type=strategy_arg,
+        metavar=STRATEGY_METAVAR,
+        default=DEFAULT_STRATEGY,
+        help=f"default: {DEFAULT_STRATEGY.cli}",
     )
     d.add_argument("--max-nodes", type=int, default=None, help="tree nodes per round (default strategy)")
     d.add_argument("--max-depth", type=int, default=None, help="draft depth per round (default strategy)")
@@ -93,9 +100,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=DRAFT_CHUNK,
         help="tokens per draft call under the draft policy (default %(default)s)",
     )
+    p.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="longest wait for one upstream attempt; past it the call is retried on another replica "
+        "while the request has time left (default: an attempt may use all of it)",
+    )
     from services.runtime.settings import add_server_args
 
-    add_server_args(p)
+    add_server_args(p, **SERVER_DEFAULTS)
     p.set_defaults(func=run)
 
 
@@ -160,12 +175,15 @@ def options_from_args(args: argparse.Namespace):
             raise ValueError(f"the default {strategy_name(key)} budget: {exc.message}") from None
     if args.draft_chunk < 1:
         raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
+    if args.attempt_timeout is not None and not args.attempt_timeout > 0:
+        raise ValueError(f"--attempt-timeout must be > 0, got {args.attempt_timeout}")
     config = GatewayConfig(
         default_policy=policy_value(args.policy),
         default_strategy=strategy,
         default_budgets=budgets,
         adaptive=args.adaptive,
         draft_chunk=args.draft_chunk,
+        attempt_timeout_s=args.attempt_timeout,
     )
     draft = args.draft if args.draft and args.draft.lower() != "none" else None
     tokenizer_dir = resolve_model(args.model) if args.model else None
@@ -183,13 +201,15 @@ def run(args: argparse.Namespace) -> int:
     from services.runtime.telemetry import setup_telemetry
 
     try:
-        settings = ServerSettings.from_env_and_args(args, port=DEFAULT_PORT, service_name="specmesh-gateway")
+        settings = ServerSettings.from_env_and_args(args, **SERVER_DEFAULTS)
         settings.configure_logging()
         options = options_from_args(args)
     except (SpecmeshError, SettingsError, ValueError) as exc:
         print(f"specmesh serve gateway: {exc}", file=sys.stderr)
         return 2
-    telemetry = setup_telemetry(settings.service_name)
+    telemetry = setup_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     asyncio.run(run_gateway(options, settings, telemetry=telemetry))
     return 0
 

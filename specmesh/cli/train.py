@@ -6,7 +6,9 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train models the system serves (draft for speculative decoding)")
+    p = sub.add_parser(
+        "train", help="train models the system serves (draft for speculative decoding, image models)"
+    )
     tsub = p.add_subparsers(dest="train_command", metavar="WHAT", required=True)
     d = tsub.add_parser(
         "draft",
@@ -74,6 +76,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--skip", type=int, default=0, help="skip this many corpus documents first (a 2nd pack)")
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=run_pack)
+
+    from specmesh.cli import train_image
+
+    train_image.add_parser(tsub)
 
 
 _RECIPE_FLAGS = (

@@ -83,11 +83,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s, so an idle service leaves the cores to the busy one; -1 = OpenMP's "
         "default; an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins)",
     )
-    from services.core.strategies import STRATEGY_CLI_NAMES
+    from services.core.strategies import STRATEGY_METAVAR, strategy_arg
 
     p.add_argument(
         "--strategy",
-        choices=STRATEGY_CLI_NAMES,
+        type=strategy_arg,
+        metavar=STRATEGY_METAVAR,
         default=None,
         help="the gateway's default draft strategy",
     )
@@ -121,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
             raise StackError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
     gateway_args: list[str] = []
     if args.strategy:
-        gateway_args += ["--strategy", args.strategy]
+        gateway_args += ["--strategy", args.strategy.cli]
     if args.adaptive:
         gateway_args += ["--adaptive"]
     return StackConfig(

@@ -203,20 +203,28 @@ class TreeBudget(_message.Message):
     def __init__(self, max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., branching: _Optional[int] = ..., num_candidates: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens", "verified_path_tokens", "path_acceptance_rate", "rounds_by_depth", "accepted_by_depth")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     ROUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_PATH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PATH_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_BY_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BY_DEPTH_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
     mean_accepted_length: float
     acceptance_rate: float
     routed_tokens: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., routed_tokens: _Optional[int] = ...) -> None: ...
+    verified_path_tokens: int
+    path_acceptance_rate: float
+    rounds_by_depth: _containers.RepeatedScalarFieldContainer[int]
+    accepted_by_depth: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., routed_tokens: _Optional[int] = ..., verified_path_tokens: _Optional[int] = ..., path_acceptance_rate: _Optional[float] = ..., rounds_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "vocab_size", "max_context", "digest", "dtype", "parameters", "license")

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/image.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\x84\x02\n\x14ImageGenerateRequest\x12\x13\n\x0b\x63lass_label\x18\x01 \x01(\x05\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12(\n\x06policy\x18\x04 \x01(\x0e\x32\x18.specmesh.v1.ImagePolicy\x12\x15\n\rlantern_delta\x18\x05 \x01(\x02\x12\x11\n\tlantern_k\x18\x06 \x01(\x05\x12\x16\n\x0egsd_group_size\x18\x07 \x01(\x05\x12\x11\n\tcfg_scale\x18\x08 \x01(\x02\x12\x15\n\rpreview_every\x18\t \x01(\x05\"\xc1\x01\n\x12ImageGenerateChunk\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x13\n\x0btokens_done\x18\x02 \x01(\x05\x12\x14\n\x0ctokens_total\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12*\n\nspec_stats\x18\x06 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.specmesh.v1.Timing*\x92\x01\n\x0bImagePolicy\x12\x1c\n\x18IMAGE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13IMAGE_POLICY_TARGET\x10\x01\x12\x1c\n\x18IMAGE_POLICY_SPECULATIVE\x10\x02\x12\x18\n\x14IMAGE_POLICY_LANTERN\x10\x03\x12\x14\n\x10IMAGE_POLICY_GSD\x10\x04\x32`\n\x0cImageService\x12P\n\x08Generate\x12!.specmesh.v1.ImageGenerateRequest\x1a\x1f.specmesh.v1.ImageGenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/image.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\x9a\x02\n\x14ImageGenerateRequest\x12\x13\n\x0b\x63lass_label\x18\x01 \x01(\x05\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12(\n\x06policy\x18\x04 \x01(\x0e\x32\x18.specmesh.v1.ImagePolicy\x12\x15\n\rlantern_delta\x18\x05 \x01(\x02\x12\x11\n\tlantern_k\x18\x06 \x01(\x05\x12\x16\n\x0egsd_group_size\x18\x07 \x01(\x05\x12\x11\n\tcfg_scale\x18\x08 \x01(\x02\x12\x15\n\rpreview_every\x18\t \x01(\x05\x12\x14\n\x0c\x63lass_labels\x18\n \x03(\x05\"\xc1\x01\n\x12ImageGenerateChunk\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x13\n\x0btokens_done\x18\x02 \x01(\x05\x12\x14\n\x0ctokens_total\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12*\n\nspec_stats\x18\x06 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.specmesh.v1.Timing*\x92\x01\n\x0bImagePolicy\x12\x1c\n\x18IMAGE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13IMAGE_POLICY_TARGET\x10\x01\x12\x1c\n\x18IMAGE_POLICY_SPECULATIVE\x10\x02\x12\x18\n\x14IMAGE_POLICY_LANTERN\x10\x03\x12\x14\n\x10IMAGE_POLICY_GSD\x10\x04\x32`\n\x0cImageService\x12P\n\x08Generate\x12!.specmesh.v1.ImageGenerateRequest\x1a\x1f.specmesh.v1.ImageGenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.image_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEPOLICY']._serialized_start=526
-  _globals['_IMAGEPOLICY']._serialized_end=672
+  _globals['_IMAGEPOLICY']._serialized_start=548
+  _globals['_IMAGEPOLICY']._serialized_end=694
   _globals['_IMAGEGENERATEREQUEST']._serialized_start=67
-  _globals['_IMAGEGENERATEREQUEST']._serialized_end=327
-  _globals['_IMAGEGENERATECHUNK']._serialized_start=330
-  _globals['_IMAGEGENERATECHUNK']._serialized_end=523
-  _globals['_IMAGESERVICE']._serialized_start=674
-  _globals['_IMAGESERVICE']._serialized_end=770
+  _globals['_IMAGEGENERATEREQUEST']._serialized_end=349
+  _globals['_IMAGEGENERATECHUNK']._serialized_start=352
+  _globals['_IMAGEGENERATECHUNK']._serialized_end=545
+  _globals['_IMAGESERVICE']._serialized_start=696
+  _globals['_IMAGESERVICE']._serialized_end=792
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,8 @@ def test_generate_streams_and_reports(make_stack, toy, capsys) -> None:
     out, err = capsys.readouterr()
     expected = toy.tokenizer.decode(_greedy(toy, [5, 9, 11, 30], 12))
     assert out.strip() == expected
-    assert "12 tokens in" in err and "tokens/s" in err and "tau" in err and "acceptance" in err
+    assert "12 tokens in" in err and "tokens/s" in err and "tau" in err and "path acceptance" in err
+    assert "by depth" in err and "of " in err and "drafted nodes" in err
     assert stack.draft.calls[0].strategy == common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE
 
 
@@ -60,6 +61,10 @@ def test_generate_json_and_policies(make_stack, toy, capsys) -> None:
         prompt = toy.tokenizer.encode("user w7 w2")  # chat by default
         if policy != "draft":
             assert info["token_ids"] == _greedy(toy, prompt, 6)
+        assert bool(info["warnings"]) == (policy == "draft")  # the draft's text is flagged
+        if policy == "speculative":
+            assert info["path_acceptance_rate"] >= info["acceptance_rate"]
+            assert len(info["acceptance_by_depth"]) >= 1
 
 
 def test_generate_reports_bad_input(make_stack, capsys) -> None:

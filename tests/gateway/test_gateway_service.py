@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway import metrics as m
 from gateway.config import GatewayConfig
 from gateway.record import draft_seed
+from gateway.requests import DRAFT_WARNING
 from services.runtime.errors import status_details
 from specmesh.v1 import common_pb2, gateway_pb2
 
@@ -84,8 +85,15 @@ def test_greedy_speculative_equals_target_only(stack, toy, strategy) -> None:
     assert 1 < s.rounds < 40 and 0 < s.accepted_tokens < s.drafted_tokens
     assert s.mean_accepted_length == pytest.approx((s.accepted_tokens + s.rounds) / s.rounds)
     assert s.acceptance_rate == pytest.approx(s.accepted_tokens / s.drafted_tokens)
+    # along the walked path: every accepted token, plus the rejected position of rounds not
+    # ending on a leaf; per depth: each accepted token is counted at its depth
+    assert s.accepted_tokens <= s.verified_path_tokens <= s.accepted_tokens + s.rounds
+    assert s.path_acceptance_rate == pytest.approx(s.accepted_tokens / s.verified_path_tokens)
+    assert sum(s.accepted_by_depth) == s.accepted_tokens and s.rounds_by_depth[0] <= s.rounds
+    assert all(a <= r for a, r in zip(s.accepted_by_depth, s.rounds_by_depth, strict=True))
     assert spec.usage.prompt_tokens == len(PROMPT) and spec.usage.output_tokens == 40
     assert target.spec_stats.mean_accepted_length == 1.0 and target.spec_stats.drafted_tokens == 0
+    assert not spec.warnings and not target.warnings
 
 
 def test_perfect_draft_is_fully_accepted(make_stack, toy) -> None:
@@ -94,6 +102,8 @@ def test_perfect_draft_is_fully_accepted(make_stack, toy) -> None:
     assert list(r.token_ids) == greedy(toy, PROMPT, 36)
     s = r.spec_stats
     assert s.acceptance_rate == 1.0 and s.rounds == 6 and s.mean_accepted_length == 6.0
+    assert s.path_acceptance_rate == 1.0 and s.verified_path_tokens == 30  # every chain ends on its leaf
+    assert list(s.rounds_by_depth) == list(s.accepted_by_depth) == [6] * 5
 
 
 def test_adaptive_budget_grows_for_a_perfect_draft(make_stack, toy) -> None:
@@ -125,6 +135,9 @@ def test_draft_policy_is_the_draft_alone(stack, toy) -> None:
     assert all(c.strategy == common_pb2.DRAFT_STRATEGY_CHAIN for c in stack.draft.calls)
     assert not [c for c in stack.target.calls if c[0] != "Generate"]  # the target is never asked
     assert r.spec_stats.rounds == 0 and r.spec_stats.drafted_tokens >= 30
+    assert list(r.warnings) == [DRAFT_WARNING]  # low-quality text is never silent
+    chunks = list(stack.stub.GenerateStream(req(gateway_pb2.POLICY_DRAFT, max_new_tokens=30)))
+    assert list(chunks[0].warnings) == [DRAFT_WARNING] and not any(c.warnings for c in chunks[1:])
 
 
 def test_default_policy_is_speculative(stack, toy) -> None:
@@ -345,9 +358,17 @@ def test_draft_policies_without_a_draft(make_stack, toy) -> None:
     assert list(stack.stub.Generate(req(gateway_pb2.POLICY_TARGET)).token_ids) == greedy(toy, PROMPT, 40)
 
 
-def test_list_models(stack) -> None:
+def test_list_models_lists_what_model_accepts(stack) -> None:
     models = stack.stub.ListModels(gateway_pb2.ListModelsRequest()).models
-    assert [x.name for x in models] == ["toy-target", "toy-draft"]
+    assert [x.name for x in models] == ["toy-target"]  # the draft assists; it is not requestable
+    for model in models:  # every listed name is accepted as `model`
+        named = req(max_new_tokens=4)
+        named.model = model.name
+        assert stack.stub.Generate(named).token_ids
+    draft = req()
+    draft.model = "toy-draft"
+    code, _, violations = rpc_error(stack.stub.Generate, draft)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0].field == "model"
 
 
 # --- telemetry ------------------------------------------------------------------------------

@@ -90,19 +90,40 @@ def test_text_is_held_back_while_it_may_start_a_stop_string(toy) -> None:
 
 def test_spec_counter() -> None:
     c = SpecCounter()
-    assert c.tau == 0.0 and c.acceptance_rate == 0.0
-    c.add_round(drafted=4, accepted=4)
-    c.add_round(drafted=4, accepted=1)
-    c.add_round(drafted=4, accepted=0)
+    assert c.tau == 0.0 and c.acceptance_rate == 0.0 and c.path_acceptance_rate == 0.0
+    chain = [-1, 0, 1, 2]
+    c.add_round(chain, [0, 1, 2, 3])  # all 4 accepted: ended on a leaf, 4 positions checked
+    c.add_round(chain, [0])  # 1 accepted, rejected at depth 2: 2 positions
+    c.add_round(chain, [])  # rejected at depth 1: 1 position
     assert c.rounds == 3 and c.drafted == 12 and c.accepted == 5
     assert c.tau == pytest.approx((5 + 3) / 3)
     assert c.acceptance_rate == pytest.approx(5 / 12)
+    assert c.verified_path == 7 and c.path_acceptance_rate == pytest.approx(5 / 7)
+    assert (c.depth_rounds, c.depth_accepted) == ([3, 3, 3, 3], [2, 1, 1, 1])
     p = c.to_proto()
-    assert (p.rounds, p.drafted_tokens, p.accepted_tokens) == (3, 12, 5)
+    assert (p.rounds, p.drafted_tokens, p.accepted_tokens, p.verified_path_tokens) == (3, 12, 5, 7)
     assert p.mean_accepted_length == pytest.approx(8 / 3) and p.acceptance_rate == pytest.approx(5 / 12)
+    assert p.path_acceptance_rate == pytest.approx(5 / 7)
+    assert (list(p.rounds_by_depth), list(p.accepted_by_depth)) == ([3, 3, 3, 3], [2, 1, 1, 1])
     with pytest.raises(ValueError):
-        c.add_round(drafted=1, accepted=2)
+        c.add_round([-1], [0, 1])  # more accepted than drafted
+    with pytest.raises(ValueError):
+        c.add_round([-1, -1, 0], [0, 1])  # 1 is not a child of 0
     assert SpecCounter(rounds=7).tau == 1.0  # plain decoding
+
+
+def test_spec_counter_on_a_wide_tree() -> None:
+    """A 16-node tree (4 children per node, depth 2 + one deeper branch) that yields 2 tokens:
+    2/16 per drafted node, but 2/3 of the positions the target checked along its path."""
+    parents = [-1] * 4 + [0] * 4 + [1] * 4 + [4] * 4  # depth 3 through node 4
+    c = SpecCounter()
+    c.add_round(parents, [0, 4])  # node 4 has children, all rejected: 3 positions
+    assert c.acceptance_rate == pytest.approx(2 / 16) and c.path_acceptance_rate == pytest.approx(2 / 3)
+    assert (c.depth_rounds, c.depth_accepted) == ([1, 1, 1], [1, 1, 0])
+    c.add_round(parents, [1, 8])  # node 8 is a leaf: 2 positions, both accepted
+    assert c.verified_path == 5 and (c.depth_rounds, c.depth_accepted) == ([2, 2, 2], [2, 2, 0])
+    c.add_round([], [])  # nothing drafted (the target alone): nothing checked
+    assert c.verified_path == 5 and c.rounds == 3
 
 
 def test_tree_depth() -> None:
@@ -345,6 +366,11 @@ def test_validate_defaults(toy) -> None:
     assert p.strategy == DYNAMIC_TREE and p.budget == DEFAULT_BUDGETS[DYNAMIC_TREE]
 
 
+def test_quality_exact_is_served_by_the_lossless_policies(toy) -> None:
+    for policy in (gateway_pb2.POLICY_TARGET, gateway_pb2.POLICY_SPECULATIVE):
+        assert plan_of(toy, request(quality=gateway_pb2.QUALITY_EXACT, policy=policy)).policy == policy
+
+
 def ids(*tokens: int) -> common_pb2.Prompt:
     return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(tokens)))
 
@@ -357,6 +383,14 @@ def ids(*tokens: int) -> common_pb2.Prompt:
         (dict(policy=gateway_pb2.POLICY_R2R), InvalidArgument, "policy"),
         (dict(policy=17), InvalidArgument, "policy"),
         (dict(quality=9), InvalidArgument, "quality"),
+        # accepted and ignored before: HIGH / FAST are for policy auto, EXACT contradicts draft
+        (dict(quality=gateway_pb2.QUALITY_HIGH), InvalidArgument, "quality"),
+        (dict(quality=gateway_pb2.QUALITY_FAST), InvalidArgument, "quality"),
+        (
+            dict(quality=gateway_pb2.QUALITY_EXACT, policy=gateway_pb2.POLICY_DRAFT),
+            InvalidArgument,
+            "quality",
+        ),
         (dict(prompt=common_pb2.Prompt()), InvalidArgument, "prompt"),
         (dict(prompt=common_pb2.Prompt(text="")), InvalidArgument, "prompt.text"),
         (dict(prompt=ids()), InvalidArgument, "prompt.token_ids.ids"),

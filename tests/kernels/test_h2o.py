@@ -1,13 +1,13 @@
 """H2O statistics: the accumulation reference is the written-out column sum, the Triton kernel
-(Triton's interpreter) matches it on random shapes, and the keep set is heavy hitters plus the
-recent window."""
+(Triton's interpreter) matches it on random shapes. The keep-set policy is tested with
+services.core.h2o."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.h2o import h2o_accumulate, h2o_accumulate_reference, h2o_keep
+from kernels.h2o import h2o_accumulate, h2o_accumulate_reference
 
 
 def attention_weights(B: int, H: int, T: int, K: int, gen: torch.Generator, dtype=torch.float32):
@@ -40,11 +40,3 @@ def test_triton_accumulation_matches_the_reference(dtype: torch.dtype, tolerance
         ref = h2o_accumulate_reference(start.clone(), attn)
         out = h2o_accumulate_triton(start.clone(), attn)
         assert float((out - ref).abs().max() / ref.abs().max()) <= tolerance, case
-
-
-def test_keep_set_is_heavy_hitters_plus_recent_window() -> None:
-    scores = torch.tensor([[[5.0, 0.1, 9.0, 0.2, 7.0, 0.0, 0.0, 0.3]]])  # [1, 1, 8]
-    keep = h2o_keep(scores, length=8, budget=4, recent=2)
-    assert keep.tolist() == [[[2, 4, 6, 7]]]  # heavy 9 and 7 (5 is third), recent 6 and 7
-    assert h2o_keep(scores, length=8, budget=8, recent=2).tolist() == [[list(range(8))]]
-    assert h2o_keep(scores, length=5, budget=3, recent=5).tolist() == [[[2, 3, 4]]]  # all recent

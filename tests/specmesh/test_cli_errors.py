@@ -48,3 +48,8 @@ def test_unreadable_certificate(tmp_path) -> None:
     missing = str(tmp_path / "missing.pem")
     code, err = _run([*GATEWAY, "--port", "0", "--tls-cert-file", missing, "--tls-key-file", missing])
     assert code == 2 and "tls_cert_file: cannot read" in err
+
+
+def test_taken_metrics_port(taken_port) -> None:
+    code, err = _run([*GATEWAY, "--port", "0", "--metrics-port", str(taken_port)])
+    assert code == 2 and f"metrics_port: cannot serve Prometheus metrics on 127.0.0.1:{taken_port}" in err

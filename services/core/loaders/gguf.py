@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument
 from services.core.loaders.hf_dir import validate_state_dict
+from services.core.quant import Q4Groups, q4_1_from_blocks
 
 # GGUF token types (llama.cpp `llama_token_type`).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -67,6 +68,9 @@ class GGUFModel:
     add_bos_token: bool = False
     # general.* metadata (name, license, ...) for provenance in the model store.
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The Q4_1 tensors' own codes, scales and offsets (HF names, HF row order): the published
+    # 4-bit weights, which state_dict holds dequantized.
+    q4_1: dict[str, Q4Groups] = field(default_factory=dict)
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -264,6 +268,7 @@ def read_gguf(path: str | Path, progress: bool = True) -> GGUFModel:
     )
 
     state: dict[str, torch.Tensor] = {}
+    q4: dict[str, Q4Groups] = {}
     for t in tqdm(reader.tensors, desc=f"dequantize {path.name}", unit="tensor", disable=not progress):
         if t.name in _IGNORED:
             continue
@@ -271,10 +276,19 @@ def read_gguf(path: str | Path, progress: bool = True) -> GGUFModel:
         # GGUF lists dims innermost-first; torch wants [out, in].
         shape = tuple(int(s) for s in reversed(t.shape))
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        unpermute = None
         if t.name.endswith("attn_q.weight"):
-            arr = rope_unpermute(arr, cfg.num_attention_heads)
+            unpermute = cfg.num_attention_heads
         elif t.name.endswith("attn_k.weight"):
-            arr = rope_unpermute(arr, cfg.num_key_value_heads)
+            unpermute = cfg.num_key_value_heads
+        if unpermute is not None:
+            arr = rope_unpermute(arr, unpermute)
+        if t.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2:
+            groups = q4_1_from_blocks(torch.from_numpy(np.array(t.data, dtype=np.uint8)), *shape)
+            if unpermute is not None:  # the same row order as the fp32 weight
+                groups = Q4Groups(*(torch.from_numpy(rope_unpermute(x.numpy(), unpermute).copy())
+                                    for x in (groups.codes, groups.scale, groups.offset)))  # fmt: skip
+            q4[name] = groups
         if not (arr.flags.writeable and arr.flags.c_contiguous):
             # F32 tensors come back as read-only views of the mmap; own the memory instead.
             arr = np.array(arr, order="C")
@@ -299,4 +313,5 @@ def read_gguf(path: str | Path, progress: bool = True) -> GGUFModel:
         unk_token=tok_str("tokenizer.ggml.unknown_token_id"),
         add_bos_token=add_bos,
         metadata=metadata,
+        q4_1=q4,
     )

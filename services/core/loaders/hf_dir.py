@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from services.core.config import LlamaConfig
 from services.core.errors import InvalidArgument, NotFound
+from services.core.quant import Q4_FILE
 
 # Buffers some exporters save that carry no learned weights; safe to drop.
 _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -90,7 +91,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
                 f"shards listed in {index.name} are missing: {_preview(absent)}", field="model_dir"
             )
         return files
-    files = sorted(model_dir.glob("*.safetensors"))
+    # The 4-bit copy of a GGUF import (services.core.quant) is another format, loaded on request.
+    files = sorted(f for f in model_dir.glob("*.safetensors") if f.name != Q4_FILE)
     if not files:
         raise NotFound(f"no *.safetensors files in {model_dir}", field="model_dir")
     return files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from .config import TelemetryConfigError
 
 try:  # advisory lock so several processes can append to one span file
     import fcntl
@@ -75,6 +78,53 @@ class JsonLinesSpanExporter(SpanExporter):
         return True
 
 
+class RateLimitedSpanExporter(SpanExporter):
+    """Passes at most `per_second` spans a second to `inner` and drops the rest, saying how many
+    it dropped once a second. The console exporter prints every span as a dozen lines of JSON:
+    a local stack under load printed tens of thousands of lines a minute, burying its logs."""
+
+    def __init__(self, inner: SpanExporter, per_second: int, clock=time.monotonic) -> None:
+        self.inner, self.per_second, self._clock = inner, per_second, clock
+        self._window, self._passed, self._dropped = clock(), 0, 0
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            now = self._clock()
+            if now - self._window >= 1.0:
+                if self._dropped:
+                    logger.warning(
+                        "console span exporter: dropped %d spans over %d a second "
+                        "(SPECMESH_CONSOLE_SPANS_PER_SECOND)",
+                        self._dropped,
+                        self.per_second,
+                    )
+                self._window, self._passed, self._dropped = now, 0, 0
+            room = max(self.per_second - self._passed, 0)
+            keep = list(spans[:room])
+            self._passed += len(keep)
+            self._dropped += len(spans) - len(keep)
+        return self.inner.export(keep) if keep else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def console_spans_per_second() -> int:
+    """``SPECMESH_CONSOLE_SPANS_PER_SECOND`` (default 20; 0 = no limit)."""
+    raw = os.environ.get("SPECMESH_CONSOLE_SPANS_PER_SECOND", "").strip() or "20"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise TelemetryConfigError(f"SPECMESH_CONSOLE_SPANS_PER_SECOND={raw!r}: expected an integer >= 0")
+    return value
+
+
 def _otlp_span_exporter() -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -98,7 +148,11 @@ def add_span_exporters(provider: TracerProvider, kinds: Sequence[str]) -> InMemo
             # synchronous: the line is on disk when the span ends (multi-process tests read it)
             provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(kind[5:])))
         elif kind == "console":
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            exporter: SpanExporter = ConsoleSpanExporter()
+            limit = console_spans_per_second()
+            if limit:
+                exporter = RateLimitedSpanExporter(exporter, limit)
+            provider.add_span_processor(BatchSpanProcessor(exporter))
         elif kind == "otlp":
             provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter()))
     return memory_spans

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from .config import exporter_kinds, service_name
 from .exporters import add_span_exporters, metric_readers
+from .prometheus import PrometheusEndpoint, start_prometheus
 
 logger = logging.getLogger("specmesh.runtime.telemetry")
 
@@ -38,6 +39,7 @@ class Telemetry:
     metrics_exporters: tuple[str, ...] = ()
     memory_spans: InMemorySpanExporter | None = None
     memory_metrics: InMemoryMetricReader | None = None
+    prometheus: PrometheusEndpoint | None = None  # the scrape endpoint, when asked for
     _rpc_duration: Any = field(default=None, repr=False)
 
     def tracer(self, name: str = INSTRUMENTATION_NAME) -> trace.Tracer:
@@ -78,6 +80,8 @@ class Telemetry:
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
 
 
 _lock = threading.Lock()
@@ -95,6 +99,8 @@ def setup_telemetry(
     metrics_exporter: str | None = None,
     *,
     install_global: bool = True,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> Telemetry:
     """Configure tracing and metrics for `service_name`.
 
@@ -102,7 +108,8 @@ def setup_telemetry(
     ``OTEL_METRICS_EXPORTER`` and then to ``none``. With ``install_global`` (the default) the
     providers become the process-wide OpenTelemetry providers and later calls return the same
     object (idempotent per process). ``install_global=False`` builds an independent Telemetry
-    (tests use it with ``"memory"``); call its ``shutdown()`` when done.
+    (tests use it with ``"memory"``); call its ``shutdown()`` when done. `metrics_port` (0 = a
+    free one) adds a Prometheus scrape endpoint on `metrics_host` (``Telemetry.prometheus``).
     """
     global _installed
     if install_global:
@@ -111,16 +118,29 @@ def setup_telemetry(
                 requested = (traces_exporter, metrics_exporter)
                 if any(r is not None for r in requested):
                     logger.debug("setup_telemetry called again; keeping the first configuration")
+                if metrics_port is not None and _installed.prometheus is None:
+                    logger.warning(
+                        "metrics_port %s ignored: this process's telemetry was set up without a "
+                        "Prometheus endpoint (set it in the first setup_telemetry call)",
+                        metrics_port,
+                    )
                 return _installed
-            _installed = _build(service_name, traces_exporter, metrics_exporter, install_global=True)
+            _installed = _build(
+                service_name, traces_exporter, metrics_exporter, True, metrics_port, metrics_host
+            )
             trace.set_tracer_provider(_installed.tracer_provider)
             metrics.set_meter_provider(_installed.meter_provider)
             return _installed
-    return _build(service_name, traces_exporter, metrics_exporter, install_global=False)
+    return _build(service_name, traces_exporter, metrics_exporter, False, metrics_port, metrics_host)
 
 
 def _build(
-    default_name: str, traces_exporter: str | None, metrics_exporter: str | None, *, install_global: bool
+    default_name: str,
+    traces_exporter: str | None,
+    metrics_exporter: str | None,
+    install_global: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> Telemetry:
     trace_kinds, metric_kinds = exporter_kinds(traces_exporter, metrics_exporter)
     name = service_name(default_name)
@@ -128,6 +148,9 @@ def _build(
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=install_global)
     memory_spans = add_span_exporters(tracer_provider, trace_kinds)
     readers, memory_metrics = metric_readers(metric_kinds)
+    prometheus = start_prometheus(metrics_host, metrics_port) if metrics_port is not None else None
+    if prometheus is not None:
+        readers.append(prometheus.reader)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=install_global)
     return Telemetry(
         service_name=name,
@@ -137,4 +160,5 @@ def _build(
         metrics_exporters=tuple(metric_kinds),
         memory_spans=memory_spans,
         memory_metrics=memory_metrics,
+        prometheus=prometheus,
     )

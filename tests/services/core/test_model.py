@@ -227,3 +227,14 @@ def test_int8_engine_tracks_fp32_and_keeps_its_head_quantized(engine: Engine) ->
     quant.restrict_vocab(subset)
     assert quant.model.lm_head.int8 is not None
     assert full_logits(quant, ids).shape == (24, 10)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_the_configs_and_survives_a_restricted_head(tied: bool) -> None:
+    """ModelInfo.parameters and `specmesh models list` (count_parameters of the config) agree,
+    before and after a draft restricts its head to a subset of the vocabulary."""
+    engine = Engine.from_config(tiny_config(tie_word_embeddings=tied), block_size=4)
+    loaded = sum(p.numel() for p in engine.model.parameters())  # tied tensors count once
+    assert engine.parameter_count() == loaded
+    engine.restrict_vocab(random.Random(2).sample(range(engine.config.vocab_size), 10))
+    assert engine.parameter_count() == loaded

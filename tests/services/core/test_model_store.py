@@ -11,6 +11,7 @@ import pytest
 from services.core import model_import as mi
 from services.core import model_store as ms
 from services.core.errors import InvalidArgument, NotFound
+from services.core.quant import Q4_FILE
 
 
 def test_model_root_env(monkeypatch, tmp_path) -> None:
@@ -27,7 +28,8 @@ def tiny_model(tiny_gguf, tmp_model_root) -> Path:
 
 def test_import_gguf_layout(tiny_model: Path, tmp_model_root: Path) -> None:
     assert tiny_model == tmp_model_root / "tiny"
-    assert {p.name for p in tiny_model.iterdir()} == {*ms.MODEL_FILES, ms.MANIFEST}
+    # The tiny file has Q4_1 tensors, so their 4-bit groups are kept too (services.core.quant).
+    assert {p.name for p in tiny_model.iterdir()} == {*ms.MODEL_FILES, ms.MANIFEST, Q4_FILE}
     assert not list(tmp_model_root.glob(".tmp-*"))  # temp dir renamed away
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["specmesh"]["source"] == "test"
@@ -36,7 +38,7 @@ def test_import_gguf_layout(tiny_model: Path, tmp_model_root: Path) -> None:
     assert tcfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tcfg["eos_token"] == "<|im_end|>"
     assert json.loads((tiny_model / "generation_config.json").read_text())["eos_token_id"] == 2
     manifest = json.loads((tiny_model / ms.MANIFEST).read_text())
-    assert set(manifest["files"]) == set(ms.MODEL_FILES)
+    assert set(manifest["files"]) == {*ms.MODEL_FILES, Q4_FILE}
     assert ms.verify_manifest(tiny_model)
 
 

@@ -49,16 +49,29 @@ def test_health_and_reflection(arun, probe, quiet_telemetry):
                 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
                 request = reflection_pb2.ServerReflectionRequest(list_services="")
                 replies = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+                # grpc.reflection.v1: the same messages under another package name
+                v1 = channel.stream_stream(
+                    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+                )
+                symbol = reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="grpc.health.v1.Health"
+                )
+                v1_replies = [r async for r in v1(iter([request, symbol]), timeout=5)]
             names = {s.name for s in replies[0].list_services_response.service}
-            return statuses, names
+            return statuses, names, v1_replies
 
-    statuses, names = arun(main())
+    statuses, names, v1_replies = arun(main())
     assert statuses == [SERVING, SERVING, SERVING, NOT_SERVING]
     assert names == {
         "specmesh.test.Probe",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
+    assert {s.name for s in v1_replies[0].list_services_response.service} == names
+    files = v1_replies[1].file_descriptor_response.file_descriptor_proto
+    assert files and any(b"grpc.health.v1" in f for f in files)
 
 
 def test_watch_sees_not_serving_and_ends_on_stop(arun, probe, quiet_telemetry):

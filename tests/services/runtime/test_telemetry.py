@@ -220,3 +220,30 @@ def test_bad_exporter_names_the_variable(monkeypatch, kwargs, env, expect):
         monkeypatch.setenv(key, value)
     with pytest.raises(TelemetryConfigError, match=expect.replace("(", r"\(")):
         setup_telemetry("draft", install_global=False, **kwargs)
+
+
+def test_console_spans_are_rate_limited(monkeypatch, caplog):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.runtime.telemetry.exporters import RateLimitedSpanExporter, console_spans_per_second
+
+    now = [100.0]
+    inner = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(RateLimitedSpanExporter(inner, 3, clock=lambda: now[0])))
+    tracer = provider.get_tracer("t")
+    for _ in range(10):
+        tracer.start_span("burst").end()
+    assert len(inner.get_finished_spans()) == 3
+    now[0] += 1.5  # the next second: a new allowance, and a word on what was dropped
+    with caplog.at_level(logging.WARNING, logger="specmesh.runtime.telemetry"):
+        tracer.start_span("later").end()
+    assert [s.name for s in inner.get_finished_spans()][-1] == "later"
+    assert "dropped 7 spans" in caplog.text
+
+    assert console_spans_per_second() == 20
+    monkeypatch.setenv("SPECMESH_CONSOLE_SPANS_PER_SECOND", "lots")
+    with pytest.raises(TelemetryConfigError, match="SPECMESH_CONSOLE_SPANS_PER_SECOND"):
+        setup_telemetry("draft", "console", install_global=False)

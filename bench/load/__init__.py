@@ -1,0 +1,1 @@
+"""`specmesh bench load`: concurrent streaming requests through the gateway (see benchmark.py)."""

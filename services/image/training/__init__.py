@@ -1,0 +1,1 @@
+"""`specmesh train image`: VQ tokenizer, class-conditional AR model, its draft, and the judge."""
