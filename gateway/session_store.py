@@ -21,6 +21,8 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
+from services.runtime.settings import redact_url
+
 from .record import RequestRecord
 
 log = logging.getLogger("specmesh.gateway.sessions")
@@ -84,7 +86,7 @@ class RedisStore:
         if not self._down:  # once per outage, not once per round
             log.warning(
                 "session store %s unreachable (%s: %s); streams cannot be resumed until it is back",
-                _redact(self.url),
+                redact_url(self.url),
                 operation,
                 exc,
             )
@@ -92,7 +94,7 @@ class RedisStore:
 
     def _ok(self) -> None:
         if self._down:
-            log.warning("session store %s is back", _redact(self.url))
+            log.warning("session store %s is back", redact_url(self.url))
             self._down = False
 
     async def save(self, record: RequestRecord) -> None:
@@ -125,11 +127,3 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-def _redact(url: str) -> str:
-    """The URL without its password (for logs)."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"

@@ -240,6 +240,12 @@ OMP_SPIN_NOTE = (
 )
 
 
+# The embedded Valkey holds KV blocks (about 0.74 MB per 16 SmolLM2 tokens in fp32) and session
+# records: bounded, least recently used first (services.runtime.kv_store relies on the server
+# for its size bound). docker-compose.yml and the chart start theirs the same way.
+REDIS_BOUND_ARGS = ("--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru")
+
+
 @dataclass
 class StackConfig:
     model: str = DEFAULT_MODEL
@@ -326,7 +332,7 @@ class LocalStack:
             rp = port(c.redis_port)
             assert self._workdir is not None
             argv = [binary, "--port", str(rp), "--bind", host, "--save", "", "--appendonly", "no"]
-            argv += ["--dir", self._workdir.name]
+            argv += ["--dir", self._workdir.name, *REDIS_BOUND_ARGS]
             children.append(Child("redis", argv, _join(dial, rp), lambda h=dial, p=rp: redis_ping(h, p)))
             self.redis_url = f"redis://{_join(dial, rp)}/0"
         elif c.redis_url:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +23,15 @@ from services.core.kv import BlockPool, SequenceKV
 from services.core.model import LlamaModel, SmallBatchLinear
 from services.core.model_store import count_parameters
 from services.core.spec import ancestor_mask, tree_depths, validate_tree
+
+
+class BlockSource(Protocol):
+    """Sealed blocks computed elsewhere (services.runtime.kv_store: Redis)."""
+
+    def fetch(self, pool: BlockPool, keys: list[bytes]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k, v) [layers, kv_heads, block_size, head_dim] of the longest run of `keys` found, in
+        order: stops at the first miss, so the result is a prefix of `keys`."""
+        ...
 
 
 class Engine:
@@ -59,6 +68,7 @@ class Engine:
             device=self.device,
             digest=digest,
         )
+        self.remote: BlockSource | None = None  # consulted by prefill_cached after the pool
 
     @classmethod
     def from_dir(
@@ -257,12 +267,27 @@ class Engine:
         return self.forward([seq], [ids], last_only=True)[0][0][0]
 
     def prefill_cached(self, seq: SequenceKV, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """prefill(), first adopting the pool's cached blocks for the longest block-aligned
-        prefix of ids, so sessions with a common prefix share those blocks (see
-        SequenceKV.adopt_cached). Returns the next-token logits [V] and how many tokens came
-        from the cache. The last token is always computed: its logits are the result."""
-        cached = seq.adopt_cached(ids)
+        """prefill(), first adopting cached blocks for a prefix of ids (see adopt_cached).
+        Returns the next-token logits [V] and how many tokens came from a cache. The last token
+        is always computed: its logits are the result."""
+        cached = self.adopt_cached(seq, ids)
         return self.prefill(seq, ids[cached:]), cached
+
+    def adopt_cached(self, seq: SequenceKV, ids: list[int]) -> int:
+        """Append cached full blocks for the longest block-aligned prefix of ids, leaving at
+        least one token to compute, so sessions with a common prefix share those blocks (see
+        SequenceKV.adopt_cached): the pool's own first, then the blocks that follow from
+        `remote` (another replica computed them). Returns how many tokens were adopted."""
+        cached = seq.adopt_cached(ids)
+        if self.remote is not None:
+            keys = seq.continuation_keys(ids[cached:])
+            found = self.remote.fetch(self.pool, keys) if keys else []
+            if found:
+                for key, (k, v) in zip(keys, found, strict=False):  # found: a prefix of keys
+                    if not self.pool.insert_cached(key, k, v):
+                        break
+                cached += seq.adopt_cached(ids[cached:])
+        return cached
 
     def extend(self, seq: SequenceKV, ids: list[int]) -> torch.Tensor:
         """Append ids; return logits at every new position [n, V]."""

@@ -10,11 +10,16 @@ prefix caching and LMCache) and becomes immutable and reference-counted, so sequ
 common prefix share it. A sealed block nobody references stays cached (LRU) until its space is
 needed. Nothing ever writes into a sealed block: new tokens go to the tail, tree nodes to
 scratch, and a rollback into a sealed block unseals it (sole owner) or copies it (shared).
+
+Beyond this process (services.runtime.kv_store): `on_seal` hears of every block sealed here with
+KV computed here, so it can be published; `insert_cached` takes in a sealed block computed
+elsewhere, which `adopt_cached` then shares like any other.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -51,6 +56,15 @@ class BlockPool:
         self._key: list[bytes | None] = [None] * max_blocks
         self._index: dict[bytes, int] = {}  # key -> the sealed block holding that content
         self._touched = bytearray(max_blocks)  # 1 = zeroed once, holds finite values since
+        # called with (block, key) when KV computed here is sealed (not when an equal block
+        # already existed): the publisher's seam. Runs on the engine thread, so it must be quick.
+        self.on_seal: Callable[[int, bytes], None] | None = None
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int]:
+        """One block's K (or V): [layers, kv_heads, block_size, head_dim]."""
+        layers, _, heads, bs, dim = self.k.shape
+        return layers, heads, bs, dim
 
     @property
     def free_blocks(self) -> int:
@@ -126,7 +140,25 @@ class BlockPool:
             return existing
         self._index[key] = block
         self._key[block] = key
+        if self.on_seal is not None:
+            self.on_seal(block, key)
         return block
+
+    def insert_cached(self, key: bytes, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Hold a sealed block computed elsewhere (k, v [layers, kv_heads, block_size,
+        head_dim]) under `key`, cached and unreferenced, for adopt_cached to share. False when
+        no block is free (every one is referenced)."""
+        if key in self._index:
+            return True
+        if not self.free_blocks:
+            return False
+        (b,) = self.allocate(1)
+        self.k[:, b] = k
+        self.v[:, b] = v
+        self._index[key] = b
+        self._key[b] = key
+        self.release([b])  # unreferenced and sealed: the newest entry of the cache
+        return True
 
     def unseal(self, block: int) -> None:
         """Make a sealed block its sole owner's private block again (a rollback into it)."""
@@ -210,27 +242,34 @@ class SequenceKV:
                 self._table = None
             self.keys.append(key)
 
-    def adopt_cached(self, token_ids: list[int], keep: int = 1) -> int:
-        """Append the longest run of cached full blocks continuing this sequence with token_ids,
-        leaving at least `keep` tokens to compute; returns how many tokens were adopted.
-
-        Only at a block boundary with nothing reserved (the next block must start at
-        position length); otherwise adopts nothing.
-        """
+    def continuation_keys(self, token_ids: list[int], keep: int = 1) -> list[bytes]:
+        """Keys of the full blocks that token_ids would add after this sequence, leaving at least
+        `keep` tokens out; [] unless the sequence ends at a block boundary with nothing reserved
+        (the next block must start at position length)."""
         bs = self.pool.block_size
         if self.length % bs or len(self.blocks) != len(self.keys) or self.scratch:
-            return 0
+            return []
+        keys: list[bytes] = []
+        parent = self.keys[-1] if self.keys else None
+        for start in range(0, len(token_ids) - keep - bs + 1, bs):
+            parent = self.pool.block_key(parent, token_ids[start : start + bs])
+            keys.append(parent)
+        return keys
+
+    def adopt_cached(self, token_ids: list[int], keep: int = 1) -> int:
+        """Append the longest run of cached full blocks continuing this sequence with token_ids,
+        leaving at least `keep` tokens to compute; returns how many tokens were adopted (0 where
+        continuation_keys gives none)."""
+        bs = self.pool.block_size
         adopted = 0
-        while len(token_ids) - adopted - bs >= keep:
-            chunk = token_ids[adopted : adopted + bs]
-            key = self.pool.block_key(self.keys[-1] if self.keys else None, chunk)
+        for key in self.continuation_keys(token_ids, keep):
             block = self.pool.lookup(key)
             if block is None:
                 break
             self.pool.share(block)
             self.blocks.append(block)
             self.keys.append(key)
-            self.tokens += chunk
+            self.tokens += token_ids[adopted : adopted + bs]
             adopted += bs
         if adopted:
             self._table = None

@@ -128,24 +128,28 @@ def verify_round(
     new_tokens (>= 1) become a chain after the committed prefix; tree roots hang off the
     last of them, so the target's distribution at the root comes from this same forward. The
     whole forward lands in tree scratch; the chain and the accepted path are then copied into
-    the sequence, so a failed round never touches its committed blocks.
+    the sequence, so a failed round never touches its committed blocks. A long chain (a session
+    re-sent whole after a failover) first adopts the cached blocks of its prefix
+    (Engine.adopt_cached: this pool's, then Redis's) and computes only the rest.
     """
     if not new_tokens:
         raise InvalidArgument(
             "needs at least one new token (the previous round's next_token)", "session.new_tokens"
         )
-    m, start = len(new_tokens), seq.length
+    start = seq.length
+    new_tokens = new_tokens[engine.adopt_cached(seq, new_tokens) :]
+    m = len(new_tokens)
     parents = list(range(-1, m - 1)) + [m - 1 if p < 0 else m + p for p in tree_parents]
     rows = list(range(m - 1, m + len(tree_tokens)))  # root, then every node
-    logits, hidden = engine.forward_tree(seq, new_tokens + tree_tokens, parents, logit_rows=rows)
     try:
+        logits, hidden = engine.forward_tree(seq, new_tokens + tree_tokens, parents, logit_rows=rows)
         if rule is Rule.GREEDY:  # argmax matching needs no distributions
             acc = greedy_walk(tree_tokens, tree_parents, logits.argmax(-1).tolist())
         else:
             target = probabilities(logits, sampling)  # [n + 1, V]
             acc = verify(rule, tree_tokens, tree_parents, target, draft_dists, gen, lookup_nodes)
     except BaseException:
-        seq.truncate(start)
+        seq.truncate(start)  # adopted blocks included: the session commits nothing
         raise
     engine.accept_path(seq, list(range(m)) + [m + i for i in acc.path])
     return RoundResult(acc, hidden[[m - 1] + [m + i for i in acc.path]])

@@ -369,6 +369,52 @@ class EngineSettings(_EnvSettings):
 # argparse
 
 
+KV_STORAGE = ("exact", "bfloat16")
+
+
+def parse_kv_storage(text: str) -> str:
+    value = text.strip().lower()
+    if value not in KV_STORAGE:
+        raise ValueError(f"expected one of {', '.join(KV_STORAGE)}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVStoreSettings(_EnvSettings):
+    """Where a model service shares its KV blocks (services.runtime.kv_store); no URL: nowhere."""
+
+    redis_url: str | None = _field(
+        None,
+        parse_optional_str,
+        "Redis / Valkey sharing KV blocks between replicas (redis://[:password@]host:port/db, "
+        "rediss:// for TLS); unset: this process's cache only",
+        secret=True,
+    )
+    kv_ttl_seconds: int = _field(3600, parse_int, "lifetime of a published KV block in Redis, s")
+    kv_storage: str = _field(
+        "exact", parse_kv_storage, "published KV precision: exact (as computed) or bfloat16 (half the bytes)"
+    )
+    kv_write_queue_blocks: int = _field(
+        256, parse_int, "blocks waiting to be published before new ones are dropped (and counted)"
+    )
+
+    @staticmethod
+    def _check(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [
+            (name, f"{name} must be positive, got {values[name]}")
+            for name in ("kv_ttl_seconds", "kv_write_queue_blocks")
+            if values[name] <= 0
+        ]
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password (for logs)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
 def _argparse_type(name: str, parser: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
@@ -388,6 +434,11 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
     :meth:`ServerSettings.from_env_and_args`, so that ``--help`` shows the default that applies
     (the gateway's port 50050, not the built-in 0)."""
     _add_args(parser, ServerSettings, "server", "gRPC server", defaults)
+
+
+def add_kv_store_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--redis-url``, ``--kv-ttl-seconds``, ... (KVStoreSettings)."""
+    _add_args(parser, KVStoreSettings, "KV store", "KV blocks shared through Redis", {})
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 Subcommands:
   decode   greedy decode tokens/s of our engine vs transformers, same process, same weights
   spec     speculative decoding vs the target alone (specmesh/cli/bench_spec.py, when present)
+  kv       KV prefix reuse through Redis: TTFT cold / memory / Redis, bytes/s, chat (bench_kv.py)
   h2o      target perplexity under H2O KV budgets vs the full cache, on real texts
   image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
   load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
@@ -32,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             raise
     else:
         add_spec_parser(bench_sub)
+    from specmesh.cli.bench_kv import add_kv_parser
+
+    add_kv_parser(bench_sub)
     from specmesh.cli import bench_image
     from specmesh.cli.bench_load import add_load_parser
 

@@ -47,10 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fp32: the dequantized weights; q4_1: the published 4-bit groups of a GGUF import, "
         "bf16 activations at the products (env SPECMESH_WEIGHTS; default: %(default)s)",
     )
-    from services.runtime.settings import add_engine_args, add_server_args
+    from services.runtime.settings import add_engine_args, add_kv_store_args, add_server_args
 
     add_engine_args(t)
     add_server_args(t)
+    add_kv_store_args(t)
     t.set_defaults(func=run_target)
 
     d = ssub.add_parser(
@@ -93,6 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_engine_args(d)
     add_server_args(d)
+    add_kv_store_args(d)
     d.set_defaults(func=run_draft)
 
     sc = ssub.add_parser(
@@ -157,19 +159,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_gateway.add_parser(ssub)
 
 
-def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=None) -> int:
+def _serve_model(
+    args: argparse.Namespace, role: str, load, registrar, describe=None, *, share_kv: bool = False
+) -> int:
     """Settings, logging and telemetry, then `load(limits)` (the servicer, on its engine thread,
     with its EngineSettings), then serve it until SIGTERM / SIGINT and close it.
-    `describe(servicer)` adds to the start line."""
+    `describe(servicer)` adds to the start line. share_kv: publish and restore KV blocks
+    through Redis (KVStoreSettings: --redis-url)."""
+    from services.runtime.kv_store import attach_kv_store
     from services.runtime.server import run_forever
-    from services.runtime.settings import EngineSettings, ServerSettings
+    from services.runtime.settings import EngineSettings, KVStoreSettings, ServerSettings
     from services.runtime.telemetry import setup_telemetry
 
     settings = ServerSettings.from_env_and_args(args)
     limits = EngineSettings.from_env_and_args(args)
+    kv_settings = KVStoreSettings.from_env_and_args(args) if share_kv else KVStoreSettings()
     settings.configure_logging()
     setup_telemetry(f"specmesh-{role}", metrics_port=settings.metrics_port, metrics_host=settings.host)
     servicer = load(limits)
+    kv = attach_kv_store(servicer.engine, kv_settings)
     extra = f" ({describe(servicer)})" if describe else ""
 
     def announce(server) -> None:
@@ -180,6 +188,8 @@ def _serve_model(args: argparse.Namespace, role: str, load, registrar, describe=
 
     asyncio.run(main())
     servicer.close()
+    if kv is not None:
+        kv.close()
     return 0
 
 
@@ -198,6 +208,7 @@ def run_target(args: argparse.Namespace) -> int:
             limits=limits,
         ),
         registrar,
+        share_kv=True,
     )
 
 
@@ -218,6 +229,7 @@ def run_draft(args: argparse.Namespace) -> int:
             limits=limits,
         ),
         registrar,
+        share_kv=True,
     )
 
 

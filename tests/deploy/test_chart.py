@@ -243,6 +243,8 @@ def test_redis_bundled_or_external(manifests) -> None:
     (valkey,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert any(e["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"] for e in valkey["env"])
     assert "--requirepass" in " ".join(valkey["command"])
+    # bounded like `up`'s (the KV store relies on the server for its size bound)
+    assert "--maxmemory 768mb --maxmemory-policy allkeys-lru" in " ".join(valkey["command"])
     target = find(docs, "Deployment", component("target"))["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in target["env"]}
     url = urlsplit(env[ENV_REDIS_URL]["value"].replace("$(REDIS_PASSWORD)", "pw"))

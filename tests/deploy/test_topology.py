@@ -90,6 +90,13 @@ def test_gateway_reaches_the_same_peers_as_in_up(compose, up_plan) -> None:
         assert depends[peer]["condition"] == "service_healthy"
 
 
+def test_every_bundled_redis_is_bounded_and_evicts_lru(compose, up_plan) -> None:
+    """KV blocks rely on the server for their size bound (services/runtime/kv_store.py)."""
+    for argv in (up_plan.children["redis"].argv, compose["services"]["redis"]["command"]):
+        flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+        assert flags.get("--maxmemory-policy") == "allkeys-lru" and flags.get("--maxmemory"), argv
+
+
 def test_environment_matches_up_and_exists_in_the_code(compose, up_plan) -> None:
     services = compose["services"]
     known = code_env_names()

@@ -273,3 +273,75 @@ def test_cuda_engine_matches_cpu() -> None:
         out.append(torch.cat([first[None], tree, eng.decode(seq, 3)[None]]))
     assert out[1].device.type == "cpu"  # results come back to the host
     assert (out[0] - out[1]).abs().max() <= TOL
+
+
+def test_on_seal_hears_of_kv_computed_here_only(engine: Engine) -> None:
+    heard: list[tuple[int, bytes]] = []
+    engine.pool.on_seal = lambda block, key: heard.append((block, key))
+    prompt = ids(3 * BS + 1, seed=11)
+    a = engine.new_sequence()
+    engine.prefill(a, prompt)
+    assert [key for _, key in heard] == a.keys and [b for b, _ in heard] == a.blocks[:3]
+    b = engine.new_sequence()
+    engine.prefill(b, prompt)  # the same blocks again: sealed onto the existing ones, not published
+    assert len(heard) == 3 and b.blocks[:3] == a.blocks[:3]
+
+
+def test_inserted_blocks_are_adopted_and_give_the_computed_logits(engine: Engine) -> None:
+    """A block restored from elsewhere (another replica's pool) joins the cache and serves
+    prefill_cached as if computed here."""
+    other = Engine.from_config(tiny_config(), seed=1, block_size=BS, max_kv_tokens=64 * BS, digest="d0")
+    prompt = ids(4 * BS + 2, seed=12)
+    src = other.new_sequence()
+    other.prefill(src, prompt)
+    k, v = snapshot(other, src.blocks[:4])  # [layers, 4, heads, bs, D]
+    seq = engine.new_sequence()
+    keys = seq.continuation_keys(prompt)
+    assert keys == src.keys
+    for i, key in enumerate(keys[:3]):  # the fourth block stays missing
+        assert engine.pool.insert_cached(key, k[:, i], v[:, i])
+    assert engine.pool.cached_blocks == 3
+    logits, cached = engine.prefill_cached(seq, prompt)
+    assert cached == 3 * BS
+    assert torch.allclose(logits, full_logits(engine, prompt)[-1], atol=TOL)
+
+
+def test_insert_cached_refuses_when_every_block_is_referenced() -> None:
+    engine = Engine.from_config(tiny_config(), seed=1, block_size=BS, max_kv_tokens=2 * BS, digest="d0")
+    seq = engine.new_sequence()
+    engine.prefill(seq, ids(2 * BS, seed=13))
+    shape = engine.pool.block_shape
+    assert not engine.pool.insert_cached(bytes(32), torch.zeros(shape), torch.zeros(shape))
+
+
+def test_continuation_keys_leave_the_last_token_and_need_a_block_boundary(engine: Engine) -> None:
+    prompt = ids(2 * BS, seed=14)
+    seq = engine.new_sequence()
+    assert len(seq.continuation_keys(prompt)) == 1  # the last token is always computed
+    assert len(seq.continuation_keys(prompt, keep=0)) == 2
+    engine.prefill(seq, prompt[:3])
+    assert seq.continuation_keys(prompt[3:]) == []  # mid-block: nothing to adopt
+
+
+def test_a_verify_round_resent_whole_adopts_the_cached_prefix(engine: Engine) -> None:
+    """After a failover the gateway re-sends the whole session as one round's new tokens: the
+    round shares the prefix blocks another sequence holds and decides exactly as a fresh one."""
+    history = ids(3 * BS + 2, seed=15)
+    tree_tokens, tree_parents = ids(4, 16), [-1, 0, -1, 2]
+
+    def round_on(seq: SequenceKV):
+        return verify_round(
+            engine, seq, history, tree_tokens, tree_parents, {}, SamplingConfig(), Rule.GREEDY, None
+        )
+
+    fresh = round_on(engine.new_sequence())
+    held = engine.new_sequence()
+    engine.prefill(held, history)
+    again = engine.new_sequence()
+    result = round_on(again)
+    assert again.blocks[:3] == held.blocks[:3]  # shared, not recomputed
+    assert (result.acceptance.path, result.acceptance.next_token) == (
+        fresh.acceptance.path,
+        fresh.acceptance.next_token,
+    )
+    assert again.tokens == history + [tree_tokens[i] for i in result.acceptance.path]
