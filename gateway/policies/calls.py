@@ -4,8 +4,9 @@ Every session-carrying call goes to the replica that holds the session (affinity
 is retried under a fresh session id with the whole sequence as new tokens (a re-prefill) when:
 
 * the replica answers FAILED_PRECONDITION: it lost or never had the session (once per call);
-* the replica is gone (UNAVAILABLE, or its health watch reports it down): the session moves to
-  the least-loaded other replica, which prefills the whole sequence;
+* the replica is gone (UNAVAILABLE; CANCELLED that the gateway did not ask for, which is what
+  a call in flight gets when its server stops; or its health watch reports it down): the
+  session moves to the least-loaded other replica, which prefills the whole sequence;
 * the replica is slow: the attempt's deadline (``ctx.timeout()``, bounded by the gateway's
   ``attempt_timeout_s``) fires while the request still has time and another replica is there;
   the slow one is left out of choice for a moment (as after UNAVAILABLE) and the session moves.
@@ -32,6 +33,13 @@ from .context import PolicyContext
 log = logging.getLogger("specmesh.gateway")
 
 
+def replica_gone(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed upstream call says its replica went away. A server that stops cancels
+    the calls in flight, so the client sees CANCELLED; a call the gateway cancels itself raises
+    ``asyncio.CancelledError`` instead and never reaches here."""
+    return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 async def session_call(
     ctx: PolicyContext,
     method: str,
@@ -43,7 +51,7 @@ async def session_call(
     `sequence` (what the session holds after its pending tokens) where it has to. The call's
     client span is a child of the current span."""
     pool = ctx.pools[session.role]
-    failed: list[str] = []  # replicas that answered UNAVAILABLE during this call
+    failed: list[str] = []  # replicas that went away (or timed out) during this call
     resynced = False
     last_error: grpc.aio.AioRpcError | None = None
     while True:
@@ -70,7 +78,7 @@ async def session_call(
         try:
             return await getattr(replica.stub, method)(make(session.ref()), timeout=ctx.timeout())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE or (
+            if replica_gone(exc) or (
                 exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 and _retry_elsewhere(ctx, pool, failed, replica)
             ):

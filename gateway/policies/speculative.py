@@ -39,7 +39,7 @@ from ..budget import AdaptiveBudget, Budget, budget_to_proto, cap_budget, strate
 from ..errors import UpstreamError
 from ..record import RequestRecord, draft_seed
 from ..stats import tree_depth
-from .calls import session_call
+from .calls import replica_gone, session_call
 from .context import PolicyContext, emit
 
 log = logging.getLogger("specmesh.gateway")
@@ -95,7 +95,7 @@ async def speculative_round(ctx: PolicyContext, record: RequestRecord, budget: B
         except Unavailable as exc:
             raise DraftDown(str(exc)) from exc
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            if not replica_gone(exc):
                 raise
             raise DraftDown(exc.details() or "draft unavailable") from exc
     proposed = time.perf_counter()

@@ -13,6 +13,7 @@ from specmesh.v1 import common_pb2, gateway_pb2, target_pb2
 from ..errors import UpstreamError
 from ..record import RequestRecord
 from ..stats import SpecCounter
+from .calls import replica_gone
 from .context import PolicyContext
 
 
@@ -51,7 +52,7 @@ async def target_loop(ctx: PolicyContext, record: RequestRecord) -> AsyncIterato
                 yield gateway_pb2.GenerateChunk(token_ids=tokens, text=response.text)
             raise UpstreamError("the target's Generate stream ended without a finish reason")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or record.tokens:
+            if not replica_gone(exc) or record.tokens:
                 raise
             pool.mark_down(replica)
             failed.append(replica.address)

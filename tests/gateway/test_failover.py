@@ -4,6 +4,8 @@ one, which re-prefills; the output is the one an uninterrupted request produces.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from servers import ServerThread
@@ -55,10 +57,27 @@ async def _stop_watching(pool) -> None:
         replica.watch.cancel()
 
 
-@pytest.mark.parametrize("noticed_by", ["health watch", "failed call"])
+def _fake_at(replicas, address: str):
+    """The toy target servicer behind the server listening on `address`."""
+    (fake,) = [f for f, s in zip(replicas["fakes"], replicas["targets"], strict=True) if s.address == address]
+    return fake
+
+
+def _wait_for_a_hanging_verify(fake) -> None:
+    """Make `fake`'s next Verify hang and return once it has started (so a stop lands mid-call)."""
+    seen = len(fake.calls)
+    fake.delay_s = 30.0
+    deadline = time.monotonic() + 10
+    while len(fake.calls) <= seen and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(fake.calls) > seen, "the gateway sent no further Verify"
+
+
+@pytest.mark.parametrize("noticed_by", ["health watch", "failed call", "call in flight"])
 def test_a_target_replica_that_goes_away_mid_request_changes_nothing(replicas, noticed_by) -> None:
     """Either the health watch reports the replica gone before the next round, or (watch stopped)
-    the next round's Verify fails with UNAVAILABLE and is re-sent to the other replica."""
+    the next round's Verify fails with UNAVAILABLE, or the replica stops while a Verify is in
+    flight (the call ends CANCELLED); each time the round is re-sent to the other replica."""
     stub, thread = replicas["stub"], replicas["thread"]
     uninterrupted = stub.Generate(_request(), timeout=30)
     assert len(uninterrupted.token_ids) == MAX_NEW
@@ -69,9 +88,14 @@ def test_a_target_replica_that_goes_away_mid_request_changes_nothing(replicas, n
     for _ in range(3):  # three rounds in, the request's target session lives on one replica
         tokens += next(stream).token_ids
     (holder,) = [r for r in pool.replicas if r.sessions > 0]
-    if noticed_by == "failed call":
+    if noticed_by != "health watch":
         thread.call(_stop_watching(pool))
     victim = next(s for s in replicas["targets"] if s.address == holder.address)
+    if noticed_by == "call in flight":
+        (victim_fake,) = [
+            f for f, s in zip(replicas["fakes"], replicas["targets"], strict=True) if s is victim
+        ]
+        _wait_for_a_hanging_verify(victim_fake)
     thread.call(victim.stop(grace=0))
     last = None
     for chunk in stream:
@@ -89,3 +113,20 @@ def test_a_target_replica_that_goes_away_mid_request_changes_nothing(replicas, n
     assert len(resent) == 1 and resent[0].new_tokens[:3] == [5, 9, 11], resent
     assert pool.moves == 1
     assert not holder.available  # the gateway stopped choosing the replica that went away
+
+
+def test_a_cancelled_verify_moves_the_round_to_the_other_replica(replicas) -> None:
+    """A server that stops mid-call may end the call CANCELLED rather than UNAVAILABLE (which of
+    the two the client sees depends on whether its GOAWAY or the stream reset arrives first);
+    the gateway takes either as the replica going away and re-sends the round elsewhere."""
+    stub = replicas["stub"]
+    uninterrupted = stub.Generate(_request(), timeout=30)
+    pool = replicas["gateway"].servicer.pools["target"]
+    stream = stub.GenerateStream(_request(), timeout=30)
+    tokens = list(next(stream).token_ids)
+    (holder,) = [r for r in pool.replicas if r.sessions > 0]
+    _fake_at(replicas, holder.address).fail_verify = grpc.StatusCode.CANCELLED
+    for chunk in stream:
+        tokens += chunk.token_ids
+    assert tokens == list(uninterrupted.token_ids)
+    assert pool.moves == 1
