@@ -46,6 +46,12 @@ ACCEPTED_LENGTH = "specmesh.spec.accepted_length"
 SESSION_STORE_ERRORS = "specmesh.session_store.errors"
 RESUMED = "specmesh.resumed"  # span attribute: the request resumed an earlier stream
 # span attributes: no draft replica answered, so the round ran on the target alone
+# policy r2r, on the request span (running totals)
+ROUTE_THRESHOLD = "specmesh.route.threshold"
+ROUTE_ROUTER_CALLS = "specmesh.route.router_calls"
+ROUTE_TARGET_TOKENS = "specmesh.route.target_tokens"
+ROUTE_DRAFT_TOKENS = "specmesh.route.draft_tokens"
+ROUTE_CATCH_UP_TOKENS = "specmesh.route.catch_up_tokens"
 DRAFT_FALLBACK = "specmesh.spec.draft_fallback"
 DRAFT_FALLBACK_ROUNDS = "specmesh.spec.draft_fallback_rounds"
 

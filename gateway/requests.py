@@ -36,6 +36,7 @@ class Plan:
     budget: Budget | None = None
     adaptive: bool = False
     vocab_limit: int = 0
+    route_threshold: float | None = None  # r2r: the request's threshold (None: the router's)
 
     @property
     def seed(self) -> int:
@@ -115,9 +116,15 @@ def validate(
         raise OutOfRange(
             f"must be in [0, {vocab}] (0 = full vocabulary), got {vocab_limit}", "spec.vocab_limit"
         )
-    if policy == gateway_pb2.POLICY_DRAFT:
+    route_threshold = check_route(request, policy)
+    if policy in (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_R2R):
         chunk = max(1, config.draft_chunk)
-        return replace(plan, budget=Budget(max_nodes=chunk, max_depth=chunk), vocab_limit=vocab_limit)
+        return replace(
+            plan,
+            budget=Budget(max_nodes=chunk, max_depth=chunk),
+            vocab_limit=vocab_limit,
+            route_threshold=route_threshold,
+        )
 
     strategy = spec.strategy or config.default_strategy
     if strategy not in STRATEGY_BY_WIRE:
@@ -141,9 +148,24 @@ def validate(
     )
 
 
+def check_route(request: gateway_pb2.GatewayGenerateRequest, policy: int) -> float | None:
+    """The r2r threshold a request asks for (None: the router's own); `route` is refused with
+    any other policy rather than ignored."""
+    if not request.HasField("route"):
+        return None
+    if policy != gateway_pb2.POLICY_R2R:
+        raise InvalidArgument(f"route is for policy r2r, not {policy_name(policy)}; leave it unset", "route")
+    if not request.route.HasField("threshold"):
+        return None
+    threshold = request.route.threshold
+    if not 0.0 <= threshold <= 1.0:  # NaN fails too
+        raise InvalidArgument(f"must be in [0, 1], got {threshold}", "route.threshold")
+    return threshold
+
+
 def check_quality(quality: int, policy: int) -> None:
     """`quality` is honoured or refused, never ignored: EXACT holds for every served policy but
-    draft; HIGH and FAST are for policy auto (choosing a policy per request), not served yet."""
+    draft and r2r; HIGH and FAST are for policy auto (choosing a policy per request), not served yet."""
     if quality not in gateway_pb2.Quality.values():
         raise InvalidArgument(f"unknown quality {quality}", "quality")
     if quality in (gateway_pb2.QUALITY_HIGH, gateway_pb2.QUALITY_FAST):
@@ -152,10 +174,10 @@ def check_quality(quality: int, policy: int) -> None:
             "chooses a policy per request; leave quality unset (or EXACT) and pick the policy",
             "quality",
         )
-    if quality == gateway_pb2.QUALITY_EXACT and policy == gateway_pb2.POLICY_DRAFT:
+    if quality == gateway_pb2.QUALITY_EXACT and policy in (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_R2R):
         raise InvalidArgument(
-            "QUALITY_EXACT (the target's output distribution) contradicts policy draft (the small "
-            "model alone); use policy target or speculative",
+            f"QUALITY_EXACT (the target's output distribution) contradicts policy {policy_name(policy)} "
+            "(the small model's tokens, not the target's); use policy target or speculative",
             "quality",
         )
 
@@ -167,9 +189,17 @@ DRAFT_WARNING = (
 )
 
 
+R2R_WARNING = (
+    "policy r2r: this text is the small draft model's except where its router sent a token to "
+    "the target model (quality close to, not equal to, the target's); policy speculative gives "
+    "the target's output exactly"
+)
+
+
 def plan_warnings(plan: Plan) -> list[str]:
     """What a client should be told about a request's output."""
-    return [DRAFT_WARNING] if plan.policy == gateway_pb2.POLICY_DRAFT else []
+    warnings = {gateway_pb2.POLICY_DRAFT: DRAFT_WARNING, gateway_pb2.POLICY_R2R: R2R_WARNING}
+    return [warnings[plan.policy]] if plan.policy in warnings else []
 
 
 # fields a resume request must leave unset: the session's record already holds them

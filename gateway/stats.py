@@ -13,7 +13,9 @@
   ended on a leaf; path_acceptance_rate = accepted_tokens / verified_path_tokens, the per-token
   acceptance a chain reports (alpha in Leviathan et al. 2211.17192);
 * rounds_by_depth[d-1] / accepted_by_depth[d-1]: rounds whose tree reached depth d, and those of
-  them that accepted a token at depth d.
+  them that accepted a token at depth d;
+* r2r: routed_tokens (the target's tokens in the output), router_calls (draft tokens the router
+  scored) and catch_up_tokens (tokens the target prefilled to catch up before each routed one).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class SpecCounter:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    routed: int = 0
+    routed: int = 0  # r2r: tokens the target produced in place of a routed draft token
+    router_calls: int = 0  # r2r: draft tokens the router scored
+    catch_up: int = 0  # r2r: tokens the target prefilled before producing a routed token
     verified_path: int = 0
     depth_rounds: list[int] = field(default_factory=list)
     depth_accepted: list[int] = field(default_factory=list)
@@ -72,6 +76,8 @@ class SpecCounter:
             mean_accepted_length=self.tau,
             acceptance_rate=self.acceptance_rate,
             routed_tokens=self.routed,
+            router_calls=self.router_calls,
+            catch_up_tokens=self.catch_up,
             verified_path_tokens=self.verified_path,
             path_acceptance_rate=self.path_acceptance_rate,
             rounds_by_depth=self.depth_rounds,

@@ -18,6 +18,7 @@ from ..config import POLICY_BY_WIRE
 from ..record import RequestRecord
 from .context import PolicyContext
 from .draft import draft_loop
+from .r2r import r2r_loop
 from .speculative import speculative_loop
 from .target import target_loop
 
@@ -27,6 +28,7 @@ LOOPS: dict[Policy, Loop] = {
     Policy.TARGET: target_loop,
     Policy.DRAFT: draft_loop,
     Policy.SPECULATIVE: speculative_loop,
+    Policy.R2R: r2r_loop,
 }
 
 

@@ -20,6 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.core.route_cut import routed  # re-exported: training and serving cut chains alike
+
+__all__ = ["DEFAULT_TOP_K", "DEFAULT_WIDTH", "RouterNet", "routed", "router_inputs"]
+
 DEFAULT_TOP_K = 32  # R2R feeds the top-100 logits; 32 keeps the router's input at 2H + 32
 DEFAULT_WIDTH = 256
 
@@ -71,10 +75,3 @@ class RouterNet(nn.Module):
             [self.norm_hidden(hidden), self.norm_embedding(embedding), self.norm_top(top_logprobs)], dim=-1
         )
         return self.mlp(x).squeeze(-1)
-
-
-def routed(divergence: list[float], threshold: float) -> int:
-    """How many of a chain's tokens the small model keeps: the index of the first token whose
-    divergence probability exceeds `threshold` (that one goes to the large model), or the
-    chain's length when none does."""
-    return next((i for i, d in enumerate(divergence) if d > threshold), len(divergence))

@@ -31,8 +31,11 @@ class Session:
     # (request fingerprint, reply) of the last state-changing call, so an identical retry
     # (e.g. after a lost response) gets the same reply instead of FAILED_PRECONDITION.
     last_reply: tuple[bytes, Any] | None = None
-    # Next-token logits after the last token in the KV cache (drafts reuse them as the root).
+    # Next-token logits [C] and final hidden state [H] after the first `logits_at` tokens of
+    # the KV cache (drafts reuse them as the root; a routed chain's router reads the hidden).
     last_logits: Any = None
+    last_hidden: Any = None
+    logits_at: int = -1
 
     @property
     def length(self) -> int:

@@ -57,11 +57,12 @@ class Strategy(StrEnum):
 
 
 class Policy(StrEnum):
-    """Which models generate a gateway request's tokens (r2r and auto will join)."""
+    """Which models generate a gateway request's tokens (auto will join)."""
 
     TARGET = "target"  # the large model alone (the baseline)
     DRAFT = "draft"  # the small model alone
     SPECULATIVE = "speculative"  # the draft proposes, the target verifies (lossless)
+    R2R = "r2r"  # the draft generates; tokens its router flags come from the target
 
     @property
     def wire(self) -> str:

@@ -56,10 +56,6 @@ def check_served_fields(request: draft_pb2.ProposeRequest) -> None:
             "EAGLE-style draft is loaded); leave it unset",
             "target_hidden_states",
         )
-    if request.route:
-        raise InvalidArgument(
-            "is not served yet: no r2r router is loaded in this draft service; leave it false", "route"
-        )
 
 
 def check_tree_room(length: int, budget: Budget, max_context: int) -> None:

@@ -3,11 +3,15 @@ thread, sessions, replay and Release come from services.runtime.model_servicer."
 
 from __future__ import annotations
 
-from services.core.drafting import Drafter, add_prompt_lookup, prompt_lookup_tree
+import torch
+
+from services.core.drafting import Drafter, add_prompt_lookup, multinomial_draw, prompt_lookup_tree
 from services.core.engine import Engine
 from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.routed_drafting import TokenRouter, draft_routed_chain, reconcile
 from services.core.sampling import round_generator
 from services.core.sessions import Session
+from services.core.spec import Rule
 from services.core.strategies import DEFAULT_STRATEGY, Budget, Strategy
 from services.draft.convert import (
     RULES,
@@ -40,6 +44,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         license: str = "",
         worker: EngineWorker | None = None,
         batching: bool = True,
+        router: TokenRouter | None = None,
     ) -> None:
         super().__init__(
             engine,
@@ -51,6 +56,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         )
         self.default_strategy = default_strategy
         self.drafter = Drafter(engine)
+        self.router = router  # policy r2r's token router (None: routed proposals are refused)
 
     def _commit(self, ref: common_pb2.SessionRef, *, model: bool, budget: Budget | None = None) -> Session:
         """Append new tokens to the session's history; their KV is computed lazily (a model-free
@@ -68,13 +74,23 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         turn.session.commit(turn.new)
         return turn.session
 
-    def _root_logits(self, session: Session):
-        pending = session.tokens[session.seq.length :]
+    def _root(self, session: Session) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [C], hidden [H]) after the session's last committed token, computing only
+        what the KV does not hold yet. KV a routed chain wrote ahead of the history stays where
+        the history confirms it and is cut where it does not."""
+        seq = session.seq
+        held = reconcile(seq, session.tokens)
+        if held == session.length and session.logits_at != held:
+            if held == 0:
+                raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
+            seq.truncate(held - 1)  # the KV is there but not the logits after it: redo the last token
+        pending = session.tokens[seq.length :]
         if pending:
-            session.last_logits, _ = self.engine.prefill_cached(session.seq, pending)
-        if session.last_logits is None:
-            raise FailedPrecondition(NO_TOKENS, "session.new_tokens")
-        return session.last_logits
+            cached = self.engine.adopt_cached(seq, pending)
+            logits, hidden = self.engine.forward([seq], [pending[cached:]], last_only=True)
+            session.last_logits, session.last_hidden = logits[0][-1], hidden[0][-1]
+            session.logits_at = seq.length
+        return session.last_logits, session.last_hidden
 
     async def Prefill(
         self, request: draft_pb2.DraftPrefillRequest, context
@@ -84,7 +100,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
 
         def run() -> int:
             session = self._commit(request.session, model=True)
-            self._root_logits(session)
+            self._root(session)
             return session.length
 
         length = await self._on_engine(clock, run, key=request.session.session_id)
@@ -106,6 +122,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
                 f"must be in [0, {columns}] (the draft's vocabulary; 0 = all), got {request.vocab_limit}",
                 "vocab_limit",
             )
+        threshold = self._route_threshold(request, strategy, budget)
         fingerprint = self._fingerprint(request)
 
         def run() -> draft_pb2.ProposeResponse:
@@ -114,13 +131,14 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
                 return replay
             model = strategy is not Strategy.PROMPT_LOOKUP
             session = self._commit(request.session, model=model, budget=budget)
+            gen = round_generator(request.random.seed, request.random.counter, domain="draft")
+            if request.route:
+                return self._routed(session, budget, sampling, gen, threshold, request.vocab_limit)
             if strategy is Strategy.PROMPT_LOOKUP:
                 tree = prompt_lookup_tree(session.tokens, budget, sampling)
             else:
-                gen = round_generator(request.random.seed, request.random.counter, domain="draft")
-                tree = self.drafter.propose(
-                    session.seq, self._root_logits(session), strategy, budget, sampling, gen
-                )
+                logits, _ = self._root(session)
+                tree = self.drafter.propose(session.seq, logits, strategy, budget, sampling, gen)
                 if budget.lookup_tokens:
                     add_prompt_lookup(tree, session.tokens, budget.lookup_tokens)
             reply = draft_pb2.ProposeResponse(
@@ -130,3 +148,59 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             return reply
 
         return self._timed(await self._on_engine(clock, run, key=request.session.session_id), clock)
+
+    def _route_threshold(
+        self, request: draft_pb2.ProposeRequest, strategy: Strategy, budget: Budget
+    ) -> float:
+        """The threshold a routed request cuts its chain at, after refusing what a routed
+        request cannot ask for (0.0 for requests that do not route)."""
+        if not request.route:
+            if request.HasField("route_threshold"):
+                raise InvalidArgument(
+                    "is for routed proposals; set route=true or leave it unset", "route_threshold"
+                )
+            return 0.0
+        if self.router is None:
+            raise FailedPrecondition(
+                "this draft service has no router loaded: start it with --router DIR "
+                "(train one with `specmesh train router`)",
+                "route",
+            )
+        if strategy is not Strategy.CHAIN or budget.lookup_tokens:
+            raise InvalidArgument(
+                f"a routed proposal is a CHAIN without lookup tokens, got {strategy.wire} with "
+                f"{budget.lookup_tokens} lookup tokens",
+                "strategy",
+            )
+        if not request.HasField("route_threshold"):
+            return self.router.threshold
+        threshold = request.route_threshold
+        if not 0.0 <= threshold <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"must be in [0, 1], got {threshold}", "route_threshold")
+        return threshold
+
+    def _routed(self, session: Session, budget: Budget, sampling, gen, threshold: float, vocab_limit: int):
+        """A routed chain (R2R): drafted into the session's KV, cut at the first routed token."""
+        assert self.router is not None
+        chain, (logits, hidden) = draft_routed_chain(
+            self.engine,
+            session.seq,
+            self._root(session),
+            budget.max_nodes,
+            sampling,
+            multinomial_draw(gen),
+            self.router.divergence,
+            threshold,
+            vocab_limit,
+        )
+        session.last_logits, session.last_hidden, session.logits_at = logits, hidden, session.seq.length
+        tree = common_pb2.TokenTree(
+            tokens=chain.tokens, parents=list(range(-1, len(chain.tokens) - 1)), draft_logprobs=chain.logprobs
+        )
+        return draft_pb2.ProposeResponse(
+            tree=tree,
+            session_length=session.length,
+            divergence=chain.divergence,
+            route_threshold=threshold,
+            rule=RULES[Rule.GREEDY if sampling.greedy else Rule.CHAIN],
+        )

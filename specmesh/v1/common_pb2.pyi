@@ -203,7 +203,7 @@ class TreeBudget(_message.Message):
     def __init__(self, max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., branching: _Optional[int] = ..., num_candidates: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens", "verified_path_tokens", "path_acceptance_rate", "rounds_by_depth", "accepted_by_depth")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens", "verified_path_tokens", "path_acceptance_rate", "rounds_by_depth", "accepted_by_depth", "router_calls", "catch_up_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class SpecStats(_message.Message):
     PATH_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_BY_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_BY_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -224,7 +226,9 @@ class SpecStats(_message.Message):
     path_acceptance_rate: float
     rounds_by_depth: _containers.RepeatedScalarFieldContainer[int]
     accepted_by_depth: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., routed_tokens: _Optional[int] = ..., verified_path_tokens: _Optional[int] = ..., path_acceptance_rate: _Optional[float] = ..., rounds_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ...) -> None: ...
+    router_calls: int
+    catch_up_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., routed_tokens: _Optional[int] = ..., verified_path_tokens: _Optional[int] = ..., path_acceptance_rate: _Optional[float] = ..., rounds_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., router_calls: _Optional[int] = ..., catch_up_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "vocab_size", "max_context", "digest", "dtype", "parameters", "license")

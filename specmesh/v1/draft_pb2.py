@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/draft.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"N\n\x13\x44raftPrefillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\"S\n\x14\x44raftPrefillResponse\x12\x16\n\x0esession_length\x18\x01 \x01(\x05\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\xd1\x02\n\x0eProposeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12,\n\x08strategy\x18\x03 \x01(\x0e\x32\x1a.specmesh.v1.DraftStrategy\x12\'\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x17.specmesh.v1.TreeBudget\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x06random\x18\x06 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\x05\x12\x31\n\x14target_hidden_states\x18\x08 \x01(\x0b\x32\x13.specmesh.v1.Tensor\x12\r\n\x05route\x18\t \x01(\x08\"\xb3\x01\n\x0fProposeResponse\x12$\n\x04tree\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x16\n\x0esession_length\x18\x02 \x01(\x05\x12\x12\n\ndivergence\x18\x03 \x03(\x02\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\x12)\n\x04rule\x18\x05 \x01(\x0e\x32\x1b.specmesh.v1.AcceptanceRule2\xb4\x02\n\x0c\x44raftService\x12H\n\x0cGetModelInfo\x12 .specmesh.v1.GetModelInfoRequest\x1a\x16.specmesh.v1.ModelInfo\x12N\n\x07Prefill\x12 .specmesh.v1.DraftPrefillRequest\x1a!.specmesh.v1.DraftPrefillResponse\x12\x44\n\x07Propose\x12\x1b.specmesh.v1.ProposeRequest\x1a\x1c.specmesh.v1.ProposeResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specmesh/v1/draft.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"N\n\x13\x44raftPrefillRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\"S\n\x14\x44raftPrefillResponse\x12\x16\n\x0esession_length\x18\x01 \x01(\x05\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Timing\"\x83\x03\n\x0eProposeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x07session\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.SessionRef\x12,\n\x08strategy\x18\x03 \x01(\x0e\x32\x1a.specmesh.v1.DraftStrategy\x12\'\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x17.specmesh.v1.TreeBudget\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12)\n\x06random\x18\x06 \x01(\x0b\x32\x19.specmesh.v1.RandomStream\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\x05\x12\x31\n\x14target_hidden_states\x18\x08 \x01(\x0b\x32\x13.specmesh.v1.Tensor\x12\r\n\x05route\x18\t \x01(\x08\x12\x1c\n\x0froute_threshold\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_route_threshold\"\xcc\x01\n\x0fProposeResponse\x12$\n\x04tree\x18\x01 \x01(\x0b\x32\x16.specmesh.v1.TokenTree\x12\x16\n\x0esession_length\x18\x02 \x01(\x05\x12\x12\n\ndivergence\x18\x03 \x03(\x02\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.specmesh.v1.Timing\x12)\n\x04rule\x18\x05 \x01(\x0e\x32\x1b.specmesh.v1.AcceptanceRule\x12\x17\n\x0froute_threshold\x18\x06 \x01(\x02\x32\xb4\x02\n\x0c\x44raftService\x12H\n\x0cGetModelInfo\x12 .specmesh.v1.GetModelInfoRequest\x1a\x16.specmesh.v1.ModelInfo\x12N\n\x07Prefill\x12 .specmesh.v1.DraftPrefillRequest\x1a!.specmesh.v1.DraftPrefillResponse\x12\x44\n\x07Propose\x12\x1b.specmesh.v1.ProposeRequest\x1a\x1c.specmesh.v1.ProposeResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTPREFILLRESPONSE']._serialized_start=146
   _globals['_DRAFTPREFILLRESPONSE']._serialized_end=229
   _globals['_PROPOSEREQUEST']._serialized_start=232
-  _globals['_PROPOSEREQUEST']._serialized_end=569
-  _globals['_PROPOSERESPONSE']._serialized_start=572
-  _globals['_PROPOSERESPONSE']._serialized_end=751
-  _globals['_DRAFTSERVICE']._serialized_start=754
-  _globals['_DRAFTSERVICE']._serialized_end=1062
+  _globals['_PROPOSEREQUEST']._serialized_end=619
+  _globals['_PROPOSERESPONSE']._serialized_start=622
+  _globals['_PROPOSERESPONSE']._serialized_end=826
+  _globals['_DRAFTSERVICE']._serialized_start=829
+  _globals['_DRAFTSERVICE']._serialized_end=1137
 # @@protoc_insertion_point(module_scope)

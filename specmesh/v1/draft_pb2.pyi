@@ -24,7 +24,7 @@ class DraftPrefillResponse(_message.Message):
     def __init__(self, session_length: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("model", "session", "strategy", "budget", "sampling", "random", "vocab_limit", "target_hidden_states", "route")
+    __slots__ = ("model", "session", "strategy", "budget", "sampling", "random", "vocab_limit", "target_hidden_states", "route", "route_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ProposeRequest(_message.Message):
     VOCAB_LIMIT_FIELD_NUMBER: _ClassVar[int]
     TARGET_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     session: _common_pb2.SessionRef
     strategy: _common_pb2.DraftStrategy
@@ -43,18 +44,21 @@ class ProposeRequest(_message.Message):
     vocab_limit: int
     target_hidden_states: _common_pb2.Tensor
     route: bool
-    def __init__(self, model: _Optional[str] = ..., session: _Optional[_Union[_common_pb2.SessionRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.DraftStrategy, str]] = ..., budget: _Optional[_Union[_common_pb2.TreeBudget, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., random: _Optional[_Union[_common_pb2.RandomStream, _Mapping]] = ..., vocab_limit: _Optional[int] = ..., target_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., route: _Optional[bool] = ...) -> None: ...
+    route_threshold: float
+    def __init__(self, model: _Optional[str] = ..., session: _Optional[_Union[_common_pb2.SessionRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.DraftStrategy, str]] = ..., budget: _Optional[_Union[_common_pb2.TreeBudget, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., random: _Optional[_Union[_common_pb2.RandomStream, _Mapping]] = ..., vocab_limit: _Optional[int] = ..., target_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., route: _Optional[bool] = ..., route_threshold: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("tree", "session_length", "divergence", "timing", "rule")
+    __slots__ = ("tree", "session_length", "divergence", "timing", "rule", "route_threshold")
     TREE_FIELD_NUMBER: _ClassVar[int]
     SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     tree: _common_pb2.TokenTree
     session_length: int
     divergence: _containers.RepeatedScalarFieldContainer[float]
     timing: _common_pb2.Timing
     rule: _common_pb2.AcceptanceRule
-    def __init__(self, tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., session_length: _Optional[int] = ..., divergence: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., rule: _Optional[_Union[_common_pb2.AcceptanceRule, str]] = ...) -> None: ...
+    route_threshold: float
+    def __init__(self, tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., session_length: _Optional[int] = ..., divergence: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., rule: _Optional[_Union[_common_pb2.AcceptanceRule, str]] = ..., route_threshold: _Optional[float] = ...) -> None: ...

@@ -46,8 +46,14 @@ class SpecOptions(_message.Message):
     vocab_limit: int
     def __init__(self, strategy: _Optional[_Union[_common_pb2.DraftStrategy, str]] = ..., budget: _Optional[_Union[_common_pb2.TreeBudget, _Mapping]] = ..., adaptive: _Optional[bool] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
 
+class RouteOptions(_message.Message):
+    __slots__ = ("threshold",)
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    def __init__(self, threshold: _Optional[float] = ...) -> None: ...
+
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id", "resume_from")
+    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id", "resume_from", "route")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +62,7 @@ class GatewayGenerateRequest(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
@@ -64,7 +71,8 @@ class GatewayGenerateRequest(_message.Message):
     spec: SpecOptions
     session_id: str
     resume_from: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ...) -> None: ...
+    route: RouteOptions
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ..., route: _Optional[_Union[RouteOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "offset", "warnings")

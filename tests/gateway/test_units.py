@@ -380,7 +380,23 @@ def ids(*tokens: int) -> common_pb2.Prompt:
     [
         (dict(resume_from=2), InvalidArgument, "resume_from"),
         (dict(model="llama-70b"), InvalidArgument, "model"),
-        (dict(policy=gateway_pb2.POLICY_R2R), InvalidArgument, "policy"),
+        (dict(policy=gateway_pb2.POLICY_AUTO), InvalidArgument, "policy"),
+        (
+            dict(quality=gateway_pb2.QUALITY_EXACT, policy=gateway_pb2.POLICY_R2R),
+            InvalidArgument,
+            "quality",
+        ),
+        (dict(route=gateway_pb2.RouteOptions(threshold=0.5)), InvalidArgument, "route"),
+        (
+            dict(policy=gateway_pb2.POLICY_R2R, route=gateway_pb2.RouteOptions(threshold=1.5)),
+            InvalidArgument,
+            "route.threshold",
+        ),
+        (
+            dict(policy=gateway_pb2.POLICY_R2R, route=gateway_pb2.RouteOptions(threshold=float("nan"))),
+            InvalidArgument,
+            "route.threshold",
+        ),
         (dict(policy=17), InvalidArgument, "policy"),
         (dict(quality=9), InvalidArgument, "quality"),
         # accepted and ignored before: HIGH / FAST are for policy auto, EXACT contradicts draft

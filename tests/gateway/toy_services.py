@@ -171,6 +171,9 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
     name: str = "toy-draft"
     miss_every: int = 4  # the draft is wrong where len(context) % miss_every == miss_every - 1 (0: never)
     empty: bool = False  # propose nothing (prompt lookup without a match)
+    # route=true: the toy router knows where the draft is wrong (divergence 0.9 there, 0.1
+    # elsewhere) and the chain stops at the first token above the threshold
+    route_threshold: float = 0.5
     sessions: dict[str, list[int]] = field(default_factory=dict)
     calls: list[draft_pb2.ProposeRequest] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
@@ -231,11 +234,21 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
                     parents.append(parent)
                 parent = first
                 path.append(best)
+        divergence: list[float] = []
+        threshold = request.route_threshold if request.HasField("route_threshold") else self.route_threshold
+        if request.route:
+            for i, token in enumerate(tokens):
+                divergence.append(0.9 if token != toy_next(seq + tokens[:i]) else 0.1)
+                if divergence[-1] > threshold:
+                    break
+            tokens, parents = tokens[: len(divergence)], parents[: len(divergence)]
         rule = common_pb2.ACCEPTANCE_RULE_GREEDY if request.sampling.temperature == 0 else 2
         return draft_pb2.ProposeResponse(
             tree=common_pb2.TokenTree(tokens=tokens, parents=parents, draft_logprobs=[0.0] * len(tokens)),
             session_length=len(seq),
             rule=rule,
+            divergence=divergence,
+            route_threshold=threshold if request.route else 0.0,
         )
 
     async def Release(self, request, context):

@@ -448,8 +448,9 @@ def test_propose_refuses_a_tree_that_does_not_fit_the_context(stack) -> None:
 
 
 def test_propose_refuses_fields_it_does_not_serve(stack) -> None:
-    """target_hidden_states (feature-based drafts) and route (r2r) are not served yet: a request
-    setting them is refused naming the field, not silently drafted without them."""
+    """target_hidden_states (feature-based drafts) is not served yet, and this draft service
+    loads no router: a request setting them is refused naming the field, not silently drafted
+    without them."""
     servicer, _, d_stub = stack
     prompt = servicer.tokenizer.encode("Hello there")
     hidden = servicer.engine.config.hidden_size
@@ -461,17 +462,25 @@ def test_propose_refuses_fields_it_does_not_serve(stack) -> None:
                 )
             ),
             "target_hidden_states",
+            "INVALID_ARGUMENT",
+            "not served yet",
         ),
-        (dict(target_hidden_states=common_pb2.Tensor()), "target_hidden_states"),
-        (dict(route=True), "route"),
+        (
+            dict(target_hidden_states=common_pb2.Tensor()),
+            "target_hidden_states",
+            "INVALID_ARGUMENT",
+            "not served yet",
+        ),
+        (dict(route=True), "route", "FAILED_PRECONDITION", "no router loaded"),
+        (dict(route_threshold=0.5), "route_threshold", "INVALID_ARGUMENT", "set route=true"),
     ]
-    for i, (fields, field) in enumerate(cases):
+    for i, (fields, field, status, phrase) in enumerate(cases):
         call = lambda fields=fields, i=i: d_stub.Propose(  # noqa: E731
             draft_pb2.ProposeRequest(session=ref(f"unserved-{i}", prompt, len(prompt)), **fields)
         )
         with pytest.raises(grpc.RpcError) as e:
             call()
         code, message, violations = status_details(e.value)
-        assert (code.name, [v.field for v in violations]) == ("INVALID_ARGUMENT", [field]), message
-        assert "not served yet" in message
+        assert (code.name, [v.field for v in violations]) == (status, [field]), message
+        assert phrase in message
         assert not released(d_stub, f"unserved-{i}")
