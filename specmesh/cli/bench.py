@@ -7,6 +7,7 @@ Subcommands:
   h2o      target perplexity under H2O KV budgets vs the full cache, on real texts
   image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
   load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
+  route    token routing (policy r2r) vs target, draft and speculative (specmesh/cli/bench_route.py)
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_kv_parser(bench_sub)
     from specmesh.cli import bench_image
     from specmesh.cli.bench_load import add_load_parser
+    from specmesh.cli.bench_route import add_route_parser
 
     bench_image.add_parser(bench_sub)
     add_load_parser(bench_sub)
+    add_route_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
