@@ -46,6 +46,9 @@ ACCEPTED_LENGTH = "specmesh.spec.accepted_length"
 SESSION_STORE_ERRORS = "specmesh.session_store.errors"
 RESUMED = "specmesh.resumed"  # span attribute: the request resumed an earlier stream
 # span attributes: no draft replica answered, so the round ran on the target alone
+# policy auto, on the request span: the policy it chose and why
+AUTO_POLICY = "specmesh.auto.policy"
+AUTO_REASON = "specmesh.auto.reason"
 # policy r2r, on the request span (running totals)
 ROUTE_THRESHOLD = "specmesh.route.threshold"
 ROUTE_ROUTER_CALLS = "specmesh.route.router_calls"

@@ -125,6 +125,9 @@ class RequestRecord:
                 "budget": asdict(plan.budget) if plan.budget is not None else None,
                 "adaptive": plan.adaptive,
                 "vocab_limit": plan.vocab_limit,
+                "route_threshold": plan.route_threshold,
+                "quality": gateway_pb2.Quality.Name(plan.quality),
+                "draft_routes": plan.draft_routes,
             },
             "max_context": self.max_context,
             "tokens": list(self.tokens),
@@ -154,6 +157,10 @@ class RequestRecord:
             budget=Budget(**p["budget"]) if p["budget"] is not None else None,
             adaptive=p["adaptive"],
             vocab_limit=p["vocab_limit"],
+            # absent from records of gateways before policies r2r and auto
+            route_threshold=p.get("route_threshold"),
+            quality=gateway_pb2.Quality.Value(p.get("quality", "QUALITY_UNSPECIFIED")),
+            draft_routes=p.get("draft_routes", False),
         )
         upstreams = {
             role: UpstreamSession(**{**s, "opened": [tuple(o) for o in s["opened"]]})

@@ -37,6 +37,8 @@ class Plan:
     adaptive: bool = False
     vocab_limit: int = 0
     route_threshold: float | None = None  # r2r: the request's threshold (None: the router's)
+    quality: int = gateway_pb2.QUALITY_UNSPECIFIED
+    draft_routes: bool = False  # the draft serves routed proposals (has a token router)
 
     @property
     def seed(self) -> int:
@@ -68,11 +70,20 @@ def validate(
             raise InvalidArgument(f"policy {policy_name(policy)} is not available yet; use {known}", "policy")
         raise InvalidArgument(f"unknown policy {policy}; use {known}", "policy")
     check_quality(request.quality, policy)
-    uses_draft = policy != gateway_pb2.POLICY_TARGET
+    # auto chooses among the policies the gateway can serve: target alone when it has no draft
+    uses_draft = policy not in (gateway_pb2.POLICY_TARGET, gateway_pb2.POLICY_AUTO)
     if uses_draft and not has_draft:
         raise FailedPrecondition(
             f"policy {policy_name(policy)} needs a draft service and this gateway has none "
             "(start it with --draft ADDR); use policy target",
+            "policy",
+        )
+    draft_routes = draft_info is not None and "route" in draft_info.features
+    if policy == gateway_pb2.POLICY_R2R and draft_info is not None and not draft_routes:
+        raise FailedPrecondition(
+            "policy r2r needs a draft service with a token router and this gateway's draft has none "
+            "(train one with `specmesh train router`, start the draft with --router DIR); use policy "
+            "speculative or draft",
             "policy",
         )
 
@@ -106,8 +117,11 @@ def validate(
         operation=operation,
         params=params,
         sampling=sampling,
+        quality=request.quality,
+        draft_routes=draft_routes,
+        route_threshold=check_route(request, policy),
     )
-    if policy == gateway_pb2.POLICY_TARGET:
+    if policy == gateway_pb2.POLICY_TARGET or (policy == gateway_pb2.POLICY_AUTO and not has_draft):
         return plan
 
     spec = request.spec
@@ -116,15 +130,8 @@ def validate(
         raise OutOfRange(
             f"must be in [0, {vocab}] (0 = full vocabulary), got {vocab_limit}", "spec.vocab_limit"
         )
-    route_threshold = check_route(request, policy)
     if policy in (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_R2R):
-        chunk = max(1, config.draft_chunk)
-        return replace(
-            plan,
-            budget=Budget(max_nodes=chunk, max_depth=chunk),
-            vocab_limit=vocab_limit,
-            route_threshold=route_threshold,
-        )
+        return replace(plan, budget=chunk_budget(config), vocab_limit=vocab_limit)
 
     strategy = spec.strategy or config.default_strategy
     if strategy not in STRATEGY_BY_WIRE:
@@ -148,13 +155,21 @@ def validate(
     )
 
 
+def chunk_budget(config: GatewayConfig) -> Budget:
+    """Policies draft and r2r: a chain of up to `draft_chunk` tokens per Propose call."""
+    chunk = max(1, config.draft_chunk)
+    return Budget(max_nodes=chunk, max_depth=chunk)
+
+
 def check_route(request: gateway_pb2.GatewayGenerateRequest, policy: int) -> float | None:
     """The r2r threshold a request asks for (None: the router's own); `route` is refused with
     any other policy rather than ignored."""
     if not request.HasField("route"):
         return None
-    if policy != gateway_pb2.POLICY_R2R:
-        raise InvalidArgument(f"route is for policy r2r, not {policy_name(policy)}; leave it unset", "route")
+    if policy not in (gateway_pb2.POLICY_R2R, gateway_pb2.POLICY_AUTO):
+        raise InvalidArgument(
+            f"route is for policies r2r and auto, not {policy_name(policy)}; leave it unset", "route"
+        )
     if not request.route.HasField("threshold"):
         return None
     threshold = request.route.threshold
@@ -165,13 +180,13 @@ def check_route(request: gateway_pb2.GatewayGenerateRequest, policy: int) -> flo
 
 def check_quality(quality: int, policy: int) -> None:
     """`quality` is honoured or refused, never ignored: EXACT holds for every served policy but
-    draft and r2r; HIGH and FAST are for policy auto (choosing a policy per request), not served yet."""
+    draft and r2r; HIGH and FAST are for policy auto, which chooses a policy from them."""
     if quality not in gateway_pb2.Quality.values():
         raise InvalidArgument(f"unknown quality {quality}", "quality")
-    if quality in (gateway_pb2.QUALITY_HIGH, gateway_pb2.QUALITY_FAST):
+    if quality in (gateway_pb2.QUALITY_HIGH, gateway_pb2.QUALITY_FAST) and policy != gateway_pb2.POLICY_AUTO:
         raise InvalidArgument(
-            f"{gateway_pb2.Quality.Name(quality)} is not served yet: it is for policy auto, which "
-            "chooses a policy per request; leave quality unset (or EXACT) and pick the policy",
+            f"{gateway_pb2.Quality.Name(quality)} is for policy auto, which chooses a policy per "
+            f"request from it; policy {policy_name(policy)} has a fixed quality (leave quality unset)",
             "quality",
         )
     if quality == gateway_pb2.QUALITY_EXACT and policy in (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_R2R):

@@ -24,13 +24,19 @@ from .pool import Replica, UpstreamPool
 from .record import RequestRecord, new_session_id
 from .requests import Plan, check_resume, plan_warnings, validate
 from .session_store import MemoryStore, SessionStore
+from .stats import RecentAcceptance
 
 log = logging.getLogger("specmesh.gateway")
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 RELEASE_TIMEOUT_S = 10.0
 TOKENIZER_TIMEOUT_S = 30.0
-_NEEDS_DRAFT = (gateway_pb2.POLICY_DRAFT, gateway_pb2.POLICY_SPECULATIVE)
+_NEEDS_DRAFT = (
+    gateway_pb2.POLICY_DRAFT,
+    gateway_pb2.POLICY_SPECULATIVE,
+    gateway_pb2.POLICY_R2R,
+    gateway_pb2.POLICY_AUTO,
+)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -61,6 +67,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
         self.ins = m.instruments(telemetry)
+        self.acceptance = RecentAcceptance()  # policy auto's view of how well the draft does
         self._infos: dict[str, common_pb2.ModelInfo] = {}
         self._load_lock = asyncio.Lock()
         self._releases: set[asyncio.Task] = set()
@@ -161,6 +168,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             response.token_ids.extend(chunk.token_ids)
             texts.append(chunk.text)
             response.warnings.extend(chunk.warnings)
+            if chunk.HasField("auto"):
+                response.auto.CopyFrom(chunk.auto)
             if chunk.finish_reason:
                 response.finish_reason = chunk.finish_reason
                 response.usage.CopyFrom(chunk.usage)
@@ -188,6 +197,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             span=span,
             timeout=timeout,
             deadline=deadline,
+            acceptance=self.acceptance,
         )
 
     async def plan(self, request: gateway_pb2.GatewayGenerateRequest) -> tuple[Plan, int]:
@@ -332,6 +342,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if record.finish:
                 reason = common_pb2.FinishReason.Name(record.finish).removeprefix("FINISH_REASON_").lower()
                 span.set_attribute(m.RESPONSE_FINISH_REASONS, [reason])
+                if plan.policy == gateway_pb2.POLICY_SPECULATIVE:
+                    self.acceptance.add(stats)
             attrs = {
                 m.REQUEST_MODEL: plan.model,
                 m.OPERATION: plan.operation,

@@ -91,3 +91,21 @@ def tree_depth(parents: list[int] | tuple[int, ...]) -> int:
     for i, p in enumerate(parents):
         depth.append(1 if p < 0 else (depth[p] + 1 if p < i else 1))
     return max(depth, default=0)
+
+
+class RecentAcceptance:
+    """A running estimate of speculative path acceptance across this gateway's requests (an
+    exponentially weighted mean, so it follows the traffic): policy auto's acceptance signal."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.value: float | None = None
+
+    def add(self, stats: SpecCounter) -> None:
+        """Fold in a finished speculative request (one that verified anything)."""
+        if stats.verified_path:
+            rate = stats.path_acceptance_rate
+            self.value = rate if self.value is None else (1 - self.weight) * self.value + self.weight * rate
+
+    def __call__(self) -> float | None:
+        return self.value

@@ -16,6 +16,7 @@ from specmesh.v1 import gateway_pb2
 
 from ..config import POLICY_BY_WIRE
 from ..record import RequestRecord
+from .auto import auto_loop
 from .context import PolicyContext
 from .draft import draft_loop
 from .r2r import r2r_loop
@@ -29,6 +30,7 @@ LOOPS: dict[Policy, Loop] = {
     Policy.DRAFT: draft_loop,
     Policy.SPECULATIVE: speculative_loop,
     Policy.R2R: r2r_loop,
+    Policy.AUTO: auto_loop,
 }
 
 

@@ -28,6 +28,8 @@ class PolicyContext:
     span: trace.Span  # the request's span; rounds and upstream calls are its children
     timeout: Callable[[], float | None]  # bound of one unary upstream call
     deadline: Callable[[], float | None]  # the client's remaining time (None: no deadline)
+    # recent speculative path acceptance across requests (None: none measured yet); policy auto
+    acceptance: Callable[[], float | None] | None = None
 
     def output(self, record: RequestRecord) -> OutputState:
         """Stop-rule state of `record`'s output, with the tokens it already emitted replayed."""

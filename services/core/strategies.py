@@ -57,12 +57,13 @@ class Strategy(StrEnum):
 
 
 class Policy(StrEnum):
-    """Which models generate a gateway request's tokens (auto will join)."""
+    """Which models generate a gateway request's tokens."""
 
     TARGET = "target"  # the large model alone (the baseline)
     DRAFT = "draft"  # the small model alone
     SPECULATIVE = "speculative"  # the draft proposes, the target verifies (lossless)
     R2R = "r2r"  # the draft generates; tokens its router flags come from the target
+    AUTO = "auto"  # one of the above per request, from the requested quality and cheap signals
 
     @property
     def wire(self) -> str:

@@ -58,6 +58,9 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         self.drafter = Drafter(engine)
         self.router = router  # policy r2r's token router (None: routed proposals are refused)
 
+    def features(self) -> list[str]:
+        return ["route"] if self.router is not None else []
+
     def _commit(self, ref: common_pb2.SessionRef, *, model: bool, budget: Budget | None = None) -> Session:
         """Append new tokens to the session's history; their KV is computed lazily (a model-free
         strategy never needs it). Every check that could refuse the call comes first, so a refused

@@ -103,7 +103,12 @@ class ModelServicer:
         )
         if self.reports_dtype:
             info.dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+        info.features.extend(self.features())
         return info
+
+    def features(self) -> list[str]:
+        """ModelInfo.features: what this service offers beyond its RPCs' basics."""
+        return []
 
     async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
         return self._model_info()

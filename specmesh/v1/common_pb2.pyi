@@ -231,7 +231,7 @@ class SpecStats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., routed_tokens: _Optional[int] = ..., verified_path_tokens: _Optional[int] = ..., path_acceptance_rate: _Optional[float] = ..., rounds_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., router_calls: _Optional[int] = ..., catch_up_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "vocab_size", "max_context", "digest", "dtype", "parameters", "license")
+    __slots__ = ("name", "family", "vocab_size", "max_context", "digest", "dtype", "parameters", "license", "features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     LICENSE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     vocab_size: int
@@ -248,7 +249,8 @@ class ModelInfo(_message.Message):
     dtype: str
     parameters: int
     license: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., digest: _Optional[str] = ..., dtype: _Optional[str] = ..., parameters: _Optional[int] = ..., license: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., digest: _Optional[str] = ..., dtype: _Optional[str] = ..., parameters: _Optional[int] = ..., license: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)

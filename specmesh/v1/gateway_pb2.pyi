@@ -34,6 +34,14 @@ QUALITY_EXACT: Quality
 QUALITY_HIGH: Quality
 QUALITY_FAST: Quality
 
+class AutoChoice(_message.Message):
+    __slots__ = ("policy", "reason")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    reason: str
+    def __init__(self, policy: _Optional[_Union[Policy, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class SpecOptions(_message.Message):
     __slots__ = ("strategy", "budget", "adaptive", "vocab_limit")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -75,7 +83,7 @@ class GatewayGenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ..., route: _Optional[_Union[RouteOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "offset", "warnings")
+    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "offset", "warnings", "auto")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +92,7 @@ class GenerateChunk(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: _common_pb2.FinishReason
@@ -92,10 +101,11 @@ class GenerateChunk(_message.Message):
     session_id: str
     offset: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ..., offset: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    auto: AutoChoice
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ..., offset: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "warnings")
+    __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "warnings", "auto")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +113,7 @@ class GatewayGenerateResponse(_message.Message):
     SPEC_STATS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: _common_pb2.FinishReason
@@ -110,7 +121,8 @@ class GatewayGenerateResponse(_message.Message):
     spec_stats: _common_pb2.SpecStats
     session_id: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    auto: AutoChoice
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., spec_stats: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., session_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., auto: _Optional[_Union[AutoChoice, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -309,7 +309,7 @@ def test_cancelled_stream_releases_sessions(stack) -> None:
         (req(max_new_tokens=500), grpc.StatusCode.OUT_OF_RANGE, "sampling.max_new_tokens"),
         (req(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt.token_ids.ids"),
         (req(temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
-        (req(policy=gateway_pb2.POLICY_AUTO), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
+        (req(policy=23), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
         (req(spec=gateway_pb2.SpecOptions(strategy=9)), grpc.StatusCode.INVALID_ARGUMENT, "spec.strategy"),
         (
             req(spec=gateway_pb2.SpecOptions(budget=common_pb2.TreeBudget(max_nodes=10_000))),

@@ -331,7 +331,7 @@ def test_adaptive_budget_does_not_grow_on_a_capped_round() -> None:
 # --- validation ----------------------------------------------------------------------------------
 
 TARGET = common_pb2.ModelInfo(name="toy-target", vocab_size=64, max_context=256)
-DRAFT = common_pb2.ModelInfo(name="toy-draft", vocab_size=64, max_context=128)
+DRAFT = common_pb2.ModelInfo(name="toy-draft", vocab_size=64, max_context=128, features=["route"])
 
 
 def request(**kw) -> gateway_pb2.GatewayGenerateRequest:
@@ -380,7 +380,7 @@ def ids(*tokens: int) -> common_pb2.Prompt:
     [
         (dict(resume_from=2), InvalidArgument, "resume_from"),
         (dict(model="llama-70b"), InvalidArgument, "model"),
-        (dict(policy=gateway_pb2.POLICY_AUTO), InvalidArgument, "policy"),
+        (dict(quality=gateway_pb2.QUALITY_FAST, policy=gateway_pb2.POLICY_R2R), InvalidArgument, "quality"),
         (
             dict(quality=gateway_pb2.QUALITY_EXACT, policy=gateway_pb2.POLICY_R2R),
             InvalidArgument,
@@ -399,7 +399,7 @@ def ids(*tokens: int) -> common_pb2.Prompt:
         ),
         (dict(policy=17), InvalidArgument, "policy"),
         (dict(quality=9), InvalidArgument, "quality"),
-        # accepted and ignored before: HIGH / FAST are for policy auto, EXACT contradicts draft
+        # HIGH / FAST are for policy auto, EXACT contradicts draft and r2r
         (dict(quality=gateway_pb2.QUALITY_HIGH), InvalidArgument, "quality"),
         (dict(quality=gateway_pb2.QUALITY_FAST), InvalidArgument, "quality"),
         (

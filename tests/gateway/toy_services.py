@@ -174,6 +174,8 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
     # route=true: the toy router knows where the draft is wrong (divergence 0.9 there, 0.1
     # elsewhere) and the chain stops at the first token above the threshold
     route_threshold: float = 0.5
+    routes: bool = True  # serves routed proposals (ModelInfo.features has "route")
+    logprob: float = 0.0  # the draft log-probability it reports for every proposed token
     sessions: dict[str, list[int]] = field(default_factory=dict)
     calls: list[draft_pb2.ProposeRequest] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
@@ -185,7 +187,13 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
         return t
 
     async def GetModelInfo(self, request, context):
-        return common_pb2.ModelInfo(name=self.name, family="llama", vocab_size=V, max_context=MAX_CONTEXT)
+        return common_pb2.ModelInfo(
+            name=self.name,
+            family="llama",
+            vocab_size=V,
+            max_context=MAX_CONTEXT,
+            features=["route"] if self.routes else [],
+        )
 
     def _chain(self, seq: list[int], first: int | None, depth: int) -> list[int]:
         out: list[int] = []
@@ -201,6 +209,8 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
             raise FailedPrecondition("length mismatch", "session.expected_length")
         if b.max_nodes < 1 or b.max_depth < 1:
             raise InvalidArgument("empty budget", "budget")
+        if request.route and not self.routes:
+            raise FailedPrecondition("no router loaded", "route")
         seq = have + list(ref.new_tokens)
         self.sessions[ref.session_id] = seq
         tokens: list[int] = []
@@ -244,7 +254,9 @@ class FakeDraft(draft_pb2_grpc.DraftServiceServicer):
             tokens, parents = tokens[: len(divergence)], parents[: len(divergence)]
         rule = common_pb2.ACCEPTANCE_RULE_GREEDY if request.sampling.temperature == 0 else 2
         return draft_pb2.ProposeResponse(
-            tree=common_pb2.TokenTree(tokens=tokens, parents=parents, draft_logprobs=[0.0] * len(tokens)),
+            tree=common_pb2.TokenTree(
+                tokens=tokens, parents=parents, draft_logprobs=[self.logprob] * len(tokens)
+            ),
             session_length=len(seq),
             rule=rule,
             divergence=divergence,

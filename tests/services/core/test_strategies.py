@@ -46,27 +46,27 @@ def test_imports_without_torch() -> None:
 
 def test_wire_names_match_the_protos() -> None:
     """Every strategy / policy names an enum value of the .proto, and every drafting strategy
-    of the .proto has a name here (policies: the ones served today)."""
+    and policy of the .proto has a name here."""
     proto_strategies = set(common_pb2.DraftStrategy.DESCRIPTOR.values_by_name)
     proto_strategies.discard("DRAFT_STRATEGY_UNSPECIFIED")
     assert {s.wire for s in Strategy} == proto_strategies
     proto_policies = set(gateway_pb2.Policy.DESCRIPTOR.values_by_name)
-    assert {p.wire for p in Policy} <= proto_policies
-    assert {"POLICY_TARGET", "POLICY_DRAFT", "POLICY_SPECULATIVE"} == {p.wire for p in Policy}
+    proto_policies.discard("POLICY_UNSPECIFIED")
+    assert {p.wire for p in Policy} == proto_policies
 
 
 def test_spellings() -> None:
     assert STRATEGY_NAMES == ("chain", "static_tree", "dynamic_tree", "multi_candidate", "prompt_lookup")
     assert STRATEGY_CLI_NAMES == ("chain", "static-tree", "dynamic-tree", "multi-candidate", "prompt-lookup")
-    assert POLICY_NAMES == ("target", "draft", "speculative")
+    assert POLICY_NAMES == ("target", "draft", "speculative", "r2r", "auto")
     for s in Strategy:
         assert parse_strategy(s.value) is parse_strategy(s.cli) is parse_strategy(s.cli.upper()) is s
     with pytest.raises(InvalidArgument) as e:
         parse_strategy("beam", "spec.strategy")
     assert e.value.field == "spec.strategy" and "static-tree" in e.value.message
-    assert parse_policy(" Speculative ") is Policy.SPECULATIVE
+    assert parse_policy(" Speculative ") is Policy.SPECULATIVE and parse_policy("R2R") is Policy.R2R
     with pytest.raises(InvalidArgument):
-        parse_policy("r2r")  # not served yet
+        parse_policy("beam")
     assert [s for s in Strategy if not s.uses_model] == [Strategy.PROMPT_LOOKUP]
     assert [p for p in Policy if not p.uses_draft] == [Policy.TARGET]
 
