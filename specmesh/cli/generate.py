@@ -63,6 +63,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--policy", choices=POLICY_NAMES, default=None, help="default: the gateway's (speculative)"
     )
     p.add_argument(
+        "--quality",
+        choices=("exact", "high", "fast"),
+        default=None,
+        help="what policy auto may trade for speed: exact = the target's output (target or speculative), "
+        "high = close to it (r2r on easy prompts), fast = fastest (r2r or the draft); exact is also "
+        "accepted with the lossless policies (default: unset, auto takes it as exact)",
+    )
+    p.add_argument(
+        "--route-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="policies r2r / auto: route a draft token to the target when the router's divergence "
+        "probability exceeds T, in [0, 1] (lower: more target tokens; default: the router's own)",
+    )
+    p.add_argument(
         "--strategy", type=strategy_arg, metavar=STRATEGY_METAVAR, default=None, help="default: the gateway's"
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
@@ -129,13 +145,18 @@ def build_request(args: argparse.Namespace):
         adaptive=args.adaptive,
         vocab_limit=args.vocab_limit,
     )
-    return gateway_pb2.GatewayGenerateRequest(
+    request = gateway_pb2.GatewayGenerateRequest(
         model=args.model,
         prompt=prompt,
         sampling=sampling,
         policy=policy_value(args.policy) if args.policy else 0,
         spec=spec,
     )
+    if args.quality:
+        request.quality = gateway_pb2.Quality.Value(f"QUALITY_{args.quality.upper()}")
+    if args.route_threshold is not None:
+        request.route.threshold = args.route_threshold
+    return request
 
 
 def summary(last, n_tokens: int, elapsed: float, first: float | None, start: float) -> dict:
@@ -162,6 +183,9 @@ def summary(last, n_tokens: int, elapsed: float, first: float | None, start: flo
         "acceptance_by_depth": [
             a / r if r else 0.0 for a, r in zip(s.accepted_by_depth, s.rounds_by_depth, strict=True)
         ],
+        "routed_tokens": s.routed_tokens,
+        "router_calls": s.router_calls,
+        "catch_up_tokens": s.catch_up_tokens,
         "session_id": last.session_id,
     }
 
@@ -169,6 +193,7 @@ def summary(last, n_tokens: int, elapsed: float, first: float | None, start: flo
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from gateway.config import policy_name
     from services.core.errors import SpecmeshError
     from services.runtime.errors import status_details
     from services.runtime.security import call_metadata
@@ -182,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     text: list[str] = []
     tokens: list[int] = []
     warnings: list[str] = []
+    auto = None
     last = None
     start = time.perf_counter()
     first = None
@@ -201,6 +227,13 @@ def run(args: argparse.Namespace) -> int:
             chunks = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
             for chunk in chunks:
                 warnings.extend(chunk.warnings)
+                if chunk.HasField("auto"):
+                    auto = chunk.auto
+                    if not args.json:
+                        print(
+                            f"specmesh generate: auto chose {policy_name(auto.policy)}: {auto.reason}",
+                            file=sys.stderr,
+                        )
                 if not args.json:
                     for note in chunk.warnings:
                         print(f"specmesh generate: warning: {note}", file=sys.stderr)
@@ -232,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         print("specmesh generate: the stream ended without a final chunk", file=sys.stderr)
         return 1
     info = summary(last, len(tokens), elapsed, first, start)
+    if auto is not None:
+        info["auto"] = {"policy": policy_name(auto.policy), "reason": auto.reason}
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": tokens, "warnings": warnings, **info}))
         return 0
@@ -246,6 +281,11 @@ def run(args: argparse.Namespace) -> int:
             f"{info['path_acceptance_rate']:.1%} ({info['accepted_tokens']}/{info['verified_path_tokens']} "
             f"verified; by depth {by_depth}), {info['acceptance_rate']:.1%} of "
             f"{info['drafted_tokens']} drafted nodes, over {info['rounds']} rounds"
+        )
+    elif info["router_calls"]:
+        line += (
+            f"; r2r: {info['routed_tokens']} of {info['output_tokens']} tokens from the target (the router "
+            f"scored {info['router_calls']} draft tokens; the target caught up on {info['catch_up_tokens']})"
         )
     elif info["drafted_tokens"]:
         line += f"; {info['drafted_tokens']} tokens drafted, none verified (draft policy)"
