@@ -77,9 +77,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=run_pack)
 
+    _add_router_parser(tsub)
+
     from specmesh.cli import train_image
 
     train_image.add_parser(tsub)
+
+
+def _add_router_parser(tsub: argparse._SubParsersAction) -> None:
+    r = tsub.add_parser(
+        "router",
+        help="train the R2R token router of a draft (which drafted tokens go to the target)",
+        description="Labels real text with the target and the draft as the draft service serves it "
+        "(truncated vocabulary, int8): where their greedy tokens differ, the target continues "
+        "greedily for --window tokens after the draft's token and after its own; the token is "
+        "'neutral' when the first continuation rejoins the second, else 'divergent'. Text: the "
+        "target's greedy answers to --prompts real chat prompts and one window from each of "
+        "--documents corpus files (CPython stdlib, man pages, /usr/share/doc), a quarter of each "
+        "held out. Then trains the router MLP (services.core.routing) on the draft's hidden state, "
+        "token embedding and top-k log-probabilities, and picks the threshold on the held-out "
+        "texts for --recall of divergent tokens. Writes router.onnx, router.safetensors and "
+        "router.json (threshold, draft digest, report) to --out, by default <draft dir>/router/, "
+        "where the draft service looks. The defaults take about 4 minutes on 2 CPU cores.",
+    )
+    r.add_argument("--draft", default="smollm2-135m-instruct-draft", help="draft model name or directory")
+    r.add_argument("--target", help="target model name or directory (default: the draft's draft_of)")
+    r.add_argument("--prompts", type=int, help="chat prompts the target answers (default 96)")
+    r.add_argument("--documents", type=int, help="corpus documents, one window each (default 48)")
+    r.add_argument("--window", type=int, help="continuation tokens compared after a mismatch (default 5)")
+    r.add_argument(
+        "--recall", type=float, help="held-out recall of divergent tokens the threshold keeps (default 0.9)"
+    )
+    r.add_argument("--epochs", type=int, help="training epochs over the labelled positions (default 4)")
+    r.add_argument("--out", help="router directory (default: <draft dir>/router)")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument(
+        "--no-int8",
+        dest="int8",
+        action="store_false",
+        default=None,
+        help="draft features in fp32, for a draft served with `serve draft --no-int8`",
+    )
+    r.add_argument("--seed", type=int)
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=run_router)
 
 
 _RECIPE_FLAGS = (
@@ -170,5 +211,30 @@ def run_pack(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: {meta['tokens']} tokens in {meta['documents']} documents, "
         f"{meta['prompts']} prompts, {size:.1f} MiB"
+    )
+    return 0
+
+
+def run_router(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from services.draft.router import CONFIG_FILE
+    from services.draft.training.router import RouterRecipe, train_router
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    flags = ("prompts", "documents", "window", "recall", "epochs", "int8", "seed")
+    recipe = RouterRecipe(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    out = train_router(args.draft, args.target, recipe=recipe, out=args.out, progress=not args.no_progress)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    held = config["report"]["held_out"]["all"]
+    labels = config["report"]["labels"]["all"]
+    print(
+        f"router ready: {out}\n  threshold {config['threshold']:.4f} (held-out recall {held['recall']} of "
+        f"divergent tokens, precision {held['precision']}, AUC {held['auc']}, flags {held['flagged_share']} "
+        f"of tokens)\n  labels: {labels['match']} match, {labels['neutral']} neutral, {labels['divergent']} "
+        f"divergent (mismatch rate {labels['mismatch_rate']}, neutral share {labels['neutral_share']})"
     )
     return 0
