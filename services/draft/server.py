@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
 from services.core.engine import Engine
 from services.core.model_store import load_draft_vocab, resolve_model
 from services.core.strategies import DEFAULT_STRATEGY, Strategy
+from services.draft.router import Router, default_router_dir, load_router
 from services.draft.servicer import DraftServicer
 from services.runtime.loading import engine_limits, load_engine
 from services.runtime.server import RunningServer, serve
@@ -31,13 +33,18 @@ def load_draft(
     pack_weights: bool = True,
     int8: bool = True,
     limits: EngineSettings | None = None,
+    router: str | Path | None = "auto",
 ) -> DraftServicer:
     """vocab_limit: restrict the head to the first N ids of the model's draft_vocab.json
     (None = all of them, 0 = the full vocabulary). int8: compute the projections with int8
     weights (services.core.model.int8_weight; lossless all the same, ~1.6x faster per draft
     token on CPU). pack_weights: keep oneDNN-packed copies of the fp32 weights int8 does not
-    serve, so tree levels of 3-16 nodes cost about one node (see services.core.model.linear)."""
-    vocab = load_draft_vocab(resolve_model(model), size=vocab_limit)
+    serve, so tree levels of 3-16 nodes cost about one node (see services.core.model.linear).
+    router: policy r2r's token router: "auto" = the draft directory's own (router/) when it has
+    one, a directory = that one (it must load), None = none (routed proposals are refused). A
+    router that does not match the draft fails here, at start-up, never at request time."""
+    model_dir = resolve_model(model)
+    vocab = load_draft_vocab(model_dir, size=vocab_limit)
 
     def prepare(engine: Engine) -> None:
         if vocab and vocab_limit != 0:
@@ -66,7 +73,21 @@ def load_draft(
         license=loaded.license,
         worker=loaded.worker,
         batching=limits.batching,
+        router=_router(router, loaded.engine, model_dir),
     )
+
+
+def _router(choice: str | Path | None, engine: Engine, draft_dir: Path) -> Router | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        choice = default_router_dir(draft_dir)
+        if not choice.exists():
+            log.info("no router in %s: policy r2r is unavailable (see `specmesh train router`)", choice)
+            return None
+    router = load_router(Path(choice), engine, draft_dir)
+    log.info("token router %s: %s, threshold %.3f", choice, router.backend, router.threshold)
+    return router
 
 
 def registrar(servicer: DraftServicer) -> Callable[[grpc.aio.Server], list[str]]:

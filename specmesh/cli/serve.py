@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from pathlib import Path
 
 from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_METAVAR, strategy_arg
 
@@ -91,6 +92,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the oneDNN-packed weight copy (saves one copy of the projection weights; "
         "verifying or drafting 3-16 tokens at once then costs up to ~2x more on CPU)",
+    )
+    r = d.add_mutually_exclusive_group()
+    r.add_argument(
+        "--router",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="policy r2r's token router (router.json + router.onnx / router.safetensors from "
+        "`specmesh train router`); default: the draft directory's router/ when it has one. A router "
+        "that is missing or was trained for another draft stops start-up with the reason",
+    )
+    r.add_argument(
+        "--no-router", action="store_true", help="load no router (routed proposals, policy r2r, are refused)"
     )
     add_engine_args(d)
     add_server_args(d)
@@ -227,6 +241,7 @@ def run_draft(args: argparse.Namespace) -> int:
             pack_weights=args.pack_weights,
             int8=args.int8,
             limits=limits,
+            router=None if args.no_router else (args.router or "auto"),
         ),
         registrar,
         share_kv=True,
