@@ -3,6 +3,8 @@ thread, sessions, replay and Release come from services.runtime.model_servicer."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from services.core.drafting import Drafter, add_prompt_lookup, multinomial_draw, prompt_lookup_tree
@@ -114,6 +116,8 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         self._check_model(request.model)
         strategy = strategy_from_proto(request.strategy, self.default_strategy)
         budget = budget_from_proto(request.budget, strategy)
+        if request.route and not request.budget.HasField("lookup_tokens"):
+            budget = replace(budget, lookup_tokens=0)  # a routed chain merges no lookup path
         sampling = sampling_config(request.sampling)
         sampling.validate(self.engine.config.vocab_size)
         check_served_fields(request)

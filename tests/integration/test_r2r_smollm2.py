@@ -15,9 +15,10 @@ from servers import ServerThread
 
 from gateway.server import GatewayOptions, start_gateway
 from services.draft.server import load_draft, start_draft
+from services.runtime.errors import status_details
 from services.runtime.settings import ServerSettings
 from services.target.server import load_target, start_target
-from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,10 @@ def stack(smollm2_dir, trained_router):
 
     with ServerThread(start) as thread:
         channel = grpc.insecure_channel(thread.address)
-        yield gateway_pb2_grpc.GatewayStub(channel), target, draft
+        draft_channel = grpc.insecure_channel(state["draft"].address)
+        stack_ = (gateway_pb2_grpc.GatewayStub(channel), target, draft)
+        yield (*stack_, draft_pb2_grpc.DraftServiceStub(draft_channel))
+        draft_channel.close()
         channel.close()
         thread.call(thread.server.stop(grace=1))
         for name in ("draft", "target"):
@@ -85,7 +89,7 @@ def greedy_choices(servicer, prompt: list[int], output: list[int]) -> list[int]:
 
 @torch.inference_mode()
 def test_thresholds_zero_and_one_are_the_target_and_the_draft_alone(stack) -> None:
-    stub, _, _ = stack
+    stub, *_ = stack
     for text in PROMPTS[:1]:
         target_only = stub.Generate(request(text, gateway_pb2.POLICY_TARGET)).token_ids
         draft_only = stub.Generate(request(text, gateway_pb2.POLICY_DRAFT)).token_ids
@@ -98,7 +102,7 @@ def test_thresholds_zero_and_one_are_the_target_and_the_draft_alone(stack) -> No
 
 @torch.inference_mode()
 def test_every_token_is_the_drafts_or_where_routed_the_targets(stack) -> None:
-    stub, target, draft = stack
+    stub, target, draft, _ = stack
     tokenizer = target.tokenizer
     for text in PROMPTS:
         r = stub.Generate(request(text, gateway_pb2.POLICY_R2R, threshold=0.5))
@@ -113,7 +117,7 @@ def test_every_token_is_the_drafts_or_where_routed_the_targets(stack) -> None:
 
 
 def test_auto_exact_is_target_only_greedy_output(stack) -> None:
-    stub, _, _ = stack
+    stub, *_ = stack
     for text in PROMPTS[1:]:
         target_only = stub.Generate(request(text, gateway_pb2.POLICY_TARGET)).token_ids
         for quality in (gateway_pb2.QUALITY_UNSPECIFIED, gateway_pb2.QUALITY_EXACT):
@@ -122,3 +126,21 @@ def test_auto_exact_is_target_only_greedy_output(stack) -> None:
             assert (
                 r.auto.policy in (gateway_pb2.POLICY_TARGET, gateway_pb2.POLICY_SPECULATIVE) and r.auto.reason
             )
+
+
+def test_bad_routed_proposals_name_the_field(stack) -> None:
+    *_, draft_stub = stack
+    ref = common_pb2.SessionRef(session_id="bad-route", new_tokens=[1, 504, 3458], expected_length=3)
+    cases = [
+        (dict(route_threshold=1.5), "route_threshold"),
+        (dict(route_threshold=float("nan")), "route_threshold"),
+        (dict(strategy=common_pb2.DRAFT_STRATEGY_DYNAMIC_TREE), "strategy"),
+        (dict(budget=common_pb2.TreeBudget(lookup_tokens=4)), "strategy"),
+    ]
+    for fields, field in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            draft_stub.Propose(draft_pb2.ProposeRequest(session=ref, route=True, **fields))
+        code, message, violations = status_details(e.value)
+        assert (code, [v.field for v in violations]) == (grpc.StatusCode.INVALID_ARGUMENT, [field]), message
+    ok = draft_stub.Propose(draft_pb2.ProposeRequest(session=ref, route=True))  # nothing was committed
+    assert ok.session_length == 3 and len(ok.divergence) == len(ok.tree.tokens) >= 1
