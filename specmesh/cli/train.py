@@ -110,7 +110,12 @@ def _add_router_parser(tsub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--epochs", type=int, help="training epochs over the labelled positions (default 4)")
     r.add_argument("--out", help="router directory (default: <draft dir>/router)")
-    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's or 1, whichever a short probe finds faster: "
+        "on a 2-core machine where another process keeps a core busy, 2 threads stall)",
+    )
     r.add_argument(
         "--no-int8",
         dest="int8",
@@ -218,16 +223,19 @@ def run_pack(args: argparse.Namespace) -> int:
 def run_router(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from services.draft.router import CONFIG_FILE
     from services.draft.training.router import RouterRecipe, train_router
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     flags = ("prompts", "documents", "window", "recall", "epochs", "int8", "seed")
     recipe = RouterRecipe(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
-    out = train_router(args.draft, args.target, recipe=recipe, out=args.out, progress=not args.no_progress)
+    out = train_router(
+        args.draft,
+        args.target,
+        recipe=recipe,
+        out=args.out,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
     config = json.loads((out / CONFIG_FILE).read_text())
     held = config["report"]["held_out"]["all"]
     labels = config["report"]["labels"]["all"]

@@ -8,4 +8,10 @@ names), `labels` (the target's answers and top-k labels), `vocab` (the truncated
 vocabulary), `calibration` (the final-norm rescale), `loss`, `distill` (the training loop),
 `evaluation`, `progress` (time budget and bar), `checkpoint` (the output directory) and
 `train` (`train_draft`, which runs all of them).
+
+The draft's R2R token router (`specmesh train router`): `router_texts` (the texts, split by
+prompt and document), `rollout` (the target's greedy continuations from many branch points
+of a text at once), `router_labels` (match / neutral / divergent, and the served draft's
+router inputs), `router_export` (router.onnx / .safetensors / .json) and `router`
+(`train_router`, which runs them); services/draft/router.py loads the result.
 """

@@ -12,7 +12,9 @@ instead, as nodes of a tree:
   text's first i tokens (the prefix cache) and to its own branch's earlier nodes, nothing else.
 
 All branches of a batch of texts advance together, so every step is one forward of all of
-their nodes: large matmuls, which is what the CPU (bf16 AMX) is fast at.
+their nodes: large matmuls, which is what the CPU (bf16 AMX) is fast at. Measured on the 2-core
+Xeon: about 1,000-1,400 tokens/s here, against 150 tokens/s for the serving Engine decoding 64
+ragged sequences at once (fp32, paged KV), which would also need each branch's prefix first.
 """
 
 from __future__ import annotations

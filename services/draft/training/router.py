@@ -38,7 +38,7 @@ from services.core.tokenizer import Tokenizer
 from services.draft.router import default_router_dir, draft_identity
 
 from .checkpoint import REPORT_FILE
-from .device import cast_copy, label_dtype, pick_device
+from .device import cast_copy, choose_threads, label_dtype, pick_device
 from .recipe import DraftRecipe
 from .router_export import write_router
 from .router_labels import (
@@ -73,7 +73,7 @@ class RouterRecipe:
     context: int = 16  # unlabelled first positions of a corpus window
     window: int = DEFAULT_WINDOW
     recall: float = 0.9  # target recall of divergent tokens on the held-out texts
-    epochs: int = 4  # more overfits: held-out AUC 0.69 at 4, 0.67 at 12, 0.65 at 30 (measured)
+    epochs: int = 4  # more overfit: held-out AUC 0.695 at 4, 0.675 at 12, 0.652 at 30 (README)
     batch: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -275,13 +275,34 @@ def train_router(
     progress: bool = True,
     prompts: Sequence[str] | None = None,
     documents: Iterator[str] | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Label, train, pick the threshold and write the router of `draft`; returns its directory.
 
     target: default the draft's `draft_of` (config.json), else the default model. prompts /
-    documents replace this machine's chat prompts and corpus (tests).
+    documents replace this machine's chat prompts and corpus (tests). threads: torch's CPU
+    threads for the run (default: measured, see device.choose_threads); restored afterwards.
     """
+    before = torch.get_num_threads()
+    try:
+        return _train_router(draft, target, recipe, out, root, progress, prompts, documents, threads, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_router(
+    draft: str | Path,
+    target: str | Path | None,
+    recipe: RouterRecipe | None,
+    out: str | Path | None,
+    root: str | Path | None,
+    progress: bool,
+    prompts: Sequence[str] | None,
+    documents: Iterator[str] | None,
+    threads: int | None,
+    log: Callable[[str], None],
+) -> Path:
     from tqdm import tqdm
 
     recipe = recipe or RouterRecipe()
@@ -300,6 +321,11 @@ def train_router(
     teacher, ldtype = load_teacher(target_dir, dev)
     engine = load_served_draft(draft_dir, int8=recipe.int8)
     tok = Tokenizer.from_dir(target_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    elif dev.type == "cpu":
+        threads = choose_threads()
+        log(f"{threads} torch thread(s): measured fastest here")
     lap("load")
     texts = gather_texts(
         teacher, tok, recipe, _draft_seed(draft_dir), prompts=prompts, documents=documents, progress=progress

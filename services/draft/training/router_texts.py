@@ -34,7 +34,7 @@ class LabelText:
 
 
 def held_out_count(n: int, holdout: float) -> int:
-    """How many of n prompts (or documents) are held out: at least one of each kind when n > 1."""
+    """How many of n prompts (or documents) are held out: at least one, and one left to train on."""
     return min(n - 1, max(1, round(n * holdout))) if n > 1 else 0
 
 

@@ -102,3 +102,15 @@ def test_cli_registers_train_router() -> None:
     assert parser.parse_args(["train", "router"]).int8 is None  # the recipe's default (int8, as served)
     with pytest.raises(Exception, match="recall"):
         RouterRecipe(recall=1.5).check()
+
+
+def test_cli_help_states_the_recipe_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from specmesh.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "router", "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split(" --")  # argparse wraps lines
+    r = RouterRecipe()
+    for flag in ("prompts", "documents", "window", "recall", "epochs"):
+        value = getattr(r, flag)
+        assert any(o.startswith(f"{flag} ") and f"(default {value})" in o for o in options), flag
