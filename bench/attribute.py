@@ -39,7 +39,7 @@ BOOTSTRAP = 2000
 class ScoringProcess:
     """`specmesh serve scoring` as a child process on a free loopback port, stopped on exit."""
 
-    def __init__(self, model: str, observer: str | None, threads: int | None, log_path: Path) -> None:
+    def __init__(self, model: str, threads: int | None, log_path: Path) -> None:
         from specmesh import stack
 
         self.stack = stack
@@ -48,8 +48,6 @@ class ScoringProcess:
         self.address = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "specmesh.cli.main", "serve", "scoring", "--model", model]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
-        if observer:
-            argv += ["--observer", observer]
         if threads:
             argv += ["--threads", str(threads)]
         self.child = stack.Child("scoring", argv, self.address, lambda: stack.grpc_serving(self.address))
@@ -190,7 +188,6 @@ def run_attribute_bench(
     max_new_tokens: int = 4,
     limit: int | None = None,
     model: str = "smollm2-135m-instruct",
-    observer: str | None = "smollm2-135m-instruct-draft",
     threads: int | None = None,
     timeout: float = 600.0,
     progress: bool = True,
@@ -206,7 +203,7 @@ def run_attribute_bench(
     sets = load_prompt_sets(list(prompt_files), limit)
     items = [(ps.name, i, item) for ps in sets for i, item in enumerate(ps.items)]
     with (
-        ScoringProcess(model, observer, threads, out.with_suffix(".service.log")) as service,
+        ScoringProcess(model, threads, out.with_suffix(".service.log")) as service,
         grpc.insecure_channel(service.address) as channel,
     ):
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)

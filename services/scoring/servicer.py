@@ -4,10 +4,13 @@ Models: the served (target) model scores every method; it is also Binoculars' *p
 optional *observer* sharing its tokenizer (the draft the stack already serves) supplies
 Binoculars' cross term. The paper pairs a base observer (Falcon-7b) with its instruct performer
 (Falcon-7b-instruct); here the performer is the instruct target, and the observer its distilled
-draft, the only other model in the stack with the same tokenizer. The observer is also ReAGent's
-replacement model (the small model whose predictions replace context tokens); without one the
-target predicts its own replacements. Model info, the engine thread and the model check come
-from services.runtime.model_servicer.
+draft, the only other model in the stack with the same tokenizer. ReAGent's replacement model
+(whose predictions replace context tokens) is the target itself, not the draft: it runs once per
+request (one forward of about 9 tokens per context token, against some 100 for ReAGent's steps),
+and its fillers are fluent where the 4-layer draft's are mostly punctuation (measured on 8
+held-out prompts: 30% against 82% of the replacements; the soft faithfulness of the two was
+within noise). Model info, the engine thread and the model check come from
+services.runtime.model_servicer.
 """
 
 from __future__ import annotations
@@ -151,16 +154,15 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
         m = n_new if target is None else len(target)
         # start + context + all but the last target token go through the model
         ids = self._ids(request.context, "context", min(MAX_CONTEXT_TOKENS, self.engine.max_context - m))
-        replacer = self.observer or self.engine
 
         def run():
             tokens = target or greedy_target(
                 self.engine, [self.start_token, *ids], n_new, set(self.tokenizer.eos_token_ids)
             )
             ex = Example(self.start_token, ids, tokens)
-            return attribute(self.engine, replacer, ex, method, request.seed, cfg, DEFAULT_SAMPLES)
+            return attribute(self.engine, self.engine, ex, method, request.seed, cfg, DEFAULT_SAMPLES)
 
-        reply = convert.attribute_response(await self._on_engine(clock, run), replacer.name)
+        reply = convert.attribute_response(await self._on_engine(clock, run), self.engine.name)
         reply.timing.CopyFrom(clock.timing())
         return reply
 

@@ -3,9 +3,8 @@
 Prints one row per target token: its soft normalised sufficiency (NS) and comprehensiveness (NC)
 (higher is better, "-" where the context is worth nothing to the token), ReAGent's update steps
 (`*` = its stopping rule was met) and the context tokens it depends on most, with their
-importance. `--json` prints one JSON object instead. Runs in-process on --model (with --observer
-as ReAGent's replacement model) or, with --address, through a running scoring service
-(`specmesh serve scoring`).
+importance. `--json` prints one JSON object instead. Runs in-process on --model or, with --address,
+through a running scoring service (`specmesh serve scoring`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import sys
 import time
 
 ENV_ADDRESS = "SPECMESH_SCORING_ADDRESS"
-DEFAULT_OBSERVER = "smollm2-135m-instruct-draft"
 METHODS = ("reagent", "gradient_x_input", "random")
 
 
@@ -52,12 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=3, help="context tokens shown per target token (default: 3)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="scored model (default: %(default)s)")
     p.add_argument(
-        "--observer",
-        default=None,
-        help=f"in-process: ReAGent's replacement model, same tokenizer (default: {DEFAULT_OBSERVER} when "
-        "present, else the model itself)",
-    )
-    p.add_argument(
         "--address",
         default=os.environ.get(ENV_ADDRESS),
         metavar="ADDR",
@@ -86,25 +78,12 @@ def build_request(args: argparse.Namespace):
     )
 
 
-def _observer(name: str | None) -> str | None:
-    from services.core.errors import NotFound
-    from services.core.model_store import resolve_model
-
-    if name is not None:
-        return name
-    try:
-        resolve_model(DEFAULT_OBSERVER)
-    except NotFound:
-        return None
-    return DEFAULT_OBSERVER
-
-
 def _local(args: argparse.Namespace, request):
     import asyncio
 
     from services.scoring.server import load_scoring
 
-    servicer = load_scoring(args.model, observer=_observer(args.observer))
+    servicer = load_scoring(args.model)
     try:
         return asyncio.run(servicer.Attribute(request, None))
     finally:

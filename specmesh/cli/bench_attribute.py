@@ -22,9 +22,9 @@ def add_attribute_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser(
         "attribute",
         help="input attribution: ReAGent vs gradient x input vs random, soft sufficiency/comprehensiveness",
-        description="Starts a scoring service (`specmesh serve scoring`, the draft as ReAGent's replacement "
-        "model) and attributes the target's greedy continuation of every prompt with ReAGent, gradient x "
-        "input and random scores, in a rotating order, with the prompt's index as the seed (the "
+        description="Starts a scoring service (`specmesh serve scoring`) and attributes the target's "
+        "greedy continuation of every prompt with ReAGent, gradient x input and random scores, in a "
+        "rotating order, with the prompt's index as the seed (the "
         "faithfulness masks are then the same for the three methods). Reports per method the mean soft "
         "normalised sufficiency and comprehensiveness (Zhao & Aletras 2023; higher is better) and seconds "
         "per prompt; per baseline the mean paired difference ReAGent - baseline with a 95%% bootstrap "
@@ -50,11 +50,6 @@ def add_attribute_parser(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=_positive_int, default=None, help="first N prompts of each set")
     p.add_argument("--model", default="smollm2-135m-instruct", help="scored model (default: %(default)s)")
-    p.add_argument(
-        "--observer",
-        default="smollm2-135m-instruct-draft",
-        help="ReAGent's replacement model, same tokenizer; 'none' = the model itself (default: %(default)s)",
-    )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads of the service")
     p.add_argument(
         "--timeout", type=float, default=600.0, help="per-call deadline, seconds (default: %(default)s)"
@@ -79,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             limit=args.limit,
             model=args.model,
-            observer=None if args.observer.lower() == "none" else args.observer,
             threads=args.threads,
             timeout=args.timeout,
             progress=not args.no_progress,

@@ -103,8 +103,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD), token uncertainty and "
         "input attribution (ReAGent, gradient x input, random) over --model. Binoculars needs "
         "--observer, a second model sharing the tokenizer: --model is its performer, the observer "
-        "weights its cross-perplexity term; the observer is also ReAGent's replacement model (the "
-        "target itself without one).",
+        "weights its cross-perplexity term.",
     )
     sc.add_argument(
         "--model",

@@ -196,7 +196,7 @@ def test_attribute_every_method(scoring) -> None:
         )
     }
     reagent = replies[S.ATTRIBUTION_METHOD_UNSPECIFIED]
-    assert reagent.method == S.ATTRIBUTION_METHOD_REAGENT and reagent.replacement_model == "tiny-obs"
+    assert reagent.method == S.ATTRIBUTION_METHOD_REAGENT and reagent.replacement_model == "tiny"
     for reply in replies.values():
         assert list(reply.context_token_ids) == context and len(reply.target_token_ids) == 3
         assert [a.target_index for a in reply.attributions] == [0, 1, 2]

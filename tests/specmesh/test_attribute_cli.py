@@ -11,21 +11,18 @@ from specmesh.cli.main import main
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny_gguf, tmp_path_factory) -> tuple[str, str]:
+def tiny_model(tiny_gguf, tmp_path_factory) -> str:
     from services.core import model_import as mi
 
     root = tmp_path_factory.mktemp("attribute-cli")
-    target = mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False)
-    observer = mi.import_gguf(tiny_gguf(untied=True).path, "tiny-obs", root=root, progress=False)
-    return str(target), str(observer)
+    return str(mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False))
 
 
-def test_table_and_json(tiny_models, capsys) -> None:
-    target, observer = tiny_models
-    argv = ["attribute", "--model", target, "--observer", observer, "--no-chat", "--prompt", "the wind"]
+def test_table_and_json(tiny_model, capsys) -> None:
+    argv = ["attribute", "--model", tiny_model, "--no-chat", "--prompt", "the wind"]
     assert main([*argv, "--max-new-tokens", "2", "--top", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("context: ") and "replacements from tiny-obs" in table[0]
+    assert table[0].startswith("context: ") and "replacements from tiny" in table[0]
     assert [line.split()[0] for line in table[2:4]] == ["0", "1"] and "soft comprehensiveness" in table[-1]
 
     assert main([*argv, "--target", " in the", "--method", "gradient_x_input", "--json"]) == 0
@@ -35,9 +32,8 @@ def test_table_and_json(tiny_models, capsys) -> None:
     assert all(len(a["importance"]) == len(out["context"]) for a in out["attributions"])
 
 
-def test_bad_input_is_one_line(tiny_models, capsys) -> None:
-    target, observer = tiny_models
-    argv = ["attribute", "--model", target, "--observer", observer, "--replace-ratio", "101"]
+def test_bad_input_is_one_line(tiny_model, capsys) -> None:
+    argv = ["attribute", "--model", tiny_model, "--replace-ratio", "101"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
         "specmesh attribute: must be in [1, 100] (0 = default 30), got 101"

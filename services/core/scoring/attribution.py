@@ -27,13 +27,18 @@ that stops keeps the importance that passed its check. One sample's forward cove
 target tokens at once (teacher-forced over the whole target), so samples are shared by the
 target tokens, while each token's importance, check and stop are its own.
 
-Replacement model: the paper masks a token and asks RoBERTa, a small masked LM, for the most
-probable filler. Here the small model is the scoring service's observer (the draft, a 4-layer
-model sharing the target's tokenizer, so no re-tokenising as the paper's code must do) or, when
-none is loaded, the target itself. A causal model cannot see the right-hand side of a masked
-token, so it predicts position i from the original tokens before it (as the paper's code does
-with RoBERTa), in one forward over the context. We take its most probable token *other than*
-the original: a replacement equal to the original would change nothing and teach nothing.
+Replacement model: the paper masks a token and asks RoBERTa, a small masked LM, for a filler;
+`replacer` here is any causal model sharing the target's tokenizer (no re-tokenising, which the
+paper's code must do). A causal model sees only the left side of a position, and its best guess
+from the left alone is often no fluent filler at all ("The capital of" -> ","), which breaks
+the sentence whatever token is replaced: every sample then drops p(y) about equally and the
+updates carry no information. So, as an in-filler would, we look at both sides: among the
+model's `candidates` most probable tokens at position i given the tokens before it (never the
+original: a replacement equal to it would change nothing), take the one that makes the original
+next token most likely, argmax log p(c | x_<i) + log p(x_i+1 | x_<i, c) (the last position has no
+right neighbour in the context and uses the left term alone). One engine forward of a token tree
+scores every candidate of every position: the context as a chain, each candidate a child of the
+token before its position.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from services.core.scoring.faithfulness import Faithfulness, soft_faithfulness
 MAX_CONTEXT_TOKENS = 1024  # each ReAGent step forwards several copies of the context
 MAX_TARGET_TOKENS = 32
 DEFAULT_NEW_TOKENS = 8
+REPLACEMENT_CANDIDATES = 8  # left-side guesses per position rescored by the right neighbour
 STEP_TOKENS = 4096  # most tokens per engine forward: bounds the KV and logits held at once
 ATANH_CLAMP = 1 - 1e-6  # |d| = 1 (p 1 -> 0) would add an infinite logit
 
@@ -110,11 +116,20 @@ def replacement_masks(count: int, n: int, k: int, generator: torch.Generator) ->
     return torch.zeros(count, n, dtype=torch.bool).scatter_(1, picks, True)
 
 
-def replacement_tokens(logits: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """The replacement model's most probable token other than the original at each position:
-    logits [n, V] (row i predicts position i from the tokens before it), original [n] -> [n]."""
-    top2 = logits.topk(2, dim=-1).indices  # [n, 2]
-    return torch.where(top2[:, 0] == original, top2[:, 1], top2[:, 0])
+def replacement_candidates(logits: torch.Tensor, original: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most probable tokens other than the original at each position, most probable first:
+    logits [n, V] (row i predicts position i from the tokens before it), original [n] -> [n, k]."""
+    top = logits.topk(k + 1, dim=-1).indices  # [n, k + 1]: the original is at most one of them
+    keep = (top != original[:, None]).long()
+    order = keep.argsort(dim=-1, descending=True, stable=True)[:, :k]  # originals last, order kept
+    return top.gather(1, order)
+
+
+def choose_replacements(candidates: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Per position the candidate [n, K] with the highest left + right log-probability ([n, K]
+    each; right 0 where there is no right neighbour) -> [n]."""
+    best = (left + right).argmax(dim=-1, keepdim=True)  # [n, 1]
+    return candidates.gather(1, best)[:, 0]
 
 
 def update_scores(
@@ -178,10 +193,29 @@ def _chosen_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0].exp()
 
 
-def replacements(replacer: Engine, ex: Example) -> torch.Tensor:
-    """The replacement token [n] of every context position (see replacement_tokens)."""
-    (logits,) = _forward_rows(replacer, [[ex.start, *ex.context[:-1]]], [list(range(len(ex.context)))])
-    return replacement_tokens(logits, torch.tensor(ex.context))
+def replacements(replacer: Engine, ex: Example, k: int = REPLACEMENT_CANDIDATES) -> torch.Tensor:
+    """The replacement token [n] of every context position (see the module docstring): two
+    forwards of the replacement model, the context as a tree chain, then each position's k
+    candidates as children of the token before it."""
+    n = len(ex.context)
+    context = torch.tensor(ex.context)
+    seq = replacer.new_sequence()
+    try:
+        first = replacer.prefill(seq, [ex.start])  # [V] predicts context[0]
+        chain = list(range(-1, n - 1))  # node i = context[i], child of node i - 1
+        chain_logits, _ = replacer.forward_tree(seq, ex.context, chain)  # row i predicts context[i + 1]
+        left_logp = torch.cat([first[None], chain_logits[: n - 1]]).float().log_softmax(-1)  # [n, V]
+        candidates = replacement_candidates(left_logp, context, k)  # [n, k]
+        left = left_logp.gather(1, candidates)  # [n, k]
+        right = torch.zeros_like(left)
+        if n > 1:  # children of node i - 1 (the root for position 0), for the positions with a right side
+            parents = [i - 1 for i in range(n - 1) for _ in range(k)]
+            cand_logits, _ = replacer.forward_tree(seq, candidates[:-1].flatten().tolist(), chain + parents)
+            nxt = context[1:].repeat_interleave(k)  # [(n - 1) k]: the original token after each
+            right[:-1] = cand_logits.float().log_softmax(-1).gather(1, nxt[:, None]).view(n - 1, k)
+    finally:
+        seq.release()
+    return choose_replacements(candidates, left, right)
 
 
 # --- the methods ----------------------------------------------------------------------------------

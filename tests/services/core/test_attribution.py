@@ -81,9 +81,37 @@ def test_replacements_and_masks() -> None:
     again = A.replacement_masks(5, 10, 3, torch.Generator().manual_seed(1))
     assert torch.equal(masks, again)
     assert [A.replaced_count(n, r) for n, r in ((1, 0.3), (10, 0.3), (7, 1.0), (3, 0.01))] == [1, 3, 7, 1]
-    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
-    # the most probable token other than the original: never the original
-    assert A.replacement_tokens(logits, torch.tensor([1, 2, 0])).tolist() == [2, 0, 2]
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5], [5.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    # the most probable tokens other than the original, in order
+    got = A.replacement_candidates(logits, torch.tensor([1, 2, 0]), 2)
+    assert got.tolist() == [[2, 3], [0, 1], [3, 2]]
+    left = torch.tensor([[-1.0, -2.0], [-1.0, -3.0], [-0.5, -0.7]])
+    right = torch.tensor([[-5.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
+    assert A.choose_replacements(got, left, right).tolist() == [3, 0, 3]
+
+
+def test_replacements_weigh_both_neighbours(engine) -> None:
+    """The two tree forwards give every candidate the scores a fresh sequence per candidate gives."""
+    k = 3
+    got = A.replacements(engine, A.Example(START, CONTEXT, [3]), k)
+
+    def next_logp(prefix: list[int]) -> torch.Tensor:
+        seq = engine.new_sequence()
+        try:
+            return engine.prefill(seq, prefix).log_softmax(-1)
+        finally:
+            seq.release()
+
+    for i, x in enumerate(CONTEXT):
+        prefix = [START, *CONTEXT[:i]]
+        left = next_logp(prefix)
+        candidates = A.replacement_candidates(left[None], torch.tensor([x]), k)[0].tolist()
+        assert x not in candidates
+        score = [
+            float(left[c]) + (float(next_logp([*prefix, c])[CONTEXT[i + 1]]) if i + 1 < len(CONTEXT) else 0.0)
+            for c in candidates
+        ]
+        assert int(got[i]) == candidates[max(range(k), key=score.__getitem__)], i
 
 
 def test_stopping_rule_pieces() -> None:
