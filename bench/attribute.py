@@ -181,6 +181,54 @@ def measure(
     return records, replacement_model
 
 
+def write_png(result: dict[str, Any], path: Path) -> str | None:
+    """Per method the mean of each metric, and ReAGent - baseline with its 95% interval; None, or
+    a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG"
+    fig, (means, diffs) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    for k, metric in enumerate(METRICS):
+        values = [result["methods"][m][metric] or 0.0 for m in METHODS]
+        means.bar([i + (k - 0.5) * width for i in range(len(METHODS))], values, width, label=metric)
+        tests = [result["reagent_vs"][b][metric] for b in BASELINES]
+        centre = [t.get("mean_diff", 0.0) for t in tests]
+        low = [
+            c - t["mean_diff_ci95"][0] if t["prompts"] else 0.0 for c, t in zip(centre, tests, strict=True)
+        ]
+        high = [
+            t["mean_diff_ci95"][1] - c if t["prompts"] else 0.0 for c, t in zip(centre, tests, strict=True)
+        ]
+        xs = [i + (k - 0.5) * width for i in range(len(BASELINES))]
+        diffs.errorbar(xs, centre, yerr=[low, high], fmt="o", capsize=4, label=metric)
+        for x, t in zip(xs, tests, strict=True):
+            if t["prompts"]:
+                diffs.annotate(
+                    f"p={t['wilcoxon_p']:.2g}", (x, t["mean_diff_ci95"][1]), fontsize=7, ha="center"
+                )
+    means.set_xticks(range(len(METHODS)), METHODS)
+    means.set_ylabel("mean over prompts (higher is better)")
+    means.legend(fontsize=8)
+    diffs.axhline(0, color="grey", lw=0.8)
+    diffs.set_xticks(range(len(BASELINES)), [f"ReAGent - {b}" for b in BASELINES])
+    diffs.set_ylabel("paired difference, 95% bootstrap interval")
+    c = result["config"]
+    fig.suptitle(
+        f"attribution faithfulness: {c['prompt_count']} prompts x {c['max_new_tokens']} tokens, "
+        f"{c['model']} ({result['machine'].get('cpu_model', '?')})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
 def run_attribute_bench(
     prompt_files: Sequence[Path],
     *,
@@ -190,6 +238,7 @@ def run_attribute_bench(
     model: str = "smollm2-135m-instruct",
     threads: int | None = None,
     timeout: float = 600.0,
+    png: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     import grpc
@@ -233,6 +282,8 @@ def run_attribute_bench(
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     result["json"] = str(out)
+    result["png_note"] = write_png(result, out.with_suffix(".png")) if png else "--no-png"
+    result["png"] = None if result["png_note"] else str(out.with_suffix(".png"))
     return result
 
 

@@ -41,7 +41,7 @@ def add_attribute_parser(bench_sub: argparse._SubParsersAction) -> None:
         metavar="FILE.jsonl",
         help="prompt set (repeatable)",
     )
-    p.add_argument("--out", type=Path, required=True, help="JSON output path")
+    p.add_argument("--out", type=Path, required=True, help="JSON output path; the PNG goes next to it (.png)")
     p.add_argument(
         "--max-new-tokens",
         type=_positive_int,
@@ -54,6 +54,7 @@ def add_attribute_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timeout", type=float, default=600.0, help="per-call deadline, seconds (default: %(default)s)"
     )
+    p.add_argument("--no-png", action="store_true", help="skip the PNG chart")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -76,11 +77,12 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             threads=args.threads,
             timeout=args.timeout,
+            png=not args.no_png,
             progress=not args.no_progress,
         )
     except (StackError, SpecmeshError) as exc:
         print(f"specmesh bench attribute: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result))
-    print(f"wrote {result['json']}")
+    print(f"wrote {result['json']}" + (f" and {result['png']}" if result["png"] else ""))
     return 0
