@@ -5,12 +5,10 @@ optional *observer* sharing its tokenizer (the draft the stack already serves) s
 Binoculars' cross term. The paper pairs a base observer (Falcon-7b) with its instruct performer
 (Falcon-7b-instruct); here the performer is the instruct target, and the observer its distilled
 draft, the only other model in the stack with the same tokenizer. ReAGent's replacement model
-(whose predictions replace context tokens) is the target itself, not the draft: it runs once per
-request (one forward of about 9 tokens per context token, against some 100 for ReAGent's steps),
-and its fillers are fluent where the 4-layer draft's are mostly punctuation (measured on 8
-held-out prompts: 30% against 82% of the replacements; the soft faithfulness of the two was
-within noise). Model info, the engine thread and the model check come from
-services.runtime.model_servicer.
+(whose predictions replace context tokens) is the target itself, not the draft: its fillers are
+fluent where the 4-layer draft's are mostly punctuation (README, Scoring and attribution), and
+it runs once per request, a small share of ReAGent's forwards. Model info, the engine thread
+and the model check come from services.runtime.model_servicer.
 """
 
 from __future__ import annotations

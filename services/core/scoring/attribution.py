@@ -15,9 +15,9 @@ as it is: importance is over the context only.
 ReAGent in our words. Each context token i carries a score s_i on a logit scale, started at
 random (U[0, 1), as the paper does). One *sample* replaces a random share r of the context
 tokens by a small model's predictions and measures d = p(y | context) - p(y | replaced), the
-drop in the target model's probability of the target token y. The drop is evidence against the
-replaced tokens (they mattered) and, by the same amount, for the kept ones: replaced tokens get
-+d, kept tokens -d, mapped from [-1, 1] to [0, 1] and added as a logit, logit((1 + d) / 2) =
+drop in the target model's probability of the target token y. The drop is credited to the
+replaced tokens (they mattered) and debited, by the same amount, to the kept ones: replaced
+tokens get +d, kept tokens -d, mapped from [-1, 1] to [0, 1] and added as a logit, logit((1 + d) / 2) =
 2 atanh(d). The importance is softmax(s). The recursion stops once the importance explains the
 token by itself: keep the top share of tokens by importance, replace all the others, and if y
 is still within the target model's top k, stop (else go on, up to a step limit). Unlike the
