@@ -5,6 +5,8 @@
 chat: single-line questions of the zlib and xz-utils FAQs shipped in /usr/share/doc.
 code: signature + docstring of public functions of a few CPython stdlib modules, verbatim.
 Both sources are excluded from draft training (services/draft/training/data.py: is_excluded).
+heldout_extra: the remaining qualifying prompts of the same two sources, for benchmarks that
+need more than chat's and code's 40 held-out prompts (bench attribute).
 identity: a larger mixed set for the greedy identity check (questions of other FAQs, opening
 paragraphs of /usr/share/doc READMEs and NEWS files, stdlib function prefixes); it may overlap
 draft training, so its acceptance rates are not speed figures.
@@ -35,6 +37,8 @@ _SKIP_Q = re.compile(
 PER_FILE = {"FAQ.gz": 12, "faq.txt.gz": 8}
 PER_MODULE = 3
 MAX_CODE = 20
+# A follow-up that needs the previous answer (heldout_extra only: chat.jsonl's slice has none).
+_FOLLOW_UP = re.compile(r"^Isn't that\b")
 
 # identity.jsonl: at most this many per kind; every source is reserved-text free (is_excluded) and none is
 # a source of chat.jsonl / code.jsonl.
@@ -83,6 +87,26 @@ def code_prompts() -> list[dict]:
         for name, prefix in function_prefixes(STDLIB / f"{mod}.py")[:PER_MODULE]:
             if len(out) < MAX_CODE:
                 out.append({"prompt": prefix, "chat": False, "source": f"cpython-stdlib/{mod}.py:{name}"})
+    return out
+
+
+def extra_heldout_prompts() -> list[dict]:
+    """The chat questions after chat.jsonl's slice of each FAQ (follow-ups skipped) and the
+    qualifying functions of code.jsonl's modules that code.jsonl leaves out."""
+    out = []
+    for f in BENCH_CHAT_FILES:
+        qs = [q for q in faq_questions(f) if not _SKIP_Q.search(q)][PER_FILE[f.name] :]
+        out += [
+            {"prompt": q, "chat": True, "source": f"{f.parent.name}/{f.name}"}
+            for q in qs
+            if not _FOLLOW_UP.match(q)
+        ]
+    used = {p["source"] for p in code_prompts()}
+    for mod in BENCH_CODE_MODULES:
+        for name, prefix in function_prefixes(STDLIB / f"{mod}.py"):
+            source = f"cpython-stdlib/{mod}.py:{name}"
+            if source not in used:
+                out.append({"prompt": prefix, "chat": False, "source": source})
     return out
 
 
@@ -152,6 +176,7 @@ def main() -> None:
         ("chat.jsonl", chat_prompts()),
         ("code.jsonl", code_prompts()),
         ("identity.jsonl", identity_prompts()),
+        ("heldout_extra.jsonl", extra_heldout_prompts()),
     )
     for name, rows in sets:
         with (HERE / name).open("w") as f:

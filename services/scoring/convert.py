@@ -7,6 +7,13 @@ import math
 from collections.abc import Iterable
 
 from services.core.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from services.core.scoring.attribution import (
+    DEFAULT_NEW_TOKENS,
+    MAX_TARGET_TOKENS,
+    Attributed,
+    Method,
+    ReagentConfig,
+)
 from services.core.scoring.membership import DEFAULT_K_FRACTION
 from services.core.tokenizer import Tokenizer
 from specmesh.v1 import scoring_pb2
@@ -23,6 +30,17 @@ MEMBERSHIP_NAMES = {
     scoring_pb2.MEMBERSHIP_METHOD_MIN_K: "min-k",
     scoring_pb2.MEMBERSHIP_METHOD_MIN_K_PLUS_PLUS: "min-k++",
     scoring_pb2.MEMBERSHIP_METHOD_DC_PDD: "dc-pdd",
+}
+ATTRIBUTION_METHODS = {
+    scoring_pb2.ATTRIBUTION_METHOD_UNSPECIFIED: Method.REAGENT,
+    scoring_pb2.ATTRIBUTION_METHOD_REAGENT: Method.REAGENT,
+    scoring_pb2.ATTRIBUTION_METHOD_GRADIENT_X_INPUT: Method.GRADIENT_X_INPUT,
+    scoring_pb2.ATTRIBUTION_METHOD_RANDOM: Method.RANDOM,
+}
+METHOD_VALUES = {
+    Method.REAGENT: scoring_pb2.ATTRIBUTION_METHOD_REAGENT,
+    Method.GRADIENT_X_INPUT: scoring_pb2.ATTRIBUTION_METHOD_GRADIENT_X_INPUT,
+    Method.RANDOM: scoring_pb2.ATTRIBUTION_METHOD_RANDOM,
 }
 HIGHER_MEANS_MACHINE = {
     scoring_pb2.DETECT_METHOD_LOG_LIKELIHOOD: True,
@@ -85,6 +103,68 @@ def uncertainty_start(start: int, n_tokens: int) -> int:
     if not 0 <= start < n_tokens:
         raise OutOfRange(f"must be in [0, {n_tokens - 1}] for {n_tokens} tokens, got {start}", "start")
     return start
+
+
+def attribution_method(value: int) -> Method:
+    if value not in ATTRIBUTION_METHODS:
+        raise InvalidArgument(f"unknown method {value}; known: {sorted(ATTRIBUTION_METHODS)}", "method")
+    return ATTRIBUTION_METHODS[value]
+
+
+def reagent_config(replace_ratio_percent: int) -> ReagentConfig:
+    """ReAGent's settings: the defaults, with the share of replaced tokens the request asks for."""
+    if replace_ratio_percent == 0:
+        return ReagentConfig()
+    if not 1 <= replace_ratio_percent <= 100:
+        raise InvalidArgument(
+            f"must be in [1, 100] (0 = default {round(ReagentConfig().replace_ratio * 100)}), "
+            f"got {replace_ratio_percent}",
+            "replace_ratio_percent",
+        )
+    return ReagentConfig(replace_ratio=replace_ratio_percent / 100)
+
+
+def new_tokens(max_new_tokens: int) -> int:
+    """How many target tokens to generate when the request gives no target_text."""
+    if max_new_tokens == 0:
+        return DEFAULT_NEW_TOKENS
+    if not 1 <= max_new_tokens <= MAX_TARGET_TOKENS:
+        raise InvalidArgument(
+            f"must be in [1, {MAX_TARGET_TOKENS}] (0 = default {DEFAULT_NEW_TOKENS}), got {max_new_tokens}",
+            "max_new_tokens",
+        )
+    return max_new_tokens
+
+
+def target_ids(target_text: str, tokenizer: Tokenizer) -> list[int] | None:
+    """The tokens of target_text, or None (generate them) when it is empty."""
+    if not target_text:
+        return None
+    ids = tokenizer.encode(target_text)
+    if not 1 <= len(ids) <= MAX_TARGET_TOKENS:
+        raise InvalidArgument(f"is {len(ids)} tokens; 1 to {MAX_TARGET_TOKENS} are explained", "target_text")
+    return ids
+
+
+def attribute_response(result: Attributed, replacement_model: str) -> scoring_pb2.AttributeResponse:
+    a, f = result.attribution, result.faithfulness
+    reply = scoring_pb2.AttributeResponse(
+        context_token_ids=result.example.context,
+        target_token_ids=result.example.target,
+        method=METHOD_VALUES[result.method],
+        replacement_model=replacement_model if result.method == Method.REAGENT else "",
+    )
+    for j, row in enumerate(a.importance.tolist()):
+        reply.attributions.add(
+            target_index=j,
+            importance=row,
+            soft_sufficiency=float(f.sufficiency[j]),
+            soft_comprehensiveness=float(f.comprehensiveness[j]),
+            steps=a.steps[j],
+            stopped=a.stopped[j],
+        )
+    reply.soft_sufficiency, reply.soft_comprehensiveness = f.means()
+    return reply
 
 
 def start_token_id(tokenizer: Tokenizer) -> int:

@@ -4,7 +4,10 @@ Models: the served (target) model scores every method; it is also Binoculars' *p
 optional *observer* sharing its tokenizer (the draft the stack already serves) supplies
 Binoculars' cross term. The paper pairs a base observer (Falcon-7b) with its instruct performer
 (Falcon-7b-instruct); here the performer is the instruct target, and the observer its distilled
-draft, the only other model in the stack with the same tokenizer. Model info, the engine thread
+draft, the only other model in the stack with the same tokenizer. ReAGent's replacement model
+(whose predictions replace context tokens) is the target itself, not the draft: its fillers are
+fluent where the 4-layer draft's are mostly punctuation (README, Scoring and attribution), and
+it runs once per request, a small share of ReAGent's forwards. Model info, the engine thread
 and the model check come from services.runtime.model_servicer.
 """
 
@@ -15,6 +18,8 @@ import torch
 from services.core.engine import Engine
 from services.core.errors import InvalidArgument
 from services.core.scoring import detection, membership
+from services.core.scoring.attribution import MAX_CONTEXT_TOKENS, Example, attribute, greedy_target
+from services.core.scoring.faithfulness import DEFAULT_SAMPLES
 from services.core.scoring.features import TokenFeatures
 from services.core.scoring.runner import Text, score_texts
 from services.core.scoring.uncertainty import summarise
@@ -61,13 +66,12 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
 
     # --- shared -----------------------------------------------------------------------------
 
-    def _ids(self, prompt) -> list[int]:
-        ids = prompt_ids(prompt, self.tokenizer, "input")
-        self.engine.check_tokens(ids, "input.token_ids.ids")
-        if len(ids) > self.engine.max_context:
-            raise InvalidArgument(
-                f"{len(ids)} tokens exceed the model context of {self.engine.max_context}", "input"
-            )
+    def _ids(self, prompt, field: str = "input", max_tokens: int | None = None) -> list[int]:
+        ids = prompt_ids(prompt, self.tokenizer, field)
+        self.engine.check_tokens(ids, f"{field}.token_ids.ids")
+        limit = self.engine.max_context if max_tokens is None else max_tokens
+        if len(ids) > limit:
+            raise InvalidArgument(f"{len(ids)} tokens exceed the limit of {limit}", field)
         return ids
 
     async def _features(self, ids: list[int], clock: Clock, observer: bool = False) -> TokenFeatures:
@@ -137,11 +141,28 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
             timing=clock.timing(),
         )
 
-    async def Attribute(self, request, context) -> scoring_pb2.AttributeResponse:
-        raise NotImplementedError(
-            "Attribute (ReAGent input attribution, arXiv 2402.00794) is not implemented yet; "
-            "Detect, Membership and Uncertainty are served"
-        )
+    async def Attribute(
+        self, request: scoring_pb2.AttributeRequest, context
+    ) -> scoring_pb2.AttributeResponse:
+        clock = Clock()
+        method = convert.attribution_method(request.method)
+        cfg = convert.reagent_config(request.replace_ratio_percent)
+        n_new = convert.new_tokens(request.max_new_tokens)
+        target = convert.target_ids(request.target_text, self.tokenizer)
+        m = n_new if target is None else len(target)
+        # start + context + all but the last target token go through the model
+        ids = self._ids(request.context, "context", min(MAX_CONTEXT_TOKENS, self.engine.max_context - m))
+
+        def run():
+            tokens = target or greedy_target(
+                self.engine, [self.start_token, *ids], n_new, set(self.tokenizer.eos_token_ids)
+            )
+            ex = Example(self.start_token, ids, tokens)
+            return attribute(self.engine, self.engine, ex, method, request.seed, cfg, DEFAULT_SAMPLES)
+
+        reply = convert.attribute_response(await self._on_engine(clock, run), self.engine.name)
+        reply.timing.CopyFrom(clock.timing())
+        return reply
 
 
 def _detect(method: int, f: TokenFeatures, mask: torch.Tensor) -> detection.Score:

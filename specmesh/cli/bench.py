@@ -8,6 +8,7 @@ Subcommands:
   image    image decoding methods (ar, exact_sd, lantern, gsd): speed, accuracy, Frechet distance
   load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
   route    token routing (policy r2r) vs target, draft and speculative (specmesh/cli/bench_route.py)
+  attribute  ReAGent vs gradient x input vs random attribution (specmesh/cli/bench_attribute.py)
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_kv_parser(bench_sub)
     from specmesh.cli import bench_image
+    from specmesh.cli.bench_attribute import add_attribute_parser
     from specmesh.cli.bench_load import add_load_parser
     from specmesh.cli.bench_route import add_route_parser
 
     bench_image.add_parser(bench_sub)
     add_load_parser(bench_sub)
     add_route_parser(bench_sub)
+    add_attribute_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "train": "train",
     "serve": "serve",
     "health": "health",
+    "attribute": "attribute",
     "bench": "bench",
     "protos": "protos",
 }

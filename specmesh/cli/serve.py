@@ -10,10 +10,9 @@ from pathlib import Path
 from services.core.strategies import DEFAULT_STRATEGY, STRATEGY_METAVAR, strategy_arg
 
 
-def _rpcs(module, service: str, skip: tuple[str, ...] = ()) -> str:
+def _rpcs(module, service: str) -> str:
     """The RPCs of `service`, from its proto (the help never leaves one out)."""
-    methods = module.DESCRIPTOR.services_by_name[service].methods
-    return ", ".join(m.name for m in methods if m.name not in skip)
+    return ", ".join(m.name for m in module.DESCRIPTOR.services_by_name[service].methods)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,12 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     sc = ssub.add_parser(
         "scoring",
-        # Attribute (ReAGent) is declared in the proto but answers UNIMPLEMENTED
-        help="the scoring service: " + _rpcs(scoring_pb2, "ScoringService", skip=("Attribute",)),
+        help="the scoring service: " + _rpcs(scoring_pb2, "ScoringService"),
         description="Serve machine-text detection (log-likelihood, log-rank, entropy, Binoculars, "
-        "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD) and token uncertainty "
-        "over --model. Binoculars needs --observer, a second model sharing the tokenizer: --model "
-        "is its performer, the observer weights its cross-perplexity term.",
+        "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD), token uncertainty and "
+        "input attribution (ReAGent, gradient x input, random) over --model. Binoculars needs "
+        "--observer, a second model sharing the tokenizer: --model is its performer, the observer "
+        "weights its cross-perplexity term.",
     )
     sc.add_argument(
         "--model",

@@ -24,6 +24,13 @@ class MembershipMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEMBERSHIP_METHOD_MIN_K: _ClassVar[MembershipMethod]
     MEMBERSHIP_METHOD_MIN_K_PLUS_PLUS: _ClassVar[MembershipMethod]
     MEMBERSHIP_METHOD_DC_PDD: _ClassVar[MembershipMethod]
+
+class AttributionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTRIBUTION_METHOD_UNSPECIFIED: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_REAGENT: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_GRADIENT_X_INPUT: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_RANDOM: _ClassVar[AttributionMethod]
 DETECT_METHOD_UNSPECIFIED: DetectMethod
 DETECT_METHOD_LOG_LIKELIHOOD: DetectMethod
 DETECT_METHOD_LOG_RANK: DetectMethod
@@ -35,6 +42,10 @@ MEMBERSHIP_METHOD_UNSPECIFIED: MembershipMethod
 MEMBERSHIP_METHOD_MIN_K: MembershipMethod
 MEMBERSHIP_METHOD_MIN_K_PLUS_PLUS: MembershipMethod
 MEMBERSHIP_METHOD_DC_PDD: MembershipMethod
+ATTRIBUTION_METHOD_UNSPECIFIED: AttributionMethod
+ATTRIBUTION_METHOD_REAGENT: AttributionMethod
+ATTRIBUTION_METHOD_GRADIENT_X_INPUT: AttributionMethod
+ATTRIBUTION_METHOD_RANDOM: AttributionMethod
 
 class DetectRequest(_message.Message):
     __slots__ = ("input", "methods", "per_token")
@@ -127,39 +138,53 @@ class UncertaintyResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., entropy: _Optional[_Iterable[float]] = ..., logprob: _Optional[_Iterable[float]] = ..., mean_entropy: _Optional[float] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., kurtosis: _Optional[_Iterable[float]] = ..., geometric_mean_prob: _Optional[float] = ..., arithmetic_mean_prob: _Optional[float] = ..., mean_kurtosis: _Optional[float] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("context", "target_text", "max_new_tokens", "replace_ratio_percent", "seed")
+    __slots__ = ("context", "target_text", "max_new_tokens", "replace_ratio_percent", "seed", "method")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TARGET_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_RATIO_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.Prompt
     target_text: str
     max_new_tokens: int
     replace_ratio_percent: int
     seed: int
-    def __init__(self, context: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., target_text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., replace_ratio_percent: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    method: AttributionMethod
+    def __init__(self, context: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., target_text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., replace_ratio_percent: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AttributionMethod, str]] = ...) -> None: ...
 
 class TokenAttribution(_message.Message):
-    __slots__ = ("target_index", "importance")
+    __slots__ = ("target_index", "importance", "soft_sufficiency", "soft_comprehensiveness", "steps", "stopped")
     TARGET_INDEX_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    SOFT_SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    SOFT_COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
     target_index: int
     importance: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, target_index: _Optional[int] = ..., importance: _Optional[_Iterable[float]] = ...) -> None: ...
+    soft_sufficiency: float
+    soft_comprehensiveness: float
+    steps: int
+    stopped: bool
+    def __init__(self, target_index: _Optional[int] = ..., importance: _Optional[_Iterable[float]] = ..., soft_sufficiency: _Optional[float] = ..., soft_comprehensiveness: _Optional[float] = ..., steps: _Optional[int] = ..., stopped: _Optional[bool] = ...) -> None: ...
 
 class AttributeResponse(_message.Message):
-    __slots__ = ("context_token_ids", "target_token_ids", "attributions", "soft_sufficiency", "soft_comprehensiveness", "timing")
+    __slots__ = ("context_token_ids", "target_token_ids", "attributions", "soft_sufficiency", "soft_comprehensiveness", "timing", "method", "replacement_model")
     CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     SOFT_SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
     SOFT_COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_MODEL_FIELD_NUMBER: _ClassVar[int]
     context_token_ids: _containers.RepeatedScalarFieldContainer[int]
     target_token_ids: _containers.RepeatedScalarFieldContainer[int]
     attributions: _containers.RepeatedCompositeFieldContainer[TokenAttribution]
     soft_sufficiency: float
     soft_comprehensiveness: float
     timing: _common_pb2.Timing
-    def __init__(self, context_token_ids: _Optional[_Iterable[int]] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., attributions: _Optional[_Iterable[_Union[TokenAttribution, _Mapping]]] = ..., soft_sufficiency: _Optional[float] = ..., soft_comprehensiveness: _Optional[float] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    method: AttributionMethod
+    replacement_model: str
+    def __init__(self, context_token_ids: _Optional[_Iterable[int]] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., attributions: _Optional[_Iterable[_Union[TokenAttribution, _Mapping]]] = ..., soft_sufficiency: _Optional[float] = ..., soft_comprehensiveness: _Optional[float] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., method: _Optional[_Union[AttributionMethod, str]] = ..., replacement_model: _Optional[str] = ...) -> None: ...

@@ -180,11 +180,76 @@ def test_bad_input_names_the_field(scoring) -> None:
     with pytest.raises(grpc.RpcError) as e:
         raw(S.DetectRequest(input=chat).SerializeToString().replace(b"ab", b"a\xc0"))
     assert [v.field for v in status_details(e.value)[2]] == ["input.chat.messages.content"]
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Attribute(S.AttributeRequest(context=text("a")))
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "ReAGent" in e.value.details()
     assert_healthy(channel)
     assert stub.Detect(S.DetectRequest(input=text("still fine"))).scores
+
+
+def test_attribute_every_method(scoring) -> None:
+    servicer, stub, _ = scoring
+    context = servicer.tokenizer.encode(TEXT)[:12]
+    replies = {
+        m: stub.Attribute(S.AttributeRequest(context=ids(context), max_new_tokens=3, seed=5, method=m))
+        for m in (
+            S.ATTRIBUTION_METHOD_UNSPECIFIED,
+            S.ATTRIBUTION_METHOD_GRADIENT_X_INPUT,
+            S.ATTRIBUTION_METHOD_RANDOM,
+        )
+    }
+    reagent = replies[S.ATTRIBUTION_METHOD_UNSPECIFIED]
+    assert reagent.method == S.ATTRIBUTION_METHOD_REAGENT and reagent.replacement_model == "tiny"
+    for reply in replies.values():
+        assert list(reply.context_token_ids) == context and len(reply.target_token_ids) == 3
+        assert [a.target_index for a in reply.attributions] == [0, 1, 2]
+        assert all(len(a.importance) == len(context) for a in reply.attributions)
+        assert reply.timing.total_ns >= reply.timing.forward_ns > 0
+    # greedy and deterministic: every method explains the same tokens
+    assert len({tuple(r.target_token_ids) for r in replies.values()}) == 1
+    assert all(sum(a.importance) == pytest.approx(1, abs=1e-5) for a in reagent.attributions)
+    assert all(a.steps >= 1 for a in reagent.attributions)
+    again = stub.Attribute(S.AttributeRequest(context=ids(context), max_new_tokens=3, seed=5))
+    assert [list(a.importance) for a in again.attributions] == [
+        list(a.importance) for a in reagent.attributions
+    ]
+    given = stub.Attribute(
+        S.AttributeRequest(
+            context=text("the wind"), target_text=" in the", method=S.ATTRIBUTION_METHOD_RANDOM
+        )
+    )
+    assert list(given.target_token_ids) == servicer.tokenizer.encode(" in the")
+
+
+def test_attribute_bad_input_names_the_field(scoring) -> None:
+    servicer, stub, channel = scoring
+    ctx = servicer.engine.max_context
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+    A = S.AttributeRequest
+    for request, field in (
+        (A(context=text("")), "context.text"),
+        (A(), "context"),
+        (A(context=ids([])), "context.token_ids.ids"),
+        (A(context=ids([1] * (ctx - 7))), "context"),  # no room for the 8 default target tokens
+        (A(context=text("a b"), replace_ratio_percent=101), "replace_ratio_percent"),
+        (A(context=text("a b"), replace_ratio_percent=-1), "replace_ratio_percent"),
+        (A(context=text("a b"), max_new_tokens=33), "max_new_tokens"),
+        (A(context=text("a b"), max_new_tokens=-1), "max_new_tokens"),
+        (A(context=text("a b"), target_text="ab " * 40), "target_text"),
+        (A(context=text("a b"), method=9), "method"),
+    ):
+        assert refused(stub.Attribute, request) == (INVALID, [field]), field
+    assert refused(stub.Attribute, A(context=ids([1, 10**6]))) == (
+        grpc.StatusCode.OUT_OF_RANGE,
+        ["context.token_ids.ids"],
+    )
+    raw = channel.unary_unary("/specmesh.v1.ScoringService/Attribute")
+    for request, field in (
+        (A(context=text("ab")), "context.text"),
+        (A(context=text("x"), target_text="ab"), "target_text"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            raw(request.SerializeToString().replace(b"ab", b"\xff\xfe"))
+        assert (e.value.code(), [v.field for v in status_details(e.value)[2]]) == (INVALID, [field])
+    assert_healthy(channel)
+    assert stub.Attribute(A(context=text("still fine"), max_new_tokens=1, method=S.ATTRIBUTION_METHOD_RANDOM))
 
 
 def test_methods_needing_models_we_lack(scoring) -> None:

@@ -61,10 +61,11 @@ def test_gateway_help_gives_one_port(capsys) -> None:
 
 
 def test_serve_help_lists_every_rpc(capsys) -> None:
-    from specmesh.v1 import draft_pb2, target_pb2
+    from specmesh.v1 import draft_pb2, scoring_pb2, target_pb2
 
     text = help_text(["serve"], capsys)
-    for module, service in ((target_pb2, "TargetService"), (draft_pb2, "DraftService")):
+    services = ((target_pb2, "TargetService"), (draft_pb2, "DraftService"), (scoring_pb2, "ScoringService"))
+    for module, service in services:
         for method in module.DESCRIPTOR.services_by_name[service].methods:
             assert method.name in text
     assert "Verify" in text

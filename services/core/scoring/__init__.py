@@ -11,6 +11,9 @@ text ``b`` is the distribution ``targets[b, t]`` was drawn from. Per-token outpu
 - :mod:`.membership`  Min-K% Prob, Min-K%++, DC-PDD
 - :mod:`.uncertainty` token probability, entropy, kurtosis; geometric / arithmetic means
 - :mod:`.reference`   the token-frequency table DC-PDD calibrates against
+- :mod:`.attribution` ReAGent input attribution, gradient x input and random baselines
+- :mod:`.faithfulness` soft normalised sufficiency / comprehensiveness of an attribution
+- :mod:`.dense_forward` an embeddings-in, differentiable forward of an engine's weights
 """
 
 from services.core.scoring.tokens import TokenScores, token_scores
