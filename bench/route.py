@@ -1,7 +1,8 @@
 """`specmesh bench route`: token routing (R2R) against the other policies, through the real stack.
 
 Every prompt runs greedily under each policy (target, draft, speculative, r2r at the router's
-threshold) in a rotating order, then r2r once per swept threshold. Quality is measured by the
+threshold, auto with quality fast, exact and high) in a rotating order, then r2r once per swept
+threshold. Quality is measured by the
 target itself: ``target_nll`` is the target's mean negative log-likelihood of the generated
 continuation (Target.Score), ``exact_match`` the share of prompts whose output equals the
 target-only output. For r2r, ``nll_gap_closed = (NLL_draft - NLL_r2r) / (NLL_draft -
@@ -26,9 +27,9 @@ from bench.decode import machine_info
 from bench.spec.prompts import encode_prompts, load_prompt_sets
 from bench.spec.provenance import git_info, loadavg
 
-POLICIES = ("target", "draft", "speculative", "r2r")
+POLICIES = ("target", "draft", "speculative", "r2r", "auto")  # auto: with quality fast
+AUTO_QUALITIES = ("exact", "high")  # also run as auto:exact, auto:high
 DEFAULT_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
-AUTO_NOTE = "policy auto is not served yet: its figures are null"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Outcome:
     router_calls: int = 0
     catch_up: int = 0
     nll: float | None = None  # the target's mean NLL of `tokens` after the prompt
+    chosen: str | None = None  # auto: the policy it chose
 
 
 @dataclass
@@ -48,10 +50,17 @@ class Run:
     name: str
     policy: str
     threshold: float | None = None  # r2r: None = the router's own
+    quality: str | None = None  # auto
     outcomes: dict[tuple[str, int], Outcome] = field(default_factory=dict)
 
 
-def _request(policy: str, prompt: Sequence[int], max_new_tokens: int, threshold: float | None):
+def _request(
+    policy: str,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    threshold: float | None,
+    quality: str | None = None,
+):
     from gateway.config import policy_value
     from specmesh.v1 import common_pb2, gateway_pb2
 
@@ -62,6 +71,8 @@ def _request(policy: str, prompt: Sequence[int], max_new_tokens: int, threshold:
     )
     if threshold is not None:
         request.route.threshold = threshold
+    if quality is not None:
+        request.quality = gateway_pb2.Quality.Value(f"QUALITY_{quality.upper()}")
     return request
 
 
@@ -69,8 +80,22 @@ def _generate(stub, request, timeout: float) -> Outcome:
     t0 = time.perf_counter()
     response = stub.Generate(request, timeout=timeout)
     wall = time.perf_counter() - t0
+    from gateway.config import policy_name
+
     s = response.spec_stats
-    return Outcome(list(response.token_ids), wall, s.routed_tokens, s.router_calls, s.catch_up_tokens)
+    chosen = policy_name(response.auto.policy) if response.HasField("auto") else None
+    return Outcome(
+        list(response.token_ids), wall, s.routed_tokens, s.router_calls, s.catch_up_tokens, chosen=chosen
+    )
+
+
+def _target_tokens(policy: str, outcome: Outcome) -> int:
+    """Output tokens the target produced: all of them under target and speculative (verified,
+    lossless), none under draft, the routed ones under r2r; auto: those of the policy it chose."""
+    policy = outcome.chosen or policy
+    if policy in ("target", "speculative"):
+        return len(outcome.tokens)
+    return outcome.routed if policy == "r2r" else 0
 
 
 def _target_nll(target_stub, prompt: Sequence[int], tokens: Sequence[int]) -> float | None:
@@ -98,14 +123,12 @@ def _summary(run: Run, baseline: Run) -> dict[str, Any]:
         1e-9, sum(baseline.outcomes[k].wall_s for k in keys)
     )
     nlls = [o.nll for o in outs if o.nll is not None]
-    produced_by_target = {
-        "target": tokens,
-        "speculative": tokens,  # every token is the target's (verified, lossless)
-        "draft": 0,
-        "r2r": sum(o.routed for o in outs),
-    }[run.policy]
+    produced_by_target = sum(_target_tokens(run.policy, o) for o in outs)
+    chosen = [o.chosen for o in outs if o.chosen]
     return {
         "threshold": run.threshold,
+        "quality": run.quality,
+        "chosen": {p: chosen.count(p) for p in sorted(set(chosen))} if chosen else None,
         "prompts": len(outs),
         "output_tokens": tokens,
         "tokens_per_s": tokens / wall if wall else None,
@@ -115,8 +138,8 @@ def _summary(run: Run, baseline: Run) -> dict[str, Any]:
         "exact_match": sum(run.outcomes[k].tokens == baseline.outcomes[k].tokens for k in keys) / len(keys)
         if keys
         else None,
-        "router_calls": sum(o.router_calls for o in outs) if run.policy == "r2r" else None,
-        "catch_up_tokens": sum(o.catch_up for o in outs) if run.policy == "r2r" else None,
+        "router_calls": sum(o.router_calls for o in outs),
+        "catch_up_tokens": sum(o.catch_up for o in outs),
     }
 
 
@@ -196,7 +219,10 @@ def run_route_bench(
     started, load_start, git = time.time(), loadavg(), git_info()
     sets = load_prompt_sets(list(prompt_files), limit)
     prompts = encode_prompts(sets, Tokenizer.from_dir(resolve_model(target_model)))
-    runs = [Run(p, p) for p in POLICIES] + [Run(f"r2r@{t:g}", "r2r", t) for t in thresholds]
+    runs = [Run(p, p, quality="fast" if p == "auto" else None) for p in POLICIES]
+    runs += [Run(f"auto:{q}", "auto", quality=q) for q in AUTO_QUALITIES]
+    runs += [Run(f"r2r@{t:g}", "r2r", t) for t in thresholds]
+    timed = len(POLICIES) + len(AUTO_QUALITIES)  # rotated per prompt; the sweep runs after them
     stack_log = out.with_suffix(".stack.log")
     config = StackConfig(
         model=target_model,
@@ -219,14 +245,14 @@ def run_route_bench(
                 stub = gateway_pb2_grpc.GatewayStub(g_channel)
                 target_stub = target_pb2_grpc.TargetServiceStub(t_channel)
                 first = next(iter(prompts.values()))
-                for run in runs[: len(POLICIES)]:  # warm-up: one request per policy, not timed
-                    _generate(stub, _request(run.policy, first, 8, run.threshold), timeout)
+                for run in runs[:timed]:  # warm-up: one request per policy, not timed
+                    _generate(stub, _request(run.policy, first, 8, run.threshold, run.quality), timeout)
                 bar = tqdm(total=len(prompts) * len(runs), disable=not progress, desc="route", unit="req")
                 for i, (key, prompt) in enumerate(prompts.items()):
-                    order = runs[: len(POLICIES)]
+                    order = runs[:timed]
                     k = i % len(order)  # rotate the policies so none always goes first
-                    for run in [*order[k:], *order[:k], *runs[len(POLICIES) :]]:
-                        request = _request(run.policy, prompt, max_new_tokens, run.threshold)
+                    for run in [*order[k:], *order[:k], *runs[timed:]]:
+                        request = _request(run.policy, prompt, max_new_tokens, run.threshold, run.quality)
                         run.outcomes[key] = _generate(stub, request, timeout)
                         bar.update()
                 bar.close()
@@ -237,12 +263,11 @@ def run_route_bench(
             stack.stop()
 
     base = runs[0]
-    policies = {run.name: _summary(run, base) for run in runs[: len(POLICIES)]}
-    for name in ("r2r",):
+    policies = {run.name: _summary(run, base) for run in runs[:timed]}
+    for name in ("r2r", "auto", *(f"auto:{q}" for q in AUTO_QUALITIES)):
         policies[name]["nll_gap_closed"] = _gap_closed(policies[name], policies["draft"], policies["target"])
-    policies["auto"] = None
     sweep = []
-    for run in runs[len(POLICIES) :]:
+    for run in runs[timed:]:
         s = _summary(run, base)
         s["nll_gap_closed"] = _gap_closed(s, policies["draft"], policies["target"])
         sweep.append(s)
@@ -251,6 +276,8 @@ def run_route_bench(
         "r2r_target_share_at_most_0.3": r2r["target_share"] is not None and r2r["target_share"] <= 0.3,
         "r2r_nll_gap_closed_at_least_0.7": (r2r["nll_gap_closed"] or 0) >= 0.7,
         "r2r_speedup_at_least_1.5": (r2r["speedup_vs_target"] or 0) >= 1.5,
+        "auto_fast_not_slower_than_target": (policies["auto"]["speedup_vs_target"] or 0) >= 1.0,
+        "auto_exact_equals_target": policies["auto:exact"]["exact_match"] == 1.0,
     }
     result: dict[str, Any] = {
         "benchmark": "route",
@@ -262,7 +289,11 @@ def run_route_bench(
         "sweep": sweep,
         "router": _router_report(draft_model),
         "targets_met": targets,
-        "notes": [AUTO_NOTE],
+        "notes": [
+            "auto is run with quality fast (key auto), exact and high (auto:exact, auto:high); "
+            "chosen counts the policy it picked per prompt",
+            "the sweep runs after the rotated policies, in threshold order",
+        ],
         "machine": machine_info(threads or 0)
         | {"loadavg_start": load_start, "loadavg_end": loadavg(), **git},
         "config": {"target_model": target_model, "draft_model": draft_model, "thresholds": list(thresholds)},

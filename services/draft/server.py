@@ -85,9 +85,7 @@ def _router(choice: str | Path | None, engine: Engine, draft_dir: Path) -> Route
         if not choice.exists():
             log.info("no router in %s: policy r2r is unavailable (see `specmesh train router`)", choice)
             return None
-    router = load_router(Path(choice), engine, draft_dir)
-    log.info("token router %s: %s, threshold %.3f", choice, router.backend, router.threshold)
-    return router
+    return load_router(Path(choice), engine, draft_dir)  # logs which router, backend and threshold
 
 
 def registrar(servicer: DraftServicer) -> Callable[[grpc.aio.Server], list[str]]:

@@ -34,8 +34,9 @@ def add_route_parser(bench_sub: argparse._SubParsersAction) -> None:
         "route",
         help="token routing (policy r2r) vs target, draft and speculative: speed, target share, quality",
         description="Starts the local stack (target, draft with its router, gateway) and runs every prompt "
-        "greedily under policies target, draft, speculative and r2r (the router's own threshold), in a "
-        "rotating order, then r2r at each --thresholds value. Reports per policy tokens_per_s, "
+        "greedily under policies target, draft, speculative, r2r (the router's own threshold) and auto "
+        "(quality fast as `auto`, exact and high as `auto:exact`, `auto:high`, with the policy it chose), "
+        "in a rotating order, then r2r at each --thresholds value. Reports per policy tokens_per_s, "
         "speedup_vs_target, target_share (output tokens the target produced), target_nll (the target's "
         "mean negative log-likelihood of the output, nats/token), exact_match with the target-only "
         "output, and for r2r nll_gap_closed = (NLL_draft - NLL_r2r) / (NLL_draft - NLL_target); the "
