@@ -118,7 +118,9 @@ def test_jobs_with_one_key_never_interleave(engine) -> None:
         run_all(worker, [job("a", keyed), job("b", keyed)], keys=["s1", "s1"])
     finally:
         worker.close()
-    assert free == ["a", "b"] * 3  # without a key the two interleave, forward by forward
+    # without a key the two interleave: b starts before a is done (how many of a's forwards
+    # come first depends on when b's greenlet joins, which a busy machine delays)
+    assert sorted(free) == ["a"] * 3 + ["b"] * 3 and free.index("b") < 5 - free[::-1].index("a")
     assert keyed == ["a"] * 3 + ["b"] * 3
 
 
