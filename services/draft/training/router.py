@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.linear_choice import cpu_model  # the report names the CPU it ran on
 from services.core.errors import InvalidArgument
 from services.core.loaders.hf_dir import load_hf_dir
 from services.core.model_store import DEFAULT_MODEL, resolve_model
@@ -183,17 +183,6 @@ def held_out_report(scores: torch.Tensor, data: RouterData, threshold: float) ->
 
 
 # --- a whole run ----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for the report."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _draft_seed(draft_dir: Path) -> int:
