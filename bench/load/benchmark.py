@@ -2,13 +2,17 @@
 dynamic batching in the same run.
 
 For each batching mode the local stack (target, draft, gateway as processes, no Redis) starts
-with ``SPECMESH_BATCHING`` set accordingly, serves a warm-up, and then runs each concurrency
+with ``SPECMESH_BATCHING`` set accordingly, serves a warm-up (a few requests one at a time, then
+one request on each of --concurrency streams at once), and then runs each concurrency
 level (1, 8, ..., --concurrency) for --duration seconds: every worker streams one greedy
 request after another, prompts of mixed lengths (short chat questions, code, and three of them
 joined into one long prompt) and policies alternating between `target` and `speculative`.
 Reported per level: errors, p50/p99 time to first token and per output token, aggregate
 tokens/s; per mode: ``throughput_gain_8_vs_1`` and the services' resident memory after the
-warm-up and at the end. A level is a fixed window: streams still open when it ends are cut off
+warm-up and at the end. The warm-up ends at the highest concurrency because the KV pool is
+preallocated as virtual memory: the pages that many sessions at once touch become resident once
+and stay, and memory growth past that point (a leak) is what the end-of-run figure checks. A
+level is a fixed window: streams still open when it ends are cut off
 (cancelled, counted as cut_at_end, their tokens so far counted), so every level costs the same
 time whatever the per-stream latency.
 """
@@ -93,6 +97,9 @@ def run_mode(cfg: LoadBenchConfig, batching: bool, prompts: list[list[int]], log
         warm: list[Stream] = []
         for _ in range(cfg.warmup_requests * len(policies)):  # one request at a time
             warm += asyncio.run(run_level(stack.gateway, 1, None, request, cfg.timeout_s))[0]
+        rss_sequential = stack_rss(stack)
+        print(f"[{mode}] warm-up: {cfg.concurrency} streams at once ...", file=sys.stderr, flush=True)
+        warm += asyncio.run(run_level(stack.gateway, cfg.concurrency, None, request, cfg.timeout_s))[0]
         rss_warm = stack_rss(stack)
         levels = []
         for concurrency in cfg.levels:
@@ -121,6 +128,7 @@ def run_mode(cfg: LoadBenchConfig, batching: bool, prompts: list[list[int]], log
         "errors": sum(lv["errors"] for lv in levels),
         "throughput_gain_8_vs_1": gain(levels, 8),
         f"throughput_gain_{cfg.levels[-1]}_vs_1": gain(levels, cfg.levels[-1]),
+        "rss_mib_after_sequential_warmup": rss_sequential,
         "rss_mib_after_warmup": rss_warm,
         "rss_mib_end": rss_end,
         "rss_growth": {

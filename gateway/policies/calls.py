@@ -11,12 +11,17 @@ is retried under a fresh session id with the whole sequence as new tokens (a re-
   ``attempt_timeout_s``) fires while the request still has time and another replica is there;
   the slow one is left out of choice for a moment (as after UNAVAILABLE) and the session moves.
 
+A replica whose engine queue is full answers RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo``;
+the call waits the delay it asks for and tries again (at most ``BUSY_RETRIES`` times, and only
+while the request's deadline leaves room), then passes the status, hint included, to the client.
+
 A retried round sends the same random-stream counter, so it draws the same numbers: the
 output is the one an uninterrupted request would have produced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,12 +30,15 @@ import grpc
 import grpc.aio
 
 from services.core.errors import Unavailable
+from services.runtime.errors import retry_delay
 from specmesh.v1 import common_pb2
 
 from ..record import UpstreamSession
 from .context import PolicyContext
 
 log = logging.getLogger("specmesh.gateway")
+
+BUSY_RETRIES = 3  # waits for a replica whose queue is full before its refusal reaches the client
 
 
 def replica_gone(exc: grpc.aio.AioRpcError) -> bool:
@@ -53,6 +61,7 @@ async def session_call(
     pool = ctx.pools[session.role]
     failed: list[str] = []  # replicas that went away (or timed out) during this call
     resynced = False
+    busy = 0
     last_error: grpc.aio.AioRpcError | None = None
     while True:
         try:
@@ -90,7 +99,24 @@ async def session_call(
                 resynced = True
                 _abandon(ctx, session, sequence)
                 continue
+            wait = _busy_wait(ctx, exc) if busy < BUSY_RETRIES else None
+            if wait is not None:
+                busy += 1
+                await asyncio.sleep(wait)
+                continue
             raise
+
+
+def _busy_wait(ctx: PolicyContext, exc: grpc.aio.AioRpcError) -> float | None:
+    """The wait a RESOURCE_EXHAUSTED refusal asks for, when the request's deadline leaves room
+    for it and another attempt; None: do not retry."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    wait = retry_delay(exc)
+    remaining = ctx.deadline()
+    if wait is None or (remaining is not None and remaining < 2 * wait):
+        return None
+    return wait
 
 
 def _retry_elsewhere(ctx: PolicyContext, pool, failed: list[str], replica) -> bool:

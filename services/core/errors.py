@@ -39,7 +39,14 @@ class NotFound(SpecmeshError):
 
 
 class ResourceExhausted(SpecmeshError):
+    """retry_delay_s: how long the caller should wait before trying again, when waiting helps
+    (a full queue drains; a session limit does not), sent as a ``google.rpc.RetryInfo``."""
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, field: str | None = None, *, retry_delay_s: float | None = None) -> None:
+        super().__init__(message, field)
+        self.retry_delay_s = retry_delay_s
 
 
 class Unavailable(SpecmeshError):

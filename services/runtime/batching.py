@@ -89,8 +89,10 @@ class ForwardBatcher:
         self._deferred: list[Job] = []  # jobs whose key is busy
         self._waiting: list[Job] = []  # jobs blocked on a forward
         self._expected = 1
-        self.batch_sizes: list[int] = []  # requests per merged forward (tests, metrics); bounded
+        self.batch_sizes: list[int] = []  # requests per merged forward (tests); bounded
         self.forwards = 0
+        # told each merged forward's request count, on the engine thread (the batch-size metric)
+        self.on_batch: Callable[[int], None] | None = None
 
     def attach(self, engine: Engine) -> None:
         """Route `engine`'s forwards made inside jobs through this batcher."""
@@ -248,6 +250,8 @@ class ForwardBatcher:
         self._expected = len(batch) + len(self._waiting)
         self.forwards += 1
         self.batch_sizes = self.batch_sizes[-999:] + [len(batch)]
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         began = time.perf_counter_ns()
         try:
             parts = self._forward_merged([j.call for j in batch])

@@ -16,11 +16,12 @@ anything else                  INTERNAL               ``"TypeName: message"`` (t
 =============================  =====================  ===========================================
 
 When a ``SpecmeshError`` names a ``field``, the status carries a ``google.rpc.Status`` in the
-``grpc-status-details-bin`` trailer with one ``google.rpc.BadRequest`` field violation.
+``grpc-status-details-bin`` trailer with one ``google.rpc.BadRequest`` field violation; a
+``ResourceExhausted`` with a ``retry_delay_s`` adds a ``google.rpc.RetryInfo``.
 Aborts made by the handler itself (``await context.abort(...)``) pass through untouched.
 
 Client side, :func:`status_details` returns ``(code, message, field_violations)`` from any
-``grpc.RpcError``.
+``grpc.RpcError`` and :func:`retry_delay` the wait a RetryInfo asks for.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from services.core.errors import InvalidArgument, SpecmeshError
+from services.core.errors import InvalidArgument, ResourceExhausted, SpecmeshError
 
 from ._handlers import call_unary, iterate, rewrap
 from .utf8_fields import invalid_utf8_field
@@ -59,6 +60,7 @@ class MappedError(NamedTuple):
     message: str
     field_violations: tuple[FieldViolation, ...] = ()
     status_details: bytes | None = None  # a serialized google.rpc.Status to send as-is
+    retry_delay_s: float | None = None  # a google.rpc.RetryInfo detail
 
 
 def _code_named(name: str) -> grpc.StatusCode:
@@ -81,7 +83,8 @@ def map_exception(exc: BaseException) -> MappedError:
         violations = ()
         if exc.field:
             violations = (FieldViolation(exc.field, exc.message),)
-        return MappedError(_code_named(exc.code), _truncate(str(exc)), violations)
+        retry = exc.retry_delay_s if isinstance(exc, ResourceExhausted) else None
+        return MappedError(_code_named(exc.code), _truncate(str(exc)), violations, retry_delay_s=retry)
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         if code is grpc.StatusCode.OK:  # cannot happen for an error; be safe
@@ -104,9 +107,13 @@ def map_exception(exc: BaseException) -> MappedError:
 
 
 def status_proto(
-    code: grpc.StatusCode, message: str, field_violations: Iterable[FieldViolation] = ()
+    code: grpc.StatusCode,
+    message: str,
+    field_violations: Iterable[FieldViolation] = (),
+    retry_delay_s: float | None = None,
 ) -> status_pb2.Status:
-    """A ``google.rpc.Status``; field violations go into one ``google.rpc.BadRequest`` detail."""
+    """A ``google.rpc.Status``; field violations go into one ``google.rpc.BadRequest`` detail,
+    a retry delay into a ``google.rpc.RetryInfo``."""
     status = status_pb2.Status(code=code.value[0], message=message)
     violations = list(field_violations)
     if violations:
@@ -117,17 +124,25 @@ def status_proto(
             ]
         )
         status.details.add().Pack(bad_request)
+    if retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(round(retry_delay_s * 1e9))
+        status.details.add().Pack(retry)
     return status
 
 
 def rich_status_metadata(
-    code: grpc.StatusCode, message: str, field_violations: Iterable[FieldViolation] = ()
+    code: grpc.StatusCode,
+    message: str,
+    field_violations: Iterable[FieldViolation] = (),
+    retry_delay_s: float | None = None,
 ) -> tuple[tuple[str, bytes], ...]:
-    """Trailing metadata carrying the status details; empty when there are no violations."""
+    """Trailing metadata carrying the status details; empty when there are none."""
     violations = list(field_violations)
-    if not violations:
+    if not violations and retry_delay_s is None:
         return ()
-    return ((STATUS_DETAILS_KEY, status_proto(code, message, violations).SerializeToString()),)
+    status = status_proto(code, message, violations, retry_delay_s)
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
@@ -136,7 +151,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     if mapped.status_details is not None:
         trailing: Sequence[tuple[str, Any]] = ((STATUS_DETAILS_KEY, mapped.status_details),)
     else:
-        trailing = rich_status_metadata(mapped.code, mapped.message, mapped.field_violations)
+        trailing = rich_status_metadata(
+            mapped.code, mapped.message, mapped.field_violations, mapped.retry_delay_s
+        )
     await context.abort(mapped.code, mapped.message, trailing_metadata=tuple(trailing))
     raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -273,3 +290,19 @@ def status_details(rpc_error: grpc.RpcError) -> tuple[grpc.StatusCode, str, list
                     FieldViolation(v.field, v.description) for v in bad_request.field_violations
                 )
     return code, message, violations
+
+
+def retry_delay(rpc_error: grpc.RpcError) -> float | None:
+    """Seconds the server asks the caller to wait before retrying (a ``google.rpc.RetryInfo``
+    in the status details), or None when it sent none."""
+    raw = _details_from_metadata(rpc_error.trailing_metadata(), rpc_error.code())
+    if raw is None:
+        return None
+    status = status_pb2.Status()
+    status.ParseFromString(raw)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None

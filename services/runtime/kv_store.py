@@ -62,6 +62,7 @@ SCOPE = "specmesh.kv_store"
 ERRORS = "specmesh.kv_store.errors"
 DROPPED = "specmesh.kv_store.dropped"
 BLOCKS = "specmesh.kv_store.blocks"
+LOOKUPS = "specmesh.kv_store.lookups"
 
 
 def redis_key(key: bytes) -> bytes:
@@ -75,6 +76,8 @@ class KVStoreStats:
     published: int = 0  # blocks written
     dropped: int = 0  # blocks not written: queue full, Redis down, or the write failed
     restored: int = 0  # blocks read and handed to a pool
+    lookups: int = 0  # prefix lookups Redis answered (Redis down: none)
+    hits: int = 0  # of which found at least one block
     invalid: int = 0  # values refused by the format check (treated as misses)
     errors: int = 0  # failed Redis operations
     bytes_written: int = 0
@@ -160,6 +163,11 @@ class KVStore:
         )
         self._m_blocks = meter.create_counter(
             BLOCKS, unit="{block}", description="KV blocks published to / restored from Redis"
+        )
+        self._m_lookups = meter.create_counter(
+            LOOKUPS,
+            unit="{lookup}",
+            description="Prefix lookups in Redis, by result: hit (at least one block restored) or miss",
         )
         # (key, k, v, computed dtype, digest); None stops the writer
         self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=queue_blocks)
@@ -286,6 +294,9 @@ class KVStore:
             self._failed("fetch", exc)
         else:
             self._backoff.ok()
+            self.stats.lookups += 1
+            self.stats.hits += bool(found)
+            self._m_lookups.add(1, {"result": "hit" if found else "miss"})
         if found:
             self.stats.restored += len(found)
             self._m_blocks.add(len(found), {"operation": "restore"})

@@ -11,6 +11,8 @@ loads an engine.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,10 +62,12 @@ class ModelServicer:
         )
         # the thread the engine was loaded on, when the loader made one (see services.runtime.worker)
         self._worker = worker or EngineWorker(engine.name)
+        self.engine_calls = 0  # waiting for or running on the engine thread (a gauge reads it)
+        self._sweeper: asyncio.Task | None = None  # expires idle sessions (see _sweep_idle)
+        self.metrics = ModelMetrics(self)
         if batching:
             self._worker.attach(engine)
-        self.engine_calls = 0  # waiting for or running on the engine thread (a gauge reads it)
-        self.metrics = ModelMetrics(self)
+            self._worker.batcher.on_batch = self.metrics.batched
 
     # --- the engine thread ------------------------------------------------------------------
 
@@ -72,6 +76,7 @@ class ModelServicer:
     ) -> T:
         """fn(*args) on the engine thread; calls with the same key (session id) never interleave;
         bounded=False for clean-up, which the queue limit must never refuse."""
+        self._start_sweeper()
         queued = clock.queue_ns
         self.engine_calls += 1
         try:
@@ -82,7 +87,19 @@ class ModelServicer:
                 self.metrics.waited((clock.queue_ns - queued) / 1e9)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._worker.close()
+
+    # --- idle sessions ------------------------------------------------------------------------
+
+    def _start_sweeper(self) -> None:
+        """Start the idle-session sweep on the running loop, once per loop: from the first call
+        on, so a server that then gets no traffic still frees the KV of sessions left open."""
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None or self._sweeper.done() or self._sweeper.get_loop() is not loop:
+            interval = max(0.01, min(self.sessions.ttl_seconds / 4, 30.0))
+            self._sweeper = loop.create_task(_sweep_idle(weakref.ref(self), interval))
 
     # --- model info and the model-id check ---------------------------------------------------
 
@@ -168,3 +185,16 @@ class ModelServicer:
         out.CopyFrom(reply)
         out.timing.CopyFrom(clock.timing())
         return out
+
+
+async def _sweep_idle(servicer_ref: weakref.ref[ModelServicer], interval_s: float) -> None:
+    """Every interval_s, expire the sessions idle past their TTL (on the engine thread, which
+    owns the KV). Holds the servicer weakly between sweeps, so a dropped one is collected and
+    the sweep ends; a session expires at most interval_s (a quarter of the TTL) late."""
+    while True:
+        await asyncio.sleep(interval_s)
+        servicer = servicer_ref()
+        if servicer is None:
+            return
+        await servicer._on_engine(Clock(), servicer.sessions.expire_idle, bounded=False)
+        del servicer

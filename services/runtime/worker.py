@@ -26,6 +26,10 @@ from specmesh.v1 import common_pb2
 
 T = TypeVar("T")
 
+# the wait a refused call is told to take: a couple of forwards of a small model, after which
+# a full queue has usually drained a little (google.rpc.RetryInfo on the wire)
+RETRY_DELAY_S = 0.1
+
 
 class Clock:
     """Per-call timing: queue (waiting for the engine thread), forward (engine time), total."""
@@ -90,7 +94,8 @@ class EngineWorker:
         if bounded and self.in_flight >= self.max_queue:
             raise ResourceExhausted(
                 f"the engine has {self.in_flight} calls queued (max_queue={self.max_queue}); "
-                "retry after a short delay (about 100 ms) or on another replica"
+                f"retry after a short delay (about {RETRY_DELAY_S * 1e3:.0f} ms) or on another replica",
+                retry_delay_s=RETRY_DELAY_S,
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()

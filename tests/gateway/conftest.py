@@ -72,6 +72,7 @@ def toy(toy_tokenizer_dir: Path) -> SimpleNamespace:
         V=V,
         EOS=EOS,
         MAX_CONTEXT=MAX_CONTEXT,
+        BUSY_RETRY_DELAY_S=toy_services.BUSY_RETRY_DELAY_S,
         next=toy_services.toy_next,
         other=toy_services.other,
         services_script=TOY_SERVICES,

@@ -10,7 +10,9 @@ import grpc
 import pytest
 from servers import ServerThread
 
+from gateway.policies.calls import BUSY_RETRIES
 from gateway.server import GatewayOptions, start_gateway
+from services.runtime.errors import retry_delay
 from services.runtime.server import serve
 from specmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -130,3 +132,30 @@ def test_a_cancelled_verify_moves_the_round_to_the_other_replica(replicas) -> No
         tokens += chunk.token_ids
     assert tokens == list(uninterrupted.token_ids)
     assert pool.moves == 1
+
+
+def test_a_busy_replica_is_waited_for_then_its_refusal_reaches_the_client(replicas, toy) -> None:
+    """A replica whose queue is full answers RESOURCE_EXHAUSTED with a RetryInfo: the gateway
+    waits the delay and tries the same replica again (no move, no re-prefill), so a short burst
+    changes nothing; a replica that stays busy past BUSY_RETRIES waits has its refusal, hint
+    included, passed on to the client."""
+    stub = replicas["stub"]
+    uninterrupted = stub.Generate(_request(), timeout=30)
+    pool = replicas["gateway"].servicer.pools["target"]
+    stream = stub.GenerateStream(_request(), timeout=30)
+    tokens = list(next(stream).token_ids)
+    (holder,) = [r for r in pool.replicas if r.sessions > 0]
+    fake = _fake_at(replicas, holder.address)
+    fake.busy_verifies = BUSY_RETRIES
+    for chunk in stream:
+        tokens += chunk.token_ids
+    assert tokens == list(uninterrupted.token_ids)
+    assert fake.busy_verifies == 0 and pool.moves == 0
+
+    for f in replicas["fakes"]:
+        f.busy_verifies = 10 * (BUSY_RETRIES + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(_request(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full" in info.value.details()
+    assert retry_delay(info.value) == toy.BUSY_RETRY_DELAY_S

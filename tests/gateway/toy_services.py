@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.core.params import GenerationParams
 from services.core.text_stream import TextReleaser
 from services.core.tokenizer import Tokenizer
@@ -33,6 +33,7 @@ from specmesh.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, targe
 V = 64
 EOS = 1
 MAX_CONTEXT = 256
+BUSY_RETRY_DELAY_S = 0.05
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}w2{% endif %}"
@@ -78,6 +79,7 @@ class FakeTarget(target_pb2_grpc.TargetServiceServicer):
     name: str = "toy-target"
     forget_every: int = 0  # > 0: drop every session after this many Verify calls (eviction)
     fail_verify: grpc.StatusCode | None = None
+    busy_verifies: int = 0  # > 0: refuse this many Verify calls as a full queue would (RetryInfo)
     delay_s: float = 0.0  # > 0: every Verify takes this long (so a test can act between rounds)
     sessions: dict[str, list[int]] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
@@ -100,6 +102,9 @@ class FakeTarget(target_pb2_grpc.TargetServiceServicer):
         self.calls.append(("Verify", request))
         if self.fail_verify is not None:
             await context.abort(self.fail_verify, "verify failed on purpose")
+        if self.busy_verifies:
+            self.busy_verifies -= 1
+            raise ResourceExhausted("the engine queue is full", retry_delay_s=BUSY_RETRY_DELAY_S)
         self.verifies += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

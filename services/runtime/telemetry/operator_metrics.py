@@ -1,6 +1,7 @@
 """Gauges and histograms an operator watches on a model server (scraped from the Prometheus
 endpoint, or exported over OTLP): open sessions, KV blocks in use / cached / in all, engine
-calls waiting or running, and the time calls waited for the engine thread.
+calls waiting or running, the time calls waited for the engine thread, and how many requests
+each merged forward served (the batch size).
 
 The instruments exist once per process (an OpenTelemetry meter keeps the first instrument of a
 name and ignores the callbacks of later ones); every model servicer registers with them and the
@@ -26,11 +27,14 @@ KV_BLOCKS_CACHED = "specmesh.kv.blocks.cached"
 KV_BLOCKS_CAPACITY = "specmesh.kv.blocks.capacity"
 QUEUE_DEPTH = "specmesh.engine.queue_depth"
 QUEUE_WAIT = "specmesh.engine.queue_wait"
+BATCH_SIZE = "specmesh.engine.batch_size"
 MODEL = "specmesh.model"
 SERVICE = "specmesh.service"
 
 # queue waits from a free engine thread (~50 us) to a backlog of many forwards (seconds)
 _WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# requests per forward: 1 (no concurrency) up to the batcher's max_batch (32 by default) and past
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Observed(Protocol):
@@ -87,6 +91,12 @@ class _Instruments:
             description="Time a call waited for the engine thread before it ran",
             explicit_bucket_boundaries_advisory=list(_WAIT_BUCKETS),
         )
+        self.batch_size = meter.create_histogram(
+            BATCH_SIZE,
+            unit="{request}",
+            description="Requests served by one forward pass (concurrent calls merged by the batcher)",
+            explicit_bucket_boundaries_advisory=list(_BATCH_BUCKETS),
+        )
 
 
 _lock = threading.Lock()
@@ -105,7 +115,8 @@ def _shared() -> _Instruments:
 
 class ModelMetrics:
     """One servicer's view of the shared instruments: registering it adds it to the gauges;
-    `waited(seconds)` records a queue wait."""
+    `waited(seconds)` records a queue wait, `batched(requests)` a merged forward. It holds no
+    reference to the servicer (the engine thread keeps `batched`; the gauges hold it weakly)."""
 
     def __init__(self, servicer: Observed) -> None:
         self._instruments = _shared()
@@ -114,3 +125,6 @@ class ModelMetrics:
 
     def waited(self, seconds: float) -> None:
         self._instruments.queue_wait.record(seconds, self.attributes)
+
+    def batched(self, requests: int) -> None:
+        self._instruments.batch_size.record(requests, self.attributes)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from services.core.errors import InvalidArgument, NotFound, OutOfRange
+from services.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.runtime.settings import ServerSettings
 from services.runtime.telemetry import setup_telemetry
 
@@ -43,6 +43,7 @@ _FAILURES = {
     b"timeout": lambda: TimeoutError(),
     b"memory": lambda: MemoryError(),
     b"keyerror": lambda: KeyError("layer.7"),
+    b"busy": lambda: ResourceExhausted("queue full", retry_delay_s=0.25),
 }
 
 

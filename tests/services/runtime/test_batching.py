@@ -11,7 +11,7 @@ from tiny_models import tiny_config
 
 from services.core.engine import Engine
 from services.core.errors import InvalidArgument, ResourceExhausted
-from services.runtime.worker import Clock, EngineWorker
+from services.runtime.worker import RETRY_DELAY_S, Clock, EngineWorker
 
 
 @pytest.fixture
@@ -133,8 +133,9 @@ def test_a_full_queue_refuses_with_a_retry_hint_but_never_clean_up(engine) -> No
             asyncio.ensure_future(worker.run(Clock(), decode_job(engine, PROMPTS[3], 20))) for _ in range(2)
         ]
         await asyncio.sleep(0)
-        with pytest.raises(ResourceExhausted, match="retry after"):
+        with pytest.raises(ResourceExhausted, match="retry after") as refused:
             await worker.run(Clock(), decode_job(engine, PROMPTS[0], 1))
+        assert refused.value.retry_delay_s == RETRY_DELAY_S
         cleaned = await worker.run(Clock(), lambda: "released", bounded=False)
         await asyncio.gather(*slow)
         return cleaned, await worker.run(Clock(), lambda: "again")

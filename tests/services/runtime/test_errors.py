@@ -10,6 +10,7 @@ from services.runtime.errors import (
     STATUS_DETAILS_KEY,
     FieldViolation,
     map_exception,
+    retry_delay,
     status_details,
 )
 from services.runtime.server import serve
@@ -134,6 +135,27 @@ def test_status_details_are_a_google_rpc_status(arun, probe, quiet_telemetry):
     assert mapped.code == grpc.StatusCode.INVALID_ARGUMENT
     assert mapped.message.startswith("upstream call failed: max_new_tokens:")
     assert mapped.status_details == raw
+
+
+def test_a_retry_delay_travels_as_retry_info(arun, probe, quiet_telemetry):
+    async def main():
+        async with await serve(
+            probe.make_register(probe.make_state()), probe.settings(), telemetry=quiet_telemetry
+        ) as running:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                errors = []
+                for request in (b"busy", b"memory"):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await channel.unary_unary(probe.method("Fail"))(request, timeout=5)
+                    errors.append(info.value)
+            return errors
+
+    busy, memory = arun(main())
+    assert busy.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.details() == "queue full"
+    status = status_pb2.Status.FromString(dict(busy.trailing_metadata())[STATUS_DETAILS_KEY])
+    assert [d.type_url for d in status.details] == ["type.googleapis.com/google.rpc.RetryInfo"]
+    assert retry_delay(busy) == 0.25
+    assert retry_delay(memory) is None  # waiting would not help: no hint
 
 
 def test_map_exception_table():

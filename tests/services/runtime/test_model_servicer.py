@@ -1,5 +1,5 @@
 """The model-servicer base: model info, the model-id check, session open after every check,
-idempotent replay with this call's timing, and Release."""
+idempotent replay with this call's timing, Release, and the sweep of idle sessions."""
 
 from __future__ import annotations
 
@@ -98,3 +98,26 @@ def test_engine_thread_times_calls(servicer: ModelServicer) -> None:
     clock = Clock()
     assert asyncio.run(servicer._on_engine(clock, sum, [1, 2])) == 3
     assert clock.timing().total_ns >= clock.forward_ns >= 0
+
+
+def test_idle_sessions_expire_without_further_calls() -> None:
+    """A session left open frees its KV after its TTL even when no call comes to expire it."""
+    target = ModelServicer(Engine.from_config(tiny_config(), block_size=4), session_ttl_seconds=0.2)
+    left_open = ref("left-open", list(range(3, 12)), 9)
+    pool = target.engine.pool
+
+    async def open_and_wait() -> tuple[int, int]:
+        await target._on_engine(Clock(), lambda: target._append(target._open_session(left_open)))
+        opened = (len(target.sessions), pool.max_blocks - pool.free_blocks)
+        for _ in range(100):  # up to 5 s, far past the TTL plus one sweep interval (0.05 s)
+            await asyncio.sleep(0.05)
+            if not target.sessions:
+                break
+        return opened
+
+    try:
+        (sessions, used) = asyncio.run(open_and_wait())
+        assert sessions == 1 and used >= 2
+        assert len(target.sessions) == 0 and pool.max_blocks - pool.free_blocks == 0
+    finally:
+        target.close()

@@ -67,3 +67,37 @@ def test_one_point_per_servicer_following_sessions_and_kv() -> None:
     gc.collect()
     assert points(reader)[om.OPEN_SESSIONS] == {key_d: 0}  # a collected servicer reports nothing
     draft.close()
+
+
+def test_batch_sizes_are_recorded_per_merged_forward(monkeypatch) -> None:
+    reader = InMemoryMetricReader()
+    monkeypatch.setattr(
+        om, "_instruments", om._Instruments(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    )
+    target = TargetServicer(Engine.from_config(tiny_config(), block_size=4), max_sessions=8)
+    refs = [
+        common_pb2.SessionRef(session_id=f"s{i}", new_tokens=list(range(3, 8 + i)), expected_length=5 + i)
+        for i in range(4)
+    ]
+
+    async def concurrently() -> None:
+        await asyncio.gather(
+            *(target._on_engine(Clock(), open_session, target, r, key=r.session_id) for r in refs)
+        )
+
+    try:
+        asyncio.run(concurrently())
+        sizes = list(target._worker.batcher.batch_sizes)
+    finally:
+        target.close()
+    (point,) = [
+        p
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == om.BATCH_SIZE
+        for p in m.data.data_points
+    ]
+    # one point per forward, its value the requests merged into it (however the four calls met)
+    assert (point.count, point.sum) == (len(sizes), sum(sizes)) and sum(sizes) == len(refs)
+    assert dict(point.attributes)[om.SERVICE] == "target"
