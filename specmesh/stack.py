@@ -177,6 +177,7 @@ class Child:
     argv: list[str]
     address: str  # host:port it serves on
     ready: Callable[[], bool]
+    metrics_url: str | None = None  # its Prometheus scrape endpoint (StackConfig.metrics_port)
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
 
@@ -262,6 +263,9 @@ class StackConfig:
     draft_int8: bool = True  # the draft computes with int8 weights (serve draft --no-int8 otherwise)
     # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
     omp_spincount: int | None = DEFAULT_OMP_SPINCOUNT
+    # Prometheus endpoints (`serve --metrics-port`): None = none; 0 = a free port for each service;
+    # N = target on N, draft on N + 1, gateway on N + 2 (fixed offsets, with or without a draft)
+    metrics_port: int | None = None
     gateway_args: Sequence[str] = ()  # extra flags for `serve gateway` (--strategy, --adaptive ...)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every child
     startup_timeout: float = 600.0
@@ -321,6 +325,14 @@ class LocalStack:
         def port(p: int) -> int:
             return p or free_port(dial)
 
+        def metrics(offset: int) -> tuple[list[str], str | None]:
+            """The child's --metrics-port flag and scrape URL. A free port is picked here, not
+            by the child (0), so the URL is known before the child logs it."""
+            if c.metrics_port is None:
+                return [], None
+            mp = c.metrics_port + offset if c.metrics_port else free_port(dial)
+            return ["--metrics-port", str(mp)], f"http://{_join(dial, mp)}/metrics"
+
         children: list[Child] = []
         if c.redis and not c.redis_url:
             binary = find_redis_server()
@@ -343,7 +355,8 @@ class LocalStack:
         argv += ["--host", host, "--port", str(tp)]
         if c.target_threads:
             argv += ["--threads", str(c.target_threads)]
-        target = Child("target", argv, _join(dial, tp), lambda: False)
+        flags, url = metrics(0)
+        target = Child("target", argv + flags, _join(dial, tp), lambda: False, url)
         children.append(target)
 
         draft = None
@@ -355,14 +368,16 @@ class LocalStack:
                 argv += ["--threads", str(c.draft_threads)]
             if not c.draft_int8:
                 argv += ["--no-int8"]
-            draft = Child("draft", argv, _join(dial, dp), lambda: False)
+            flags, url = metrics(1)
+            draft = Child("draft", argv + flags, _join(dial, dp), lambda: False, url)
             children.append(draft)
 
         gp = port(c.gateway_port)
         argv = self._python("-m", "specmesh.cli.serve_gateway", "--target", target.address)
         argv += ["--draft", draft.address if draft else "none", "--model", c.model]
-        argv += ["--host", host, "--port", str(gp), *c.gateway_args]
-        children.append(Child("gateway", argv, _join(dial, gp), lambda: False))
+        flags, url = metrics(2)
+        argv += ["--host", host, "--port", str(gp), *flags, *c.gateway_args]
+        children.append(Child("gateway", argv, _join(dial, gp), lambda: False, url))
         for child in children:
             if child.name != "redis":
                 child.ready = lambda a=child.address: grpc_serving(a)

@@ -7,6 +7,10 @@ Each one must report SERVING on `grpc.health.v1` (Redis: answer PING) before the
 depends on it. Every child's output is shown with its name in front. Ctrl-C or SIGTERM stops
 the children in reverse order (gateway first), waits for each, and kills what does not exit.
 
+--metrics gives every service a Prometheus endpoint (`serve --metrics-port`) on a free port;
+--metrics BASE puts the target's on BASE, the draft's on BASE+1 and the gateway's on BASE+2.
+The start-up summary lists each service's /metrics URL.
+
 The supervisor is `specmesh.stack.LocalStack`, shared with `quickstart` and the benchmarks.
 """
 
@@ -61,6 +65,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-port", type=int, default=0, help="default: a free port")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--no-redis", action="store_true", help="do not start Redis")
+    p.add_argument(
+        "--metrics",
+        dest="metrics_port",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="BASE_PORT",
+        help="serve Prometheus metrics (GET /metrics) from every service: alone, each on a free port; "
+        "with BASE_PORT, target BASE_PORT, draft +1, gateway +2 (default: off)",
+    )
     cores = os.cpu_count() or 1
     p.add_argument(
         "--target-threads",
@@ -120,6 +135,17 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         value = getattr(args, name)
         if not 0 <= value <= 65535:
             raise StackError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
+    if args.metrics_port:
+        metrics = range(args.metrics_port, args.metrics_port + 3)  # target, draft, gateway
+        if not (metrics.start > 0 and metrics.stop - 1 <= 65535):
+            raise StackError(f"--metrics must be in 1..65533, got {args.metrics_port}")
+        # a fixed gRPC port among them would make that child fail to bind, after the models load
+        fixed = {args.gateway_port, args.target_port, args.draft_port, args.redis_port} - {0}
+        if taken := sorted(fixed.intersection(metrics)):
+            raise StackError(
+                f"--metrics {args.metrics_port} uses ports {metrics.start}-{metrics.stop - 1}, "
+                f"and {', '.join(map(str, taken))} is already a service port"
+            )
     gateway_args: list[str] = []
     if args.strategy:
         gateway_args += ["--strategy", args.strategy.cli]
@@ -135,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         redis=not args.no_redis,
         redis_port=args.redis_port,
         redis_url=args.redis_url,
+        metrics_port=args.metrics_port,
         target_threads=args.target_threads,
         draft_threads=args.draft_threads,
         draft_int8=args.draft_int8,
@@ -142,6 +169,24 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         gateway_args=gateway_args,
         startup_timeout=args.startup_timeout,
         stop_timeout=args.stop_timeout,
+    )
+
+
+def summary(stack: LocalStack) -> str:
+    """What `up` prints once everything serves: each service's address (and /metrics URL)."""
+    # the gateway first: it is the one clients talk to
+    services = sorted((c for c in stack.children if c.name != "redis"), key=lambda c: c.name != "gateway")
+    lines = []
+    for c in services:
+        metrics = f"  metrics {c.metrics_url}" if c.metrics_url else ""
+        lines.append(f"{c.name:>8}  {c.address}{metrics}")
+    if stack.redis_url:
+        lines.append(f"{'redis':>8}  {stack.redis_url}")
+    return (
+        "specmesh stack is up:\n"
+        + "\n".join(lines)
+        + f'\ntry: specmesh generate --gateway {stack.gateway} --prompt "What is the capital of France?"'
+        + "\nCtrl-C stops everything."
     )
 
 
@@ -166,18 +211,7 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         stack.start()
-        lines = [f"{'gateway':>8}  {stack.gateway}"]
-        lines += [f"{c.name:>8}  {c.address}" for c in stack.children if c.name not in ("gateway", "redis")]
-        if stack.redis_url:
-            lines.append(f"{'redis':>8}  {stack.redis_url}")
-        print(
-            "specmesh stack is up:\n"
-            + "\n".join(lines)
-            + f'\ntry: specmesh generate --gateway {stack.gateway} --prompt "What is the capital of France?"'
-            + "\nCtrl-C stops everything.",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(summary(stack), file=sys.stderr, flush=True)
         failed = stack.wait()
         returncode = failed.proc.returncode if failed.proc else None
         print(f"specmesh up: {failed.name} exited with code {returncode}; stopping", file=sys.stderr)

@@ -116,6 +116,8 @@ def test_the_validation_catches_a_broken_manifest(manifests) -> None:
         ("draft.resources.limits.memory=lots", "draft.resources.limits.memory"),
         ("image.torchVariant=rocm", "image.torchVariant"),
         ("redis.externalUrl=localhost:6379", "redis.externalUrl"),
+        ("metrics.port=0", "metrics.port"),
+        ("metrics.enabled=true,target.port=9464", "metrics.port 9464 must differ from target.port"),
     ],
 )
 def test_bad_values_fail_at_install(helm, setting, message) -> None:
@@ -328,3 +330,86 @@ def test_otel_wiring_in_the_chart(helm) -> None:
     assert not [d for d in default if d["metadata"]["name"] == component("otel-collector")]
     target = find(default, "Deployment", component("target"))["spec"]["template"]["spec"]["containers"][0]
     assert not [k for k in container_env(target) if k.startswith("OTEL_")]
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+SCRAPER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def _pods(docs: list[dict]) -> dict[str, dict]:
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+@pytest.mark.parametrize("scrape_from", [[], [SCRAPER]], ids=["any-source", "monitoring-only"])
+def test_metrics_port_annotations_and_policy(helm, tmp_path, scrape_from) -> None:
+    values = tmp_path / "metrics.yaml"
+    values.write_text(yaml.safe_dump({"metrics": {"enabled": True, "port": 9464, "scrapeFrom": scrape_from}}))
+    docs = render(helm, values)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    pods = _pods(docs)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for name in ("target", "draft", "gateway"):
+        pod = pods[component(name)]
+        (container,) = pod["spec"]["containers"]
+        # the port the server binds (SPECMESH_METRICS_PORT through its own parser) is the named
+        # container port, the one the annotations give, and a port of its headless Service
+        args, env = parse_cli(container["args"]), container_env(container)
+        settings = ServerSettings.from_env_and_args(args, env=env)
+        assert settings.metrics_port == 9464 != _effective_port(name, args, env)
+        assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+        assert pod["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "9464",
+            "prometheus.io/path": "/metrics",
+        }
+        ports = {p["name"]: p for p in services[component(name)]["spec"]["ports"]}
+        assert ports["metrics"] == {
+            "name": "metrics",
+            "port": 9464,
+            "targetPort": "metrics",
+            "protocol": "TCP",
+        }
+        # reachable on that port by the scraper (from anywhere when scrapeFrom is empty) ...
+        rules = [
+            rule
+            for policy in policies
+            if _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+            for rule in policy["spec"]["ingress"]
+        ]
+        metrics_rules = [r for r in rules if {"port": "metrics", "protocol": "TCP"} in r.get("ports", [])]
+        assert [r.get("from", []) for r in metrics_rules] == [scrape_from]
+        # ... and on nothing else: the rule names only that port
+        assert all(r["ports"] == [{"port": "metrics", "protocol": "TCP"}] for r in metrics_rules)
+    # Redis gets no metrics port opened, and the client-facing Service does not publish it
+    metrics_policy = find(docs, "NetworkPolicy", f"{RELEASE}-specmesh-metrics")
+    assert not _selects(metrics_policy["spec"]["podSelector"], pods[component("redis")]["metadata"]["labels"])
+    assert [p["name"] for p in services[f"{RELEASE}-specmesh"]["spec"]["ports"]] == ["grpc"]
+
+
+def test_metrics_off_by_default(manifests) -> None:
+    docs = manifests["default"]
+    for name in ("target", "draft", "gateway"):
+        pod = _pods(docs)[component(name)]
+        (container,) = pod["spec"]["containers"]
+        args, env = parse_cli(container["args"]), container_env(container)
+        assert ServerSettings.from_env_and_args(args, env=env).metrics_port is None
+        assert [p["name"] for p in container["ports"]] == ["grpc"]
+        assert not [k for k in pod["metadata"].get("annotations", {}) if k.startswith("prometheus.io/")]
+        assert [p["name"] for p in find(docs, "Service", component(name))["spec"]["ports"]] == ["grpc"]
+    policies = [d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"]
+    assert f"{RELEASE}-specmesh-metrics" not in policies
+
+
+def test_pod_annotations_override_the_scrape_annotations(helm) -> None:
+    docs = render(helm, None, "metrics.enabled=true", "gateway.podAnnotations.prometheus\\.io/path=/stats")
+    annotations = _pods(docs)[component("gateway")]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/stats" and annotations["prometheus.io/port"] == "9464"
+    # and a service's own annotations do not leak into the others
+    assert _pods(docs)[component("target")]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"

@@ -19,6 +19,7 @@ from deploy_tools import (
     code_env_names,
     container_ports,
     env_of,
+    load_compose,
     parse_cli,
 )
 
@@ -61,6 +62,27 @@ def test_same_command_flags_and_settings(compose, up_plan, name) -> None:
     assert settings.host == "0.0.0.0"
     port = _service_port(name, service, ours)
     assert port != 0 and port in container_ports(service)
+
+
+@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+def test_every_service_serves_prometheus_metrics_on_an_exposed_port(compose, name) -> None:
+    """SPECMESH_METRICS_PORT as the service's own `serve` resolves it (flags > env): a fixed port
+    besides its gRPC one, exposed to the compose network and not published on the host (the
+    published set is checked in test_compose.py)."""
+    service = compose["services"][name]
+    args = parse_cli(service["command"])
+    metrics = ServerSettings.from_env_and_args(args, env=env_of(service)).metrics_port
+    assert metrics, f"compose {name} serves no Prometheus endpoint"
+    assert metrics != _service_port(name, service, args)
+    assert metrics in {int(p) for p in service["expose"]}
+    assert not any(str(p).endswith(f":{metrics}") for p in service.get("ports", []))
+
+
+def test_metrics_port_comes_from_the_env_file() -> None:
+    services = load_compose({"SPECMESH_METRICS_PORT": "9100"})["services"]
+    for name in ("target", "draft", "gateway"):
+        assert env_of(services[name])["SPECMESH_METRICS_PORT"] == "9100"
+        assert 9100 in container_ports(services[name])
 
 
 @pytest.mark.parametrize("name", ["target", "draft", "gateway"])

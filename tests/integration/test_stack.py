@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -203,9 +205,10 @@ def cli(module: str) -> list[str]:
 
 
 def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path: Path) -> None:
-    """`specmesh up` in its own process, `specmesh generate` against it, then Ctrl-C stops everything."""
+    """`specmesh up` in its own process, `specmesh generate` against it, its services' /metrics
+    scraped from the URLs the summary lists, then Ctrl-C stops everything."""
     port = supervisor.free_port()
-    argv = [*cli("up"), "up", "--port", str(port), "--draft-model", draft_model()]
+    argv = [*cli("up"), "up", "--port", str(port), "--draft-model", draft_model(), "--metrics"]
     argv += ["--target-threads", "1", "--draft-threads", "1", "--startup-timeout", "300"]
     log = tmp_path / "up.log"
     with log.open("w") as out:
@@ -213,7 +216,8 @@ def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path
         try:
             address = f"127.0.0.1:{port}"
             deadline = time.monotonic() + 600
-            while not supervisor.grpc_serving(address):
+            # the summary comes once every service serves and the gateway answered ListModels
+            while "Ctrl-C stops everything" not in log.read_text():
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.5)
@@ -226,6 +230,14 @@ def test_up_and_generate_commands(smollm2_dir, draft_service_available, tmp_path
             )
             assert gen.returncode == 0, gen.stderr
             assert gen.stdout.strip() and "tokens/s" in gen.stderr and "tau" in gen.stderr
+            summary = re.findall(
+                r"^ *(target|draft|gateway)  \S+  metrics (http://\S+)$", log.read_text(), re.M
+            )
+            assert {name for name, _ in summary} == {"target", "draft", "gateway"}, log.read_text()
+            urls = dict(summary)
+            for name in ("gateway", "target"):  # both served the request just made
+                with urllib.request.urlopen(urls[name], timeout=10) as reply:
+                    assert "rpc_server_duration_milliseconds_count{" in reply.read().decode(), name
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=120)

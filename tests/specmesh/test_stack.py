@@ -53,6 +53,71 @@ def test_wait_returns_the_child_that_exits() -> None:
             child.stop(timeout=5)
 
 
+def _planned(*flags: str) -> stack.LocalStack:
+    """The children `specmesh up FLAGS --no-redis` would start (planned, nothing started)."""
+    from deploy_tools import parse_cli
+
+    from specmesh.cli.up import config_from_args
+
+    local = stack.LocalStack(config_from_args(parse_cli(["up", "--no-redis", *flags])))
+    local.children = local._plan()
+    return local
+
+
+def _metrics_ports(local: stack.LocalStack) -> dict[str, int | None]:
+    """Each child's Prometheus port as its own `serve` command resolves it (the real parser)."""
+    from deploy_tools import parse_cli, up_argv_to_cli
+
+    from services.runtime.settings import ServerSettings
+
+    return {
+        c.name: ServerSettings.from_env_and_args(parse_cli(up_argv_to_cli(c.argv)), env={}).metrics_port
+        for c in local.children
+    }
+
+
+def test_up_metrics_gives_every_service_its_own_endpoint() -> None:
+    from specmesh.cli.up import summary
+
+    local = _planned("--metrics")  # a free port each
+    ports = _metrics_ports(local)
+    grpc_ports = {int(c.address.rsplit(":", 1)[1]) for c in local.children}
+    assert set(ports) == {"target", "draft", "gateway"} and 0 not in ports.values()
+    assert len(set(ports.values())) == 3 and not grpc_ports & set(ports.values())
+    text = summary(local)
+    for child in local.children:
+        assert child.metrics_url == f"http://127.0.0.1:{ports[child.name]}/metrics"
+        assert f"{child.address}  metrics {child.metrics_url}" in text
+    # a base port: fixed offsets in start order, so a scrape config can name them
+    assert _metrics_ports(_planned("--metrics", "19464")) == {
+        "target": 19464,
+        "draft": 19465,
+        "gateway": 19466,
+    }
+    assert _metrics_ports(_planned("--metrics", "19464", "--no-draft"))["gateway"] == 19466
+    # off by default: no flag, no URL
+    local = _planned()
+    assert set(_metrics_ports(local).values()) == {None} and "metrics" not in summary(local)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--metrics", "65534"], "--metrics must be in 1..65533"),
+        (["--metrics", "-1"], "--metrics must be in 1..65533"),
+        (["--metrics", "50048"], "50050 is already a service port"),  # the gateway's default port
+        (["--metrics", "9000", "--target-port", "9001"], "9001 is already a service port"),
+    ],
+)
+def test_up_metrics_ports_are_checked_before_anything_starts(flags: list[str], message: str) -> None:
+    from deploy_tools import parse_cli
+
+    from specmesh.cli.up import config_from_args
+
+    with pytest.raises(stack.StackError, match=message):
+        config_from_args(parse_cli(["up", *flags]))
+
+
 def _state(pid: int) -> str | None:
     """The process state letter of `pid` (Z = zombie), or None once it is gone."""
     try:

@@ -131,7 +131,8 @@ pools resolve it and re-resolve it every 30 s). */}}
 {{- end -}}
 
 {{/* Environment of every specmesh container: the same variables `specmesh up` gives its
-children (SPECMESH_REDIS_URL, GOMP_SPINCOUNT), servers on every interface, and OTel only when on. */}}
+children (SPECMESH_REDIS_URL, GOMP_SPINCOUNT), servers on every interface, and OTel and the
+Prometheus endpoint only when on. */}}
 {{- define "specmesh.env" -}}
 - name: SPECMESH_HOST
   value: "0.0.0.0"
@@ -164,6 +165,10 @@ children (SPECMESH_REDIS_URL, GOMP_SPINCOUNT), servers on every interface, and O
   value: grpc
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),service.instance.id=$(POD_NAME)"
+{{- end }}
+{{- if .root.Values.metrics.enabled }}
+- name: SPECMESH_METRICS_PORT
+  value: {{ .root.Values.metrics.port | quote }}
 {{- end }}
 {{- if include "specmesh.isModelService" .name }}
 - name: SPECMESH_MODEL_DIR
