@@ -1,4 +1,4 @@
-"""Gateway process: pools of target and draft replicas, the servicer, runtime.serve().
+"""Gateway process: pools of target, draft (and scoring) replicas, the servicers, runtime.serve().
 
 This is the gateway's entry module and stays free of torch (its container image is small):
 it imports the runtime, the generated stubs and, from services.core, only the tokenizer,
@@ -18,10 +18,18 @@ import grpc.aio
 from services.runtime.server import RunningServer, aio_channel, run_forever, serve
 from services.runtime.settings import ServerSettings
 from services.runtime.telemetry import Telemetry
-from specmesh.v1 import draft_pb2, draft_pb2_grpc, gateway_pb2_grpc, target_pb2, target_pb2_grpc
+from specmesh.v1 import (
+    draft_pb2,
+    draft_pb2_grpc,
+    gateway_pb2_grpc,
+    scoring_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
 
 from .config import GatewayConfig
 from .pool import CHANNEL_OPTIONS, RESOLVE_EVERY_S, UpstreamPool, split_addresses
+from .scoring import SCORING_SERVICE, ScoringFrontDoor
 from .servicer import SERVICE_NAME, GatewayServicer
 from .session_store import RedisStore
 
@@ -44,6 +52,8 @@ class GatewayOptions:
     # Redis / Valkey holding request records, shared by gateway replicas so that any of them can
     # resume a stream (None: records stay in this process)
     redis_url: str | None = None
+    # the same for scoring replicas, relayed as specmesh.v1.ScoringService (None: not served)
+    scoring: str | Sequence[str] | None = None
 
 
 class GatewayApp:
@@ -56,6 +66,7 @@ class GatewayApp:
         self.settings = settings
         self.telemetry = telemetry
         self.servicer: GatewayServicer | None = None
+        self.scoring: UpstreamPool | None = None
 
     def _pool(self, role: str, specs: str | Sequence[str], service: str, stub: type) -> UpstreamPool:
         def connect(address: str) -> tuple[grpc.aio.Channel, object]:
@@ -92,12 +103,20 @@ class GatewayApp:
             telemetry=self.telemetry,
         )
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
-        return [SERVICE_NAME]
+        if split_addresses(o.scoring):
+            stub = scoring_pb2_grpc.ScoringServiceStub
+            self.scoring = self._pool("scoring", o.scoring, SCORING_SERVICE, stub)
+        # served either way: without replicas each call says how to configure them
+        front_door = ScoringFrontDoor(self.scoring, o.config.upstream_timeout_s)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(front_door, server)
+        return [SERVICE_NAME, SCORING_SERVICE] if self.scoring is not None else [SERVICE_NAME]
 
     async def close(self) -> None:
         """Finish background releases and close the upstream pools (after the server stopped)."""
         if self.servicer is not None:
             await self.servicer.close()
+        if self.scoring is not None:
+            await self.scoring.close()
 
 
 class GatewayServer:
@@ -149,8 +168,10 @@ async def run_gateway(
     def announce(running: RunningServer) -> None:
         target = ",".join(split_addresses(options.target))
         draft = ",".join(split_addresses(options.draft)) or "none"
+        scoring = ",".join(split_addresses(options.scoring)) or "none"
         print(
-            f"specmesh gateway serving on {running.address} (target {target}, draft {draft})",
+            f"specmesh gateway serving on {running.address} (target {target}, draft {draft}, "
+            f"scoring {scoring})",
             flush=True,
         )
 

@@ -36,7 +36,7 @@ DEFAULT_DRAFT_MODEL = "smollm2-135m-instruct-draft"
 DEFAULT_GATEWAY_PORT = 50050
 ENV_REDIS_SERVER = "SPECMESH_REDIS_SERVER"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
-_COLORS = {"redis": "31", "target": "34", "draft": "32", "gateway": "35"}
+_COLORS = {"redis": "31", "target": "34", "draft": "32", "scoring": "33", "gateway": "35"}
 
 
 class StackError(RuntimeError):
@@ -264,8 +264,13 @@ class StackConfig:
     # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
     omp_spincount: int | None = DEFAULT_OMP_SPINCOUNT
     # Prometheus endpoints (`serve --metrics-port`): None = none; 0 = a free port for each service;
-    # N = target on N, draft on N + 1, gateway on N + 2 (fixed offsets, with or without a draft)
+    # N = target on N, draft on N + 1, gateway on N + 2, scoring on N + 3 (fixed offsets, with or
+    # without a draft or scoring service)
     metrics_port: int | None = None
+    # a scoring service (`serve scoring --model <model>`, Binoculars' observer the draft model when
+    # there is one), relayed by the gateway as specmesh.v1.ScoringService
+    scoring: bool = False
+    scoring_port: int = 0
     gateway_args: Sequence[str] = ()  # extra flags for `serve gateway` (--strategy, --adaptive ...)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every child
     startup_timeout: float = 600.0
@@ -372,9 +377,24 @@ class LocalStack:
             draft = Child("draft", argv + flags, _join(dial, dp), lambda: False, url)
             children.append(draft)
 
+        scoring = None
+        if c.scoring:
+            sp = port(c.scoring_port)
+            argv = self._python("-m", "specmesh.cli.main", "serve", "scoring", "--model", c.model)
+            if c.draft_model is not None:
+                argv += ["--observer", c.draft_model]
+            argv += ["--host", host, "--port", str(sp)]
+            if c.target_threads:
+                argv += ["--threads", str(c.target_threads)]
+            flags, url = metrics(3)
+            scoring = Child("scoring", argv + flags, _join(dial, sp), lambda: False, url)
+            children.append(scoring)
+
         gp = port(c.gateway_port)
         argv = self._python("-m", "specmesh.cli.serve_gateway", "--target", target.address)
         argv += ["--draft", draft.address if draft else "none", "--model", c.model]
+        if scoring is not None:
+            argv += ["--scoring", scoring.address]
         flags, url = metrics(2)
         argv += ["--host", host, "--port", str(gp), *flags, *c.gateway_args]
         children.append(Child("gateway", argv, _join(dial, gp), lambda: False, url))
@@ -419,10 +439,10 @@ class LocalStack:
         self.children = self._plan()
         env = self._env()
         try:
-            # redis first; then target and draft load their models side by side; then the gateway
+            # redis first; then the model services load their models side by side; then the gateway
             batches = [
                 [c for c in self.children if c.name == "redis"],
-                [c for c in self.children if c.name in ("target", "draft")],
+                [c for c in self.children if c.name in ("target", "draft", "scoring")],
                 [c for c in self.children if c.name == "gateway"],
             ]
             for batch in batches:

@@ -99,7 +99,7 @@ async def session_call(
                 resynced = True
                 _abandon(ctx, session, sequence)
                 continue
-            wait = _busy_wait(ctx, exc) if busy < BUSY_RETRIES else None
+            wait = busy_wait(exc, ctx.deadline()) if busy < BUSY_RETRIES else None
             if wait is not None:
                 busy += 1
                 await asyncio.sleep(wait)
@@ -107,14 +107,13 @@ async def session_call(
             raise
 
 
-def _busy_wait(ctx: PolicyContext, exc: grpc.aio.AioRpcError) -> float | None:
-    """The wait a RESOURCE_EXHAUSTED refusal asks for, when the request's deadline leaves room
-    for it and another attempt; None: do not retry."""
+def busy_wait(exc: grpc.aio.AioRpcError, remaining_s: float | None) -> float | None:
+    """The wait a RESOURCE_EXHAUSTED refusal asks for (its RetryInfo), when the request's time
+    left (None: no deadline) leaves room for it and another attempt; None: do not retry."""
     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     wait = retry_delay(exc)
-    remaining = ctx.deadline()
-    if wait is None or (remaining is not None and remaining < 2 * wait):
+    if wait is None or (remaining_s is not None and remaining_s < 2 * wait):
         return None
     return wait
 

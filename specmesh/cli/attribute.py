@@ -4,7 +4,7 @@ Prints one row per target token: its soft normalised sufficiency (NS) and compre
 (higher is better, "-" where the context is worth nothing to the token), ReAGent's update steps
 (`*` = its stopping rule was met) and the context tokens it depends on most, with their
 importance. `--json` prints one JSON object instead. Runs in-process on --model or, with --address,
-through a running scoring service (`specmesh serve scoring`).
+through a running scoring service (`specmesh serve scoring`) or a gateway that relays one.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 
-ENV_ADDRESS = "SPECMESH_SCORING_ADDRESS"
+from .scoring_call import add_service_arguments, call
+
 METHODS = ("reagent", "gradient_x_input", "random")
 
 
@@ -48,14 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--top", type=int, default=3, help="context tokens shown per target token (default: 3)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="scored model (default: %(default)s)")
-    p.add_argument(
-        "--address",
-        default=os.environ.get(ENV_ADDRESS),
-        metavar="ADDR",
-        help=f"scoring service host:port; unset = run in-process [{ENV_ADDRESS}]",
-    )
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default: %(default)s)")
+    add_service_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -76,31 +68,6 @@ def build_request(args: argparse.Namespace):
         seed=args.seed,
         method=scoring_pb2.AttributionMethod.Value(f"ATTRIBUTION_METHOD_{args.method.upper()}"),
     )
-
-
-def _local(args: argparse.Namespace, request):
-    import asyncio
-
-    from services.scoring.server import load_scoring
-
-    servicer = load_scoring(args.model)
-    try:
-        return asyncio.run(servicer.Attribute(request, None))
-    finally:
-        servicer.close()
-
-
-def _remote(args: argparse.Namespace, request):
-    import grpc
-
-    from specmesh.v1 import scoring_pb2_grpc
-
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            return scoring_pb2_grpc.ScoringServiceStub(channel).Attribute(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"specmesh attribute: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return None
 
 
 def _number(x: float) -> float | None:
@@ -172,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(resolve_model(args.model))
     request = build_request(args)
     start = time.perf_counter()
-    reply = _remote(args, request) if args.address else _local(args, request)
+    reply = call(args, "Attribute", request, "attribute")
     if reply is None:
         return 2
 

