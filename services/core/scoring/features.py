@@ -92,6 +92,9 @@ class TokenFeatures:
     var: torch.Tensor  # Var_{v~p} log p(v)
     kurtosis: torch.Tensor  # excess kurtosis of the probability values
     cross_entropy: torch.Tensor | None = None  # E_{v~observer}[-log p(v)], with an observer
+    # [..., H] the scoring model's final hidden state where it predicted each token (the learned
+    # detector's input), when asked for
+    hidden: torch.Tensor | None = None
 
 
 def token_features(

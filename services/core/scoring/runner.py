@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from services.core.engine import Engine
-from services.core.kv import SequenceKV
 from services.core.scoring.features import TokenFeatures, token_features
 
 STEP_TOKENS = 1024
@@ -29,6 +28,7 @@ ROW_BLOCK = 256
 class Text:
     ids: list[int]  # the tokens to score, 1..max_context of them
     observer: bool = False  # also run the observer (Binoculars' cross term)
+    hidden: bool = False  # also keep the scoring model's hidden states (the learned detector)
 
 
 def score_texts(
@@ -39,12 +39,14 @@ def score_texts(
     step_tokens: int = STEP_TOKENS,
     row_block: int = ROW_BLOCK,
 ) -> list[TokenFeatures]:
-    """Per-token features [n_b] of every text (see features.token_features)."""
+    """Per-token features [n_b] of every text (see features.token_features), with the scoring
+    model's hidden states [n_b, H] for the texts that ask for them."""
     inputs = [[start_token] + t.ids[:-1] for t in texts]  # inputs[b][t] predicts texts[b].ids[t]
     models = [(engine, list(range(len(texts))))]
     if observer is not None and any(t.observer for t in texts):
         models.append((observer, [b for b, t in enumerate(texts) if t.observer]))
     logits = {id(m): [[] for _ in texts] for m, _ in models}  # per model, per text: [rows, V] pieces
+    hidden: list[torch.Tensor | None] = [None] * len(texts)  # the scoring model's, this piece [rows, H]
     out: list[list[TokenFeatures]] = [[] for _ in texts]
     seqs = {id(m): {b: m.new_sequence() for b in which} for m, which in models}
     try:
@@ -56,24 +58,25 @@ def score_texts(
             for model, which in models:
                 batch = [b for b in active if b in which]
                 if batch:
-                    rows = _forward(model, [seqs[id(model)][b] for b in batch], [pieces[b] for b in batch])
-                    for b, r in zip(batch, rows, strict=True):
+                    rows, states = model.forward(
+                        [seqs[id(model)][b] for b in batch], [pieces[b] for b in batch]
+                    )
+                    for b, r, h in zip(batch, rows, states, strict=True):
                         logits[id(model)][b] = r
+                        if model is engine and texts[b].hidden:
+                            hidden[b] = h
             for b in active:
                 targets = torch.tensor(texts[b].ids[done[b] : done[b] + len(pieces[b])])
                 obs = logits[id(observer)][b] if len(models) > 1 and texts[b].observer else None
-                out[b].append(_features(logits[id(engine)][b], targets, obs, row_block))
+                f = _features(logits[id(engine)][b], targets, obs, row_block)
+                f.hidden = hidden[b]
+                out[b].append(f)
                 done[b] += len(pieces[b])
     finally:
         for per_model in seqs.values():
             for s in per_model.values():
                 s.release()
     return [_cat(parts) for parts in out]
-
-
-def _forward(model: Engine, seqs: list[SequenceKV], pieces: list[list[int]]) -> list[torch.Tensor]:
-    logits, _ = model.forward(seqs, pieces)
-    return logits
 
 
 def _features(
@@ -102,4 +105,5 @@ def _cat(parts: list[TokenFeatures]) -> TokenFeatures:
         var=cat("var"),
         kurtosis=cat("kurtosis"),
         cross_entropy=cat("cross_entropy"),
+        hidden=cat("hidden"),
     )

@@ -1,0 +1,1 @@
+"""Training of what the scoring service serves: the learned machine-text detector."""
