@@ -37,9 +37,10 @@ BOOTSTRAP = 2000
 
 
 class ScoringProcess:
-    """`specmesh serve scoring` as a child process on a free loopback port, stopped on exit."""
+    """`specmesh serve scoring` as a child process on a free loopback port, stopped on exit
+    (with `observer`, Binoculars' observer model, also used by bench/detect.py)."""
 
-    def __init__(self, model: str, threads: int | None, log_path: Path) -> None:
+    def __init__(self, model: str, threads: int | None, log_path: Path, observer: str | None = None) -> None:
         from specmesh import stack
 
         self.stack = stack
@@ -50,6 +51,8 @@ class ScoringProcess:
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         if threads:
             argv += ["--threads", str(threads)]
+        if observer:
+            argv += ["--observer", observer]
         self.child = stack.Child("scoring", argv, self.address, lambda: stack.grpc_serving(self.address))
 
     def __enter__(self) -> ScoringProcess:

@@ -9,6 +9,7 @@ Subcommands:
   load     concurrent streams through the gateway, with and without batching (specmesh/cli/bench_load.py)
   route    token routing (policy r2r) vs target, draft and speculative (specmesh/cli/bench_route.py)
   attribute  ReAGent vs gradient x input vs random attribution (specmesh/cli/bench_attribute.py)
+  detect   machine-text detectors: AUROC, TPR at 1% FPR, batching throughput (specmesh/cli/bench_detect.py)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_kv_parser(bench_sub)
     from specmesh.cli import bench_image
     from specmesh.cli.bench_attribute import add_attribute_parser
+    from specmesh.cli.bench_detect import add_detect_parser
     from specmesh.cli.bench_load import add_load_parser
     from specmesh.cli.bench_route import add_route_parser
 
@@ -47,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_load_parser(bench_sub)
     add_route_parser(bench_sub)
     add_attribute_parser(bench_sub)
+    add_detect_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
