@@ -27,12 +27,14 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.attribute import ScoringProcess
 from bench.decode import machine_info
 from bench.spec.provenance import git_info, loadavg
+from services.core.scoring import roc
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OBSERVER = "smollm2-135m-instruct-draft"
@@ -105,39 +107,17 @@ def orient(score: float, higher_means_machine: bool) -> float:
 
 
 def auroc(machine: Sequence[float], human: Sequence[float]) -> float | None:
-    """P(machine score > human score) + P(tie) / 2, from the Mann-Whitney rank sum with midranks
-    for ties; None when either side is empty."""
-    n_m, n_h = len(machine), len(human)
-    if not n_m or not n_h:
-        return None
-    pooled = sorted([(s, True) for s in machine] + [(s, False) for s in human], key=lambda x: x[0])
-    rank_sum, i = 0.0, 0
-    while i < len(pooled):
-        j = i
-        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
-            j += 1
-        midrank = (i + 1 + j) / 2  # 1-based ranks i+1 .. j share their mean
-        rank_sum += midrank * sum(1 for _, is_machine in pooled[i:j] if is_machine)
-        i = j
-    u = rank_sum - n_m * (n_m + 1) / 2
-    return u / (n_m * n_h)
+    """P(machine score > human score) + P(tie) / 2 (services.core.scoring.roc); None when either
+    side is empty."""
+    return roc.auroc(machine, human) if len(machine) and len(human) else None
 
 
 def tpr_at_fpr(machine: Sequence[float], human: Sequence[float], max_fpr: float = MAX_FPR) -> dict[str, Any]:
-    """Machine texts strictly above the lowest threshold that at most `max_fpr` of the human texts
-    exceed. Returns the TPR, the achieved FPR, the threshold and how many false positives the
-    human count allows (0 below 1 / max_fpr texts: then the threshold is the highest human score)."""
-    if not machine or not human:
+    """The operating point of services.core.scoring.roc.tpr_at_fpr as a dict (None fields when
+    either side is empty)."""
+    if not len(machine) or not len(human):
         return {"tpr": None, "fpr": None, "threshold": None, "allowed_false_positives": None}
-    desc = sorted(human, reverse=True)
-    allowed = math.floor(max_fpr * len(desc) + 1e-9)
-    threshold = desc[min(allowed, len(desc) - 1)]
-    return {
-        "tpr": sum(s > threshold for s in machine) / len(machine),
-        "fpr": sum(s > threshold for s in human) / len(human),
-        "threshold": threshold,
-        "allowed_false_positives": allowed,
-    }
+    return asdict(roc.tpr_at_fpr(machine, human, max_fpr))
 
 
 def roc_points(machine: Sequence[float], human: Sequence[float]) -> tuple[list[float], list[float]]:

@@ -48,6 +48,7 @@ HIGHER_MEANS_MACHINE = {
     scoring_pb2.DETECT_METHOD_LOG_RANK: False,
     scoring_pb2.DETECT_METHOD_ENTROPY: False,
     scoring_pb2.DETECT_METHOD_BINOCULARS: False,
+    scoring_pb2.DETECT_METHOD_PAWN: True,
 }
 
 
@@ -61,13 +62,21 @@ def _unique(values: Iterable[int], known: dict[int, str], field: str) -> list[in
     return out
 
 
-def detect_methods(values: Iterable[int], has_observer: bool) -> list[int]:
+def detect_methods(values: Iterable[int], has_observer: bool, has_detector: bool = False) -> list[int]:
     """The requested detection methods, or all available ones when none is named."""
     methods = _unique(values, DETECT_NAMES, "methods")
+    unavailable = {
+        scoring_pb2.DETECT_METHOD_BINOCULARS: not has_observer,
+        scoring_pb2.DETECT_METHOD_PAWN: not has_detector,
+    }
     if not methods:
-        return [m for m in HIGHER_MEANS_MACHINE if has_observer or m != scoring_pb2.DETECT_METHOD_BINOCULARS]
-    if scoring_pb2.DETECT_METHOD_PAWN in methods:
-        raise FailedPrecondition("PAWN needs the learned detector, not served yet", "methods")
+        return [m for m in HIGHER_MEANS_MACHINE if not unavailable.get(m, False)]
+    if scoring_pb2.DETECT_METHOD_PAWN in methods and not has_detector:
+        raise FailedPrecondition(
+            "PAWN needs the learned detector: train it with `specmesh train detector` "
+            "(it is written to <model dir>/detector/, where the service looks) or pass --detector DIR",
+            "methods",
+        )
     if scoring_pb2.DETECT_METHOD_BINOCULARS in methods and not has_observer:
         raise FailedPrecondition(
             "BINOCULARS needs an observer model sharing the target's tokenizer; "

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import grpc
 
+from services.core.errors import FailedPrecondition
 from services.core.model_store import resolve_model
 from services.core.scoring.reference import load_counts, log_frequencies, vocab_digest
 from services.core.tokenizer import Tokenizer
 from services.runtime.loading import load_engine
 from services.runtime.server import RunningServer, serve
 from services.runtime.settings import ServerSettings
+from services.scoring.detector import Detector, default_detector_dir, load_detector
 from services.scoring.reference_corpus import DATA_DIR
 from services.scoring.servicer import ScoringServicer
 from specmesh.v1 import scoring_pb2, scoring_pb2_grpc
@@ -47,7 +49,10 @@ def load_scoring(
     threads: int | None = None,
     max_kv_tokens: int = 65536,
     pack_weights: bool = True,
+    detector: str | Path | bool | None = None,
 ) -> ScoringServicer:
+    """detector: the learned detector's directory; None = `<model dir>/detector/` when there is
+    one (a missing or mismatched default only logs: PAWN is then unavailable); False = none."""
     from services.core.engine import Engine  # lazy: torch
 
     loaded = load_engine(model, threads=threads, max_kv_tokens=max_kv_tokens, pack_weights=pack_weights)
@@ -67,9 +72,26 @@ def load_scoring(
         tokenizer,
         observer=observer_engine,
         reference_logfreq=find_reference(tokenizer, reference),
+        detector=_detector(detector, loaded.engine, Path(loaded.model_dir)),
         license=loaded.license,
         worker=loaded.worker,
     )
+
+
+def _detector(choice: str | Path | bool | None, engine, model_dir: Path) -> Detector | None:
+    if choice is False:
+        return None
+    if choice is None:
+        default = default_detector_dir(model_dir)
+        if not default.is_dir():
+            log.info("no learned detector in %s: PAWN is unavailable (`specmesh train detector`)", default)
+            return None
+        try:
+            return load_detector(default, engine, model_dir)
+        except FailedPrecondition as exc:
+            log.warning("learned detector not loaded, PAWN is unavailable: %s", exc.message)
+            return None
+    return load_detector(Path(choice), engine, model_dir)  # asked for by name: refuse loudly
 
 
 def registrar(servicer: ScoringServicer) -> Callable[[grpc.aio.Server], list[str]]:

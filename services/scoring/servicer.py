@@ -29,6 +29,7 @@ from services.runtime.protocol import prompt_ids
 from services.runtime.worker import Clock, EngineWorker
 from services.scoring import convert
 from services.scoring.batcher import Batcher
+from services.scoring.detector import Detector
 from specmesh.v1 import scoring_pb2, scoring_pb2_grpc
 
 D = scoring_pb2
@@ -42,6 +43,7 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
         *,
         observer: Engine | None = None,
         reference_logfreq: torch.Tensor | None = None,
+        detector: Detector | None = None,
         license: str = "",
         worker: EngineWorker | None = None,
         batch_window_s: float = 0.005,
@@ -55,6 +57,7 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
         self.tokenizer = tokenizer
         self.observer = observer
         self.reference_logfreq = reference_logfreq  # [V] log f for DC-PDD, None = unavailable
+        self.detector = detector  # the learned (PAWN) detector, None = unavailable
         self.start_token = convert.start_token_id(tokenizer)
         self.batcher = Batcher(
             self._on_engine,
@@ -74,19 +77,34 @@ class ScoringServicer(ModelServicer, scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidArgument(f"{len(ids)} tokens exceed the limit of {limit}", field)
         return ids
 
-    async def _features(self, ids: list[int], clock: Clock, observer: bool = False) -> TokenFeatures:
-        return await self.batcher.score(Text(ids, observer=observer), clock)
+    async def _features(
+        self, ids: list[int], clock: Clock, observer: bool = False, hidden: bool = False
+    ) -> TokenFeatures:
+        return await self.batcher.score(Text(ids, observer=observer, hidden=hidden), clock)
 
     # --- RPCs -------------------------------------------------------------------------------
 
     async def Detect(self, request: scoring_pb2.DetectRequest, context) -> scoring_pb2.DetectResponse:
         clock = Clock()
-        methods = convert.detect_methods(request.methods, self.observer is not None)
+        methods = convert.detect_methods(
+            request.methods, self.observer is not None, self.detector is not None
+        )
         ids = self._ids(request.input)
-        f = await self._features(ids, clock, observer=D.DETECT_METHOD_BINOCULARS in methods)
+        pawn = D.DETECT_METHOD_PAWN in methods
+        f = await self._features(ids, clock, observer=D.DETECT_METHOD_BINOCULARS in methods, hidden=pawn)
         mask = torch.ones(1, len(ids), dtype=torch.bool)
         reply = scoring_pb2.DetectResponse(token_ids=ids)
         for m in methods:
+            if m == D.DETECT_METHOD_PAWN:
+                # on the engine thread: the torch backend must not run torch ops on the event loop
+                (logit,) = await self._on_engine(clock, self.detector.logits, [f])
+                reply.scores.add(
+                    method=m,
+                    score=logit,
+                    machine_probability=float(torch.sigmoid(torch.tensor(logit))),
+                    higher_means_machine=True,
+                )  # no per-token values: the score is a gated sum, not a mean of one statistic
+                continue
             s = _detect(m, f, mask)
             out = reply.scores.add(
                 method=m, score=float(s.value[0]), higher_means_machine=convert.HIGHER_MEANS_MACHINE[m]

@@ -117,7 +117,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Fast-DetectGPT), membership inference (Min-K%, Min-K%++, DC-PDD), token uncertainty and "
         "input attribution (ReAGent, gradient x input, random) over --model. Binoculars needs "
         "--observer, a second model sharing the tokenizer: --model is its performer, the observer "
-        "weights its cross-perplexity term.",
+        "weights its cross-perplexity term. PAWN, the learned detector, needs the detector "
+        "`specmesh train detector` writes to <model dir>/detector/ (found there by default).",
     )
     sc.add_argument(
         "--model",
@@ -135,6 +136,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="DC-PDD token-count table (.npy from `python -m services.scoring.reference_corpus`); "
         "default: the shipped table for the model's tokenizer, when there is one",
+    )
+    detector = sc.add_mutually_exclusive_group()
+    detector.add_argument(
+        "--detector",
+        default=None,
+        metavar="DIR",
+        help="the learned detector (PAWN) directory; default: <model dir>/detector/ when present "
+        "(a default made for other weights is skipped with a warning; a DIR given here must match)",
+    )
+    detector.add_argument(
+        "--no-detector", dest="detector", action="store_false", help="serve no learned detector"
     )
     sc.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     sc.add_argument("--max-kv-tokens", type=int, default=65536, help="KV cache capacity in tokens")
@@ -258,12 +270,15 @@ def run_scoring(args: argparse.Namespace) -> int:
             threads=args.threads,
             max_kv_tokens=args.max_kv_tokens,
             pack_weights=args.pack_weights,
+            detector=args.detector,
         )
         servicer.batcher.window_s = args.batch_window_ms / 1000
         return servicer
 
     def describe(servicer) -> str:
-        return f"observer: {servicer.observer.name if servicer.observer else 'none'}"
+        observer = servicer.observer.name if servicer.observer else "none"
+        detector = servicer.detector.backend if servicer.detector else "none"
+        return f"observer: {observer}; learned detector: {detector}"
 
     return _serve_model(args, "scoring", load, registrar, describe)
 

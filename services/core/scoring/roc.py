@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -24,11 +26,23 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) -> tuple[float, float]:
-    """(true-positive rate, false-positive rate achieved) at the strictest threshold that lets
-    at most `fpr` of the negatives through: a positive counts when it scores strictly above the
-    threshold. With fewer than 1/fpr negatives the achieved rate is 0."""
+@dataclass(frozen=True)
+class OperatingPoint:
+    tpr: float  # positives strictly above the threshold
+    fpr: float  # negatives strictly above it: the rate achieved, at most the one asked for
+    threshold: float
+    allowed_false_positives: int  # floor(fpr asked * negatives); 0 below 1 / fpr negatives
+
+
+def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) -> OperatingPoint:
+    """The operating point at the lowest threshold that at most `fpr` of the negatives exceed:
+    the (k+1)-th highest negative score, k = floor(fpr * negatives). With fewer than 1 / fpr
+    negatives no negative may pass, so the threshold is the highest negative score."""
     pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
-    allowed = int(np.floor(fpr * len(neg) + 1e-9))  # negatives that may score above the threshold
-    threshold = np.sort(neg)[::-1][allowed] if allowed < len(neg) else -np.inf
-    return float((pos > threshold).mean()), float((neg > threshold).mean())
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("an operating point needs at least one positive and one negative score")
+    allowed = int(np.floor(fpr * len(neg) + 1e-9))
+    threshold = float(np.sort(neg)[::-1][min(allowed, len(neg) - 1)])
+    return OperatingPoint(
+        float((pos > threshold).mean()), float((neg > threshold).mean()), threshold, allowed
+    )

@@ -121,11 +121,11 @@ def predict(net: PawnNet, s: Scored, batch: int = 64) -> np.ndarray:
 
 def summary(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     pos, neg = scores[labels == 1], scores[labels == 0]
-    tpr, fpr = tpr_at_fpr(pos, neg, 0.01)
+    point = tpr_at_fpr(pos, neg, 0.01)
     return {
         "auroc": round(auroc(pos, neg), 4),
-        "tpr_at_1pct_fpr": round(tpr, 4),
-        "fpr_achieved": round(fpr, 4),
+        "tpr_at_1pct_fpr": round(point.tpr, 4),
+        "fpr_achieved": round(point.fpr, 4),
     }
 
 
@@ -153,7 +153,7 @@ def train(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         val = summary(predict(net, val_set), val_set.labels)["auroc"]
         history.append({"epoch": epoch + 1, "train_loss": round(total / len(order), 4), "val_auroc": val})
         if val > best:
