@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"specmesh up: {exc}", file=sys.stderr)
         code = 1
     except (KeyboardInterrupt, _Terminate):
-        print("\nspecmesh up: stopping (gateway, draft, target, redis) ...", file=sys.stderr, flush=True)
+        names = ", ".join(c.name for c in reversed(stack.children)) or "nothing started yet"
+        print(f"\nspecmesh up: stopping ({names}) ...", file=sys.stderr, flush=True)
     finally:
         # a second Ctrl-C while stopping kills whatever is left
         try:

@@ -19,7 +19,8 @@ of their openings, fixed splits and a manifest.
   name): about 70% train, 10% validation, 20% test.
 - Files: `{train,val,test,test_unseen}.jsonl`, one `{"text", "label", "package", "generator",
   "tokens"}` per line (label 1 = machine; tokens = the pair's length in the generator's
-  tokens); `manifest.json` with the configuration and each file's sha256.
+  tokens); `manifest.json` with the configuration and each file's sha256; and, derived from
+  them for `specmesh bench detect`, `test{,_unseen}_{human,machine}.jsonl`.
 """
 
 from __future__ import annotations
@@ -243,6 +244,23 @@ def build(
         shutil.rmtree(out)
     tmp.rename(out)
     return manifest
+
+
+def write_bench_views(data_dir: Path) -> list[Path]:
+    """`<split>_human.jsonl` / `<split>_machine.jsonl` for the test splits, the two files
+    `specmesh bench detect --human H --machine M` reads (derived from the manifest's files, so
+    not in it). Returns the files written."""
+    written = []
+    for split in ("test", "test_unseen"):
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            continue
+        rows = read_jsonl(path)
+        for label, side in ((0, "human"), (1, "machine")):
+            view = data_dir / f"{split}_{side}.jsonl"
+            write_jsonl(view, [r for r in rows if r["label"] == label])
+            written.append(view)
+    return written
 
 
 def verify(data_dir: Path) -> dict | None:

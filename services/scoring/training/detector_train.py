@@ -324,5 +324,6 @@ def train_detector(
         manifest = detector_data.build(
             data_dir, config, engine, tokenizer, unseen, paragraphs, bars("generating", total)
         )
+    detector_data.write_bench_views(data_dir)
     run(model_dir, engine, tokenizer, data_dir, manifest, out, cfg, bars)
     return out

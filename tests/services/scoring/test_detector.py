@@ -83,6 +83,12 @@ def test_the_data_set_pairs_human_and_machine_text_of_one_length(trained) -> Non
             assert machine["tokens"] == n and len(tokenizer.encode(human["text"])) == n
             opening = tokenizer.decode(tokenizer.encode(human["text"])[: detector_data.OPENING_TOKENS])
             assert machine["text"].startswith(opening[:-1]) and machine["text"] != human["text"]
+    views = detector_data.write_bench_views(data_dir)
+    assert [v.name for v in views] == ["test_human.jsonl", "test_machine.jsonl"]
+    test_rows = detector_data.read_jsonl(data_dir / "test.jsonl")
+    assert [r["text"] for r in detector_data.read_jsonl(views[1])] == [
+        r["text"] for r in test_rows if r["label"]
+    ]
     # a changed file no longer matches its manifest: the data set is rebuilt, not trusted
     path = data_dir / "val.jsonl"
     path.write_text(path.read_text() + "\n")
