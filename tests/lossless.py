@@ -283,6 +283,47 @@ def sample_pairs(
     return counts
 
 
+def _sharp_pairs(
+    engine_kwargs: dict,
+    prompt: list[int],
+    strategy: Strategy,
+    budget: Budget,
+    sampling: SamplingConfig,
+    n: int,
+    seed: int,
+) -> Counter:
+    """sample_pairs on sharp_engines(**engine_kwargs), in a worker process (one torch thread)."""
+    torch.set_num_threads(1)
+    target, draft = sharp_engines(**engine_kwargs)
+    return sample_pairs(target, draft, prompt, strategy, budget, sampling, n, seed)
+
+
+def sample_pairs_sharp(
+    prompt: list[int],
+    strategy: Strategy,
+    budget: Budget,
+    sampling: SamplingConfig,
+    n: int,
+    seed: int,
+    workers: int = 2,
+    **engine_kwargs,
+) -> Counter:
+    """sample_pairs on sharp_engines(**engine_kwargs), split over `workers` spawned processes
+    (the Monte Carlo is single-threaded Python; CI has 2 cores). Worker w draws n // workers
+    generations (the first ones one more) from its own stream, seed * 1000 + w: independent
+    draws of the same process, so the counts add up to n of them."""
+    import multiprocessing
+
+    shares = [n // workers + (w < n % workers) for w in range(workers)]
+    args = [
+        (engine_kwargs, prompt, strategy, budget, sampling, k, seed * 1000 + w) for w, k in enumerate(shares)
+    ]
+    # spawn, not fork: a forked child of a process whose OpenMP runtime has started can hang
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.starmap(_sharp_pairs, args)
+    return sum(parts, Counter())
+
+
 def sample_law(law: Law, n: int, seed: int) -> Counter:
     """n draws from an explicit law (the negative controls' samplers)."""
     cells = list(law)

@@ -31,7 +31,7 @@ from lossless import (
     propose_fn,
     round_law,
     sample_law,
-    sample_pairs,
+    sample_pairs_sharp,
     sequence_law,
     sharp_engines,
     total_variation,
@@ -133,10 +133,10 @@ def test_exact_law_of_two_tokens_through_the_drafter(engines, case, setting: str
         assert max_error(ranked, exact) > WRONG_MIN_ERROR, "children kept by their drawn value"
 
 
-# Through the services' code path at 20,000 samples each (about 90 s a case on 2 cores, so
-# three cases in all): between them the without-replacement rule (static and dynamic trees),
-# K-SEQ, the lookup-first rule, and T=0.6, top-k and top-p; the bigram chi-square in
-# test_spec_acceptance and the exact enumeration above cover the rest.
+# Through the services' code path at 20,000 samples each (about 90 s of one core a case, split
+# over two worker processes, so three cases in all): between them the without-replacement rule
+# (static and dynamic trees), K-SEQ, the lookup-first rule, and T=0.6, top-k and top-p; the
+# bigram chi-square in test_spec_acceptance and the exact enumeration above cover the rest.
 CHI_SQUARE = [
     ("static_tree", "top_k5"),
     ("multi_candidate+lookup", "top_p0.8"),
@@ -150,7 +150,7 @@ def chi_square_case(engines, case_id: str, setting: str) -> None:
     target, draft = engines
     cfg = SETTINGS[setting]
     exact = sequence_law(NextTokenLaw(target, cfg), tuple(PROMPT), 2)
-    counts = sample_pairs(target, draft, PROMPT, strategy, budget, cfg, SAMPLES, seed=7)
+    counts = sample_pairs_sharp(PROMPT, strategy, budget, cfg, SAMPLES, seed=7)  # on sharp_engines()
     chi2, crit = chi_square(counts, exact, SAMPLES)
     tv = total_variation({s: c / SAMPLES for s, c in counts.items()}, exact)
     assert chi2 < crit, f"chi2 {chi2:.1f} >= {crit:.1f}, TV {tv:.4f}"
