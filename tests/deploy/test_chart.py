@@ -36,6 +36,7 @@ VALUES = {
     "gpu-production": CHART / "ci" / "gpu-production-values.yaml",
     "minimal": CHART / "ci" / "minimal-values.yaml",
 }
+SERVICES = ("target", "draft", "scoring", "gateway")  # the specmesh servers (scoring.enabled)
 
 
 def render(helm: Path, values: Path | None = None, *sets: str, check: bool = True):
@@ -116,6 +117,8 @@ def test_the_validation_catches_a_broken_manifest(manifests) -> None:
         ("draft.resources.limits.memory=lots", "draft.resources.limits.memory"),
         ("image.torchVariant=rocm", "image.torchVariant"),
         ("redis.externalUrl=localhost:6379", "redis.externalUrl"),
+        ("scoring.observr=x", "Additional property observr is not allowed"),
+        ("scoring.enabled=maybe", "scoring.enabled"),
         ("metrics.port=0", "metrics.port"),
         ("metrics.enabled=true,target.port=9464", "metrics.port 9464 must differ from target.port"),
     ],
@@ -160,7 +163,7 @@ def test_gpu_production_values(manifests) -> None:
     assert spec["containers"][0]["image"].endswith("specmesh-services:0.1.0-cuda")
     job = next(d for d in docs if d["kind"] == "Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         hpa = find(docs, "HorizontalPodAutoscaler", component(name))
         assert hpa["spec"]["scaleTargetRef"]["name"] == component(name)
         # the HPA owns the replica count: a Deployment replicas field would fight it on upgrades
@@ -229,11 +232,46 @@ def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, values) -> N
     # the gateway talks to the headless Services of the peers up's gateway talks to
     gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
     ours, theirs = parse_cli(gateway["args"]), up_plan.args("gateway")
-    for role in ("target", "draft"):
+    for role in ("target", "draft", "scoring"):
         peer = up_plan.by_address[getattr(theirs, role)]
         host, port = getattr(ours, role).rsplit(":", 1)
         assert host == component(peer) and services[host]["spec"]["clusterIP"] == "None"
         assert int(port) == services[host]["spec"]["ports"][0]["port"]
+
+
+def test_scoring_waits_for_both_of_its_models(manifests) -> None:
+    """The scoring pod loads the target model and Binoculars' observer (the draft): its init
+    container waits until the model-init job has written both, under the names it serves."""
+    pod = find(manifests["default"], "Deployment", component("scoring"))["spec"]["template"]["spec"]
+    args = parse_cli(pod["containers"][0]["args"])
+    (wait,) = pod["initContainers"]
+    assert wait["command"] == ["sh", "-c"] and "$@" in wait["args"][0]
+    assert wait["args"][2:] == [f"/models/{args.model}", f"/models/{args.observer}"]
+    for name in ("target", "draft"):  # the other model pods wait for their one model
+        spec = find(manifests["default"], "Deployment", component(name))["spec"]["template"]["spec"]
+        model = parse_cli(spec["containers"][0]["args"]).model
+        assert spec["initContainers"][0]["args"][2:] == [f"/models/{model}"]
+
+
+def test_scoring_disabled_renders_none_of_it(helm) -> None:
+    docs = render(helm, None, "scoring.enabled=false", "metrics.enabled=true", "otel.enabled=true")
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    labelled = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "scoring"
+    ]
+    assert labelled == [] and not [d for d in docs if d["metadata"]["name"] == component("scoring")]
+    assert "scoring" not in yaml.safe_dump_all(docs)  # not even in a selector or a policy
+    # the gateway gets no scoring address (it then answers ScoringService calls UNIMPLEMENTED)
+    gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
+    assert parse_cli(gateway["args"]).scoring is None
+    assert "SPECMESH_SCORING_ADDRESS" not in container_env(gateway)
+    # and the other services are untouched
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} >= {
+        component(n) for n in ("target", "draft", "gateway")
+    }
 
 
 def test_redis_bundled_or_external(manifests) -> None:
@@ -298,6 +336,11 @@ def test_network_policy_only_the_gateway_is_reachable_from_outside(manifests) ->
             sources = [peer["podSelector"] for rule in rules for peer in rule["from"]]
             assert all(_selects(s, pods[component("gateway")]) for s in sources)  # the gateway may call
             assert not any(_selects(s, outsider) for s in sources)  # a pod of another app may not
+        if labels["app.kubernetes.io/component"] == "scoring":
+            # only the gateway relays ScoringService: no other pod of the release reaches it
+            others = [pods[component(n)] for n in ("target", "draft", "redis")]
+            assert not any(_selects(s, o) for s in sources for o in others)
+            assert all(r["ports"] == [{"port": "grpc", "protocol": "TCP"}] for r in rules)
 
 
 def test_otel_wiring_in_the_chart(helm) -> None:
@@ -315,7 +358,7 @@ def test_otel_wiring_in_the_chart(helm) -> None:
     (container_port,) = [p for p in collector["ports"] if p["name"] == service_port["targetPort"]]
     assert container_port["containerPort"] == receiver_port
     assert container_env(collector)["TRACES_BACKEND_ENDPOINT"]  # ${env:...} in the exporter
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         c = find(docs, "Deployment", component(name))["spec"]["template"]["spec"]["containers"][0]
         env = container_env(c)
         assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
@@ -355,7 +398,7 @@ def test_metrics_port_annotations_and_policy(helm, tmp_path, scrape_from) -> Non
     pods = _pods(docs)
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         pod = pods[component(name)]
         (container,) = pod["spec"]["containers"]
         # the port the server binds (SPECMESH_METRICS_PORT through its own parser) is the named
@@ -395,7 +438,7 @@ def test_metrics_port_annotations_and_policy(helm, tmp_path, scrape_from) -> Non
 
 def test_metrics_off_by_default(manifests) -> None:
     docs = manifests["default"]
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         pod = _pods(docs)[component(name)]
         (container,) = pod["spec"]["containers"]
         args, env = parse_cli(container["args"]), container_env(container)

@@ -94,7 +94,7 @@ def test_env_file_values_reach_the_file() -> None:
 def test_model_services_read_models_from_the_init_volume(compose) -> None:
     services = compose["services"]
     assert services["model-init"]["volumes"] == ["models:/models"]
-    for name in ("target", "draft"):
+    for name in ("target", "draft", "scoring"):
         assert services[name]["volumes"] == ["models:/models:ro"]
         assert env_of(services[name])["SPECMESH_MODEL_DIR"] == "/models"
     assert "models" in compose["volumes"]

@@ -1,7 +1,7 @@
-"""One topology: docker-compose.yml runs what `specmesh up` runs (and test_chart.py checks the
-chart the same way).
+"""One topology: docker-compose.yml runs what `specmesh up --scoring` runs (and test_chart.py
+checks the chart the same way).
 
-`specmesh up`'s plan comes from LocalStack itself (see UpPlan); every compose command and
+`specmesh up`'s plan comes from LocalStack itself (see UpPlan, UP_ARGV); every compose command and
 healthcheck is parsed with the real `specmesh` argument parser, so a flag the CLI does not have,
 a wrong subcommand or a bad value fails here. The services are those `up` starts, so a service
 that joins `up` fails this test until compose (and the chart) run it too.
@@ -27,6 +27,8 @@ from services.runtime.settings import ServerSettings
 from specmesh.cli.serve_gateway import DEFAULT_PORT as GATEWAY_DEFAULT_PORT
 from specmesh.stack import DEFAULT_DRAFT_MODEL, DEFAULT_MODEL, ENV_REDIS_URL
 
+SERVICES = ["target", "draft", "scoring", "gateway"]  # the specmesh servers of the stack
+
 
 def _service_port(name: str, service: dict, args) -> int:
     """The port a compose service's server binds: flags > SPECMESH_* env > the service's default."""
@@ -35,14 +37,17 @@ def _service_port(name: str, service: dict, args) -> int:
 
 
 def test_compose_runs_the_services_of_specmesh_up(compose, up_plan) -> None:
-    assert set(up_plan.children) == {"redis", "target", "draft", "gateway"}  # update the lines below
+    assert set(up_plan.children) == {"redis", *SERVICES}  # update the lines below
     assert set(up_plan.children) <= set(compose["services"])
     # the defaults of .env are the defaults of `up`
     assert parse_cli(compose["services"]["target"]["command"]).model == DEFAULT_MODEL
     assert parse_cli(compose["services"]["draft"]["command"]).model == DEFAULT_DRAFT_MODEL
+    # scoring scores the target model, with the draft as Binoculars' observer, as `up --scoring`
+    scoring = parse_cli(compose["services"]["scoring"]["command"])
+    assert (scoring.model, scoring.observer) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
 
 
-@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+@pytest.mark.parametrize("name", SERVICES)
 def test_same_command_flags_and_settings(compose, up_plan, name) -> None:
     service = compose["services"][name]
     ours, theirs = parse_cli(service["command"]), up_plan.args(name)
@@ -64,7 +69,7 @@ def test_same_command_flags_and_settings(compose, up_plan, name) -> None:
     assert port != 0 and port in container_ports(service)
 
 
-@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+@pytest.mark.parametrize("name", SERVICES)
 def test_every_service_serves_prometheus_metrics_on_an_exposed_port(compose, name) -> None:
     """SPECMESH_METRICS_PORT as the service's own `serve` resolves it (flags > env): a fixed port
     besides its gRPC one, exposed to the compose network and not published on the host (the
@@ -80,12 +85,12 @@ def test_every_service_serves_prometheus_metrics_on_an_exposed_port(compose, nam
 
 def test_metrics_port_comes_from_the_env_file() -> None:
     services = load_compose({"SPECMESH_METRICS_PORT": "9100"})["services"]
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         assert env_of(services[name])["SPECMESH_METRICS_PORT"] == "9100"
         assert 9100 in container_ports(services[name])
 
 
-@pytest.mark.parametrize("name", ["target", "draft", "gateway"])
+@pytest.mark.parametrize("name", SERVICES)
 def test_healthcheck_asks_the_services_own_health_entry(compose, name) -> None:
     service = compose["services"][name]
     test = service["healthcheck"]["test"]
@@ -97,14 +102,24 @@ def test_healthcheck_asks_the_services_own_health_entry(compose, name) -> None:
     assert check.service == GRPC_SERVICES[name]
 
 
+def test_scoring_port_and_threads_come_from_the_env_file() -> None:
+    services = load_compose({"SPECMESH_SCORING_PORT": "6003", "SPECMESH_SCORING_THREADS": "3"})["services"]
+    scoring = services["scoring"]
+    args = parse_cli(scoring["command"])
+    assert (_service_port("scoring", scoring, args), args.threads) == (6003, 3)
+    assert 6003 in container_ports(scoring)
+    assert parse_cli(scoring["healthcheck"]["test"][2:]).address == "127.0.0.1:6003"
+    assert parse_cli(services["gateway"]["command"]).scoring == "scoring:6003"
+
+
 def test_gateway_reaches_the_same_peers_as_in_up(compose, up_plan) -> None:
-    """up's gateway --target / --draft name the up children it talks to; compose's gateway must
-    name the compose services of the same names, on the ports those services bind; and it waits
-    for them to be healthy, as up waits for SERVING before starting the gateway."""
+    """up's gateway --target / --draft / --scoring name the up children it talks to; compose's
+    gateway must name the compose services of the same names, on the ports those services bind;
+    and it waits for them to be healthy, as up waits for SERVING before starting the gateway."""
     services = compose["services"]
     ours, theirs = parse_cli(services["gateway"]["command"]), up_plan.args("gateway")
     depends = services["gateway"]["depends_on"]
-    for role in ("target", "draft"):
+    for role in ("target", "draft", "scoring"):
         peer = up_plan.by_address[getattr(theirs, role)]
         host, port = getattr(ours, role).rsplit(":", 1)
         assert host == peer, f"--{role} {getattr(ours, role)}: up's gateway talks to {peer}"
@@ -123,7 +138,7 @@ def test_environment_matches_up_and_exists_in_the_code(compose, up_plan) -> None
     services = compose["services"]
     known = code_env_names()
     redis_host_port = f"redis:{min(container_ports(services['redis']))}"
-    for name in ("target", "draft", "gateway"):
+    for name in SERVICES:
         env = env_of(services[name])
         unknown = {k for k in env if k.startswith(("SPECMESH_", "OTEL_")) and k not in known}
         assert not unknown, f"compose {name} sets variables no code reads: {sorted(unknown)}"
@@ -151,7 +166,7 @@ def test_model_init_job_builds_the_models_up_serves(compose) -> None:
     args = parse_cli(service["command"])
     assert (args.command, args.models_command) == ("models", "init")
     assert args.draft_minutes > 0
-    for name in ("target", "draft"):
+    for name in ("target", "draft", "scoring"):
         assert compose["services"][name]["depends_on"]["model-init"] == {
             "condition": "service_completed_successfully"
         }

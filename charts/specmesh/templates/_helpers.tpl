@@ -2,19 +2,35 @@
 Shared definitions. A service of the chart is a values block (.Values.<name>) plus a name in
 "specmesh.components" plus its command line in "specmesh.args.<name>"; every per-service template
 (Deployment, headless Service, HPA, PodDisruptionBudget, ServiceAccount, NetworkPolicy) ranges
-over the components, so a new service needs those three things and nothing else.
+over the components, so a new service needs those three things and nothing else. A service
+that can be switched off (scoring.enabled) is left out of the list when off.
 */}}
 
-{{- define "specmesh.components" -}}target draft gateway{{- end -}}
+{{- define "specmesh.components" -}}
+target draft {{ if .Values.scoring.enabled }}scoring {{ end }}gateway
+{{- end -}}
 
 {{/* The gRPC service each server registers: the health entry its probes ask for. */}}
 {{- define "specmesh.grpcService" -}}
-{{- get (dict "target" "specmesh.v1.TargetService" "draft" "specmesh.v1.DraftService" "gateway" "specmesh.v1.Gateway") . -}}
+{{- get (dict "target" "specmesh.v1.TargetService" "draft" "specmesh.v1.DraftService" "scoring" "specmesh.v1.ScoringService" "gateway" "specmesh.v1.Gateway") . -}}
 {{- end -}}
 
 {{/* The services that load models (mount the model volume, use the services image). */}}
 {{- define "specmesh.isModelService" -}}
-{{- if has . (list "target" "draft") -}}true{{- end -}}
+{{- if has . (list "target" "draft" "scoring") -}}true{{- end -}}
+{{- end -}}
+
+{{/* The models a model service loads (its pods wait for each to be in the volume), as paths:
+a name is a directory of /models, an absolute path is used as it is. */}}
+{{- define "specmesh.modelPaths" -}}
+{{- $v := index .root.Values .name -}}
+{{- $models := list $v.model -}}
+{{- if and (eq .name "scoring") $v.observer -}}
+{{- $models = append $models $v.observer -}}
+{{- end -}}
+{{- range $models }}
+- {{ ternary . (printf "/models/%s" .) (hasPrefix "/" .) | quote }}
+{{- end -}}
 {{- end -}}
 
 {{- define "specmesh.name" -}}
@@ -109,6 +125,27 @@ pools resolve it and re-resolve it every 30 s). */}}
 {{- end }}
 {{- end -}}
 
+{{- define "specmesh.args.scoring" -}}
+{{- $v := .root.Values.scoring -}}
+- serve
+- scoring
+- --model
+- {{ $v.model | quote }}
+{{- if $v.observer }}
+- --observer
+- {{ $v.observer | quote }}
+{{- end }}
+- --port
+- {{ $v.port | quote }}
+{{- if $v.threads }}
+- --threads
+- {{ $v.threads | quote }}
+{{- end }}
+{{- range $v.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "specmesh.args.gateway" -}}
 {{- $v := .root.Values.gateway -}}
 - serve
@@ -117,6 +154,10 @@ pools resolve it and re-resolve it every 30 s). */}}
 - {{ include "specmesh.address" (dict "root" .root "name" "target") | quote }}
 - --draft
 - {{ include "specmesh.address" (dict "root" .root "name" "draft") | quote }}
+{{- if .root.Values.scoring.enabled }}
+- --scoring
+- {{ include "specmesh.address" (dict "root" .root "name" "scoring") | quote }}
+{{- end }}
 - --port
 - {{ $v.port | quote }}
 {{- range $v.extraArgs }}
