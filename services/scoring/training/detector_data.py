@@ -6,7 +6,8 @@ of their openings, fixed splits and a manifest.
   reads, with the same reserved ones left out: git's documentation, FAQs, and the documentation
   of the packages reserved for evaluation). A paragraph qualifies when it is at least
   MIN_CHARS long and at least 85% letters and spaces (so tables, changelog lists and code do
-  not); at most PER_FILE paragraphs per file.
+  not); at most PER_FILE paragraphs per file and PER_PACKAGE per package, evenly spaced (Node.js
+  alone ships more than half of the machine's qualifying paragraphs).
 - Machine text: the generator's continuation of the first OPENING_TOKENS tokens of the same
   paragraph, conditioned on the start-of-document token as the scorer conditions every text,
   sampled at temperature 0.8 with top-k 200 then top-p 0.95 (seeded per paragraph), and cut
@@ -15,10 +16,11 @@ of their openings, fixed splits and a manifest.
   scored model itself (SmolLM2-135M-Instruct). "Unseen" generator: the test split's paragraphs continued by
   another model (the stack's draft; Gemma 3 270M, the model the issue names, is not on this
   machine and nothing may be downloaded).
-- Splits by package (a package's paragraphs all fall in one split, chosen by a hash of its
-  name): about 70% train, 10% validation, 20% test.
-- Files: `{train,val,test,test_unseen}.jsonl`, one `{"text", "label", "package", "generator",
-  "tokens"}` per line (label 1 = machine; tokens = the pair's length in the generator's
+- Splits by document (a file's paragraphs all fall in one split, chosen by a hash of its path):
+  about 70% train, 10% validation, 20% test, so no test text shares a document with a training
+  one. (By package, one package would have held most of the data in one split.)
+- Files: `{train,val,test,test_unseen}.jsonl`, one `{"text", "label", "package", "document",
+  "generator", "tokens"}` per line (label 1 = machine; tokens = the pair's length in the generator's
   tokens); `manifest.json` with the configuration and each file's sha256; and, derived from
   them for `specmesh bench detect`, `test{,_unseen}_{human,machine}.jsonl`.
 """
@@ -41,8 +43,9 @@ from services.core.tokenizer import Tokenizer
 from services.scoring.convert import start_token_id
 from services.scoring.reference_corpus import DOC_ROOT, corpus_files
 
-MIN_CHARS = 300
+MIN_CHARS = 200
 PER_FILE = 6
+PER_PACKAGE = 150
 OPENING_TOKENS = 16
 MAX_TOKENS = 96  # tokens per text (human and machine alike)
 # top-k 200 first: the same law as SamplingConfig(0.8, top_k=200, top_p=0.95), with the top-p sort
@@ -57,12 +60,13 @@ _PROSE_SHARE = 0.85
 @dataclass(frozen=True)
 class Paragraph:
     package: str
+    document: str  # the file's path under the corpus root
     text: str
 
 
-def split_of(package: str) -> str:
-    """The split a package's paragraphs belong to (stable: a hash of its name)."""
-    bucket = int(hashlib.sha256(package.encode()).hexdigest(), 16) % 10
+def split_of(document: str) -> str:
+    """The split a document's paragraphs belong to (stable: a hash of its path)."""
+    bucket = int(hashlib.sha256(document.encode()).hexdigest(), 16) % 10
     return "train" if bucket < 7 else "val" if bucket == 7 else "test"
 
 
@@ -77,15 +81,21 @@ def prose_paragraphs(text: str) -> list[str]:
 
 
 def human_paragraphs(root: Path = DOC_ROOT) -> list[Paragraph]:
-    """Every qualifying paragraph under root, in sorted file order (deterministic)."""
-    out = []
+    """The qualifying paragraphs under root, in sorted file order (deterministic), at most
+    PER_PACKAGE of a package's, evenly spaced over its files."""
+    by_package: dict[str, list[Paragraph]] = {}
     for path in corpus_files(root):
         try:
             text = path.read_bytes()[: 64 * 1024].decode("utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        package = path.relative_to(root).parts[0]
-        out += [Paragraph(package, p) for p in prose_paragraphs(text)[:PER_FILE]]
+        rel = path.relative_to(root)
+        found = [Paragraph(rel.parts[0], rel.as_posix(), p) for p in prose_paragraphs(text)[:PER_FILE]]
+        by_package.setdefault(rel.parts[0], []).extend(found)
+    out = []
+    for paragraphs in by_package.values():
+        step = len(paragraphs) / PER_PACKAGE if len(paragraphs) > PER_PACKAGE else 1
+        out += [paragraphs[int(i * step)] for i in range(min(len(paragraphs), PER_PACKAGE))]
     return out
 
 
@@ -162,7 +172,8 @@ def pairs(
         )
         for (_, p, ids), cont in zip(chunk, conts, strict=True):
             n = OPENING_TOKENS + len(cont)
-            common = {"package": p.package, "tokens": n}  # tokens: as generated, the same on both sides
+            # tokens: as generated, the same on both sides
+            common = {"package": p.package, "document": p.document, "tokens": n}
             human = {"text": tokenizer.decode(ids[:n]), "label": 0, "generator": "human"} | common
             machine_text = tokenizer.decode(ids[:OPENING_TOKENS] + cont)
             machine = {"text": machine_text, "label": 1, "generator": generator_name} | common
@@ -203,11 +214,11 @@ def build(
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    test_paragraphs = [p for p in paragraphs if split_of(p.package) == "test"]
+    test_paragraphs = [p for p in paragraphs if split_of(p.document) == "test"]
     for human, machine in pairs(
         paragraphs, engine, tokenizer, config.model, seed=config.seed, progress=progress
     ):
-        by_split[split_of(human["package"])] += [human, machine]
+        by_split[split_of(human["document"])] += [human, machine]
     files = {s: tmp / f"{s}.jsonl" for s in SPLITS}
     for s in SPLITS:
         write_jsonl(files[s], by_split[s])
@@ -232,6 +243,7 @@ def build(
             "max_tokens": MAX_TOKENS,
             "min_chars": MIN_CHARS,
             "per_file": PER_FILE,
+            "per_package": PER_PACKAGE,
             "sampling": asdict(SAMPLING) | {"top_k": TOP_K},
             "corpus": str(DOC_ROOT),
         },

@@ -319,7 +319,7 @@ def train_detector(
             model_dir.name, unseen_generator if unseen else None, max_paragraphs
         )
         total = len(paragraphs) + (
-            sum(detector_data.split_of(p.package) == "test" for p in paragraphs) if unseen else 0
+            sum(detector_data.split_of(p.document) == "test" for p in paragraphs) if unseen else 0
         )
         manifest = detector_data.build(
             data_dir, config, engine, tokenizer, unseen, paragraphs, bars("generating", total)

@@ -37,9 +37,9 @@ def trained(tiny_gguf, tmp_path_factory):
     model_dir = mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False)
     other_dir = mi.import_gguf(tiny_gguf(untied=True).path, "tiny-other", root=root, progress=False)
     paragraphs = detector_data.human_paragraphs()
-    chosen = [p for s in detector_data.SPLITS for p in paragraphs if detector_data.split_of(p.package) == s]
+    chosen = [p for s in detector_data.SPLITS for p in paragraphs if detector_data.split_of(p.document) == s]
     by_split = {
-        s: [p for p in chosen if detector_data.split_of(p.package) == s][:PER_SPLIT]
+        s: [p for p in chosen if detector_data.split_of(p.document) == s][:PER_SPLIT]
         for s in detector_data.SPLITS
     }
     if any(len(v) < 2 for v in by_split.values()):
@@ -74,7 +74,7 @@ def test_the_data_set_pairs_human_and_machine_text_of_one_length(trained) -> Non
     assert manifest is not None and set(manifest["files"]) == {"train.jsonl", "val.jsonl", "test.jsonl"}
     for split in detector_data.SPLITS:
         rows = detector_data.read_jsonl(data_dir / f"{split}.jsonl")
-        assert rows and all(detector_data.split_of(r["package"]) == split for r in rows)
+        assert rows and all(detector_data.split_of(r["document"]) == split for r in rows)
         for human, machine in zip(rows[::2], rows[1::2], strict=True):
             assert (human["label"], machine["label"], machine["generator"]) == (0, 1, "tiny")
             # one length as generated; the human text re-encodes to exactly its tokens (a random
