@@ -28,6 +28,7 @@ from services.core.engine import Engine, weights_digest
 from services.core.errors import FailedPrecondition
 from services.core.model_store import model_root
 from services.core.routing import RouterNet, router_inputs
+from services.runtime.onnx_backend import inference_session, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +93,13 @@ class Router:
 
 
 def _onnx_scorer(path: Path) -> tuple[_Scorer, str]:
-    import onnxruntime as ort
-
-    providers = [
-        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
-    ]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # a [n, 2H + k] MLP: threads would only contend with the engine's
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+    session, provider = inference_session(path)
 
     def score(hidden: torch.Tensor, embedding: torch.Tensor, top: torch.Tensor) -> np.ndarray:
         feeds = {n: x.cpu().numpy() for n, x in zip(INPUT_NAMES, (hidden, embedding, top), strict=True)}
         return session.run([OUTPUT_NAME], feeds)[0]
 
-    return score, session.get_providers()[0]
+    return score, provider
 
 
 def _torch_scorer(path: Path, hidden_size: int, top_k: int, width: int) -> _Scorer:
@@ -165,16 +159,7 @@ def load_router(router_dir: Path, engine: Engine, draft_dir: Path, *, backend: s
             "int8" if config.get("int8") else "fp32",
             "int8" if engine.int8_bytes else "fp32",
         )
-    if backend not in ("auto", "onnxruntime", "torch"):
-        raise ValueError(f"backend {backend!r}: expected auto, onnxruntime or torch")
-    if backend == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            backend = "torch"
-            log.info("onnxruntime is not installed: the router runs on torch")
-        else:
-            backend = "onnxruntime"
+    backend = resolve_backend(backend, "router")
     file = router_dir / (ONNX_FILE if backend == "onnxruntime" else WEIGHTS_FILE)
     if not file.is_file():
         raise FailedPrecondition(f"{file} is missing; retrain with `{hint}`", "router")

@@ -11,7 +11,8 @@
 
 `load_detector` refuses a detector made for other weights (its inputs are that model's hidden
 states and distributions) with FAILED_PRECONDITION naming the command that makes a matching one.
-onnxruntime takes the CUDA provider when `onnxruntime-gpu` provides it, else the CPU one.
+onnxruntime takes the CUDA provider when `onnxruntime-gpu` provides it, else the CPU one
+(services.runtime.onnx_backend).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from services.core.engine import Engine, weights_digest
 from services.core.errors import FailedPrecondition
 from services.core.scoring.features import TokenFeatures
 from services.core.scoring.pawn import FEATURE_NAMES, PawnNet, token_inputs
+from services.runtime.onnx_backend import inference_session, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +84,13 @@ class Detector:
 
 
 def onnx_scorer(path: Path) -> tuple[Scorer, str]:
-    import onnxruntime as ort
-
-    providers = [
-        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
-    ]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # a small MLP per token: more threads would contend with the engine's
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+    session, provider = inference_session(path)
 
     def score(features: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         feeds = {n: x.numpy() for n, x in zip(INPUT_NAMES, (features, hidden, mask), strict=True)}
         return session.run([OUTPUT_NAME], feeds)[0]
 
-    return score, session.get_providers()[0]
+    return score, provider
 
 
 def torch_scorer(path: Path, hidden_size: int, width: int) -> Scorer:
@@ -141,15 +136,7 @@ def load_detector(detector_dir: Path, engine: Engine, model_dir: Path, *, backen
                 f"for {model_dir}; retrain with `{hint}`",
                 "detector",
             )
-    if backend not in ("auto", "onnxruntime", "torch"):
-        raise ValueError(f"backend {backend!r}: expected auto, onnxruntime or torch")
-    if backend == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            backend = "torch"
-        else:
-            backend = "onnxruntime"
+    backend = resolve_backend(backend, "learned detector")
     file = detector_dir / (ONNX_FILE if backend == "onnxruntime" else WEIGHTS_FILE)
     if not file.is_file():
         raise FailedPrecondition(f"{file} is missing; retrain with `{hint}`", "detector")
