@@ -14,7 +14,7 @@ import json
 import math
 import time
 
-from .scoring_call import add_service_arguments, call
+from .scoring_call import add_service_arguments, call, json_number
 
 METHODS = ("reagent", "gradient_x_input", "random")
 
@@ -70,10 +70,6 @@ def build_request(args: argparse.Namespace):
     )
 
 
-def _number(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 6)
-
-
 def as_json(reply, decode) -> dict:
     from specmesh.v1 import scoring_pb2
 
@@ -88,15 +84,15 @@ def as_json(reply, decode) -> dict:
             {
                 "target_index": a.target_index,
                 "importance": [round(x, 6) for x in a.importance],
-                "soft_sufficiency": _number(a.soft_sufficiency),
-                "soft_comprehensiveness": _number(a.soft_comprehensiveness),
+                "soft_sufficiency": json_number(a.soft_sufficiency),
+                "soft_comprehensiveness": json_number(a.soft_comprehensiveness),
                 "steps": a.steps,
                 "stopped": a.stopped,
             }
             for a in reply.attributions
         ],
-        "soft_sufficiency": _number(reply.soft_sufficiency),
-        "soft_comprehensiveness": _number(reply.soft_comprehensiveness),
+        "soft_sufficiency": json_number(reply.soft_sufficiency),
+        "soft_comprehensiveness": json_number(reply.soft_comprehensiveness),
         "total_ms": reply.timing.total_ns / 1e6,
     }
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 
-from .scoring_call import add_input_arguments, add_service_arguments, call, prompt_from_args
+from .scoring_call import add_input_arguments, add_service_arguments, call, json_number, prompt_from_args
 
 DETECT_METHODS = ("log_likelihood", "log_rank", "entropy", "binoculars", "fast_detectgpt")
 MEMBERSHIP_METHODS = ("min_k", "min_k_plus_plus", "dc_pdd")
@@ -69,10 +69,6 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argpar
     return p
 
 
-def _number(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 6)
-
-
 def _enum_name(enum, value: int, prefix: str) -> str:
     return enum.Name(value).removeprefix(prefix).lower()
 
@@ -88,7 +84,7 @@ def run_detect(args: argparse.Namespace) -> int:
     rows = [
         {
             "method": _enum_name(S.DetectMethod, s.method, "DETECT_METHOD_"),
-            "score": _number(s.score),
+            "score": json_number(s.score),
             "higher_means_machine": s.higher_means_machine,
             **({"per_token": [round(x, 6) for x in s.per_token]} if args.per_token else {}),
         }
@@ -114,7 +110,10 @@ def run_membership(args: argparse.Namespace) -> int:
     if reply is None:
         return 2
     rows = [
-        {"method": _enum_name(S.MembershipMethod, s.method, "MEMBERSHIP_METHOD_"), "score": _number(s.score)}
+        {
+            "method": _enum_name(S.MembershipMethod, s.method, "MEMBERSHIP_METHOD_"),
+            "score": json_number(s.score),
+        }
         for s in reply.scores
     ]
     if args.json:
@@ -148,10 +147,10 @@ def run_uncertainty(args: argparse.Namespace) -> int:
         for t, lp, h, k in zip(reply.token_ids, reply.logprob, reply.entropy, reply.kurtosis, strict=True)
     ]
     summary = {
-        "geometric_mean_prob": _number(reply.geometric_mean_prob),
-        "arithmetic_mean_prob": _number(reply.arithmetic_mean_prob),
-        "mean_entropy": _number(reply.mean_entropy),
-        "mean_kurtosis": _number(reply.mean_kurtosis),
+        "geometric_mean_prob": json_number(reply.geometric_mean_prob),
+        "arithmetic_mean_prob": json_number(reply.arithmetic_mean_prob),
+        "mean_entropy": json_number(reply.mean_entropy),
+        "mean_kurtosis": json_number(reply.mean_kurtosis),
     }
     if args.json:
         print(json.dumps({"tokens": tokens, **summary, "total_ms": _ms(reply)}))

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,11 @@ def _remote(args: argparse.Namespace, method: str, request: Any, command: str) -
         except grpc.RpcError as exc:
             print(f"specmesh {command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return None
+
+
+def json_number(x: float) -> float | None:
+    """A score for JSON output: rounded to 6 decimals, NaN (undefined) as null."""
+    return None if math.isnan(x) else round(x, 6)
 
 
 def prompt_from_args(args: argparse.Namespace):
