@@ -14,7 +14,7 @@ import json
 import math
 import time
 
-from .scoring_call import add_service_arguments, call, json_number
+from .scoring_call import add_service_arguments, call, json_number, write_page
 
 METHODS = ("reagent", "gradient_x_input", "random")
 
@@ -49,6 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=3, help="context tokens shown per target token (default: 3)")
     add_service_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write one self-contained HTML page: the context as a heat map per generated token",
+    )
     p.set_defaults(func=run)
 
 
@@ -142,8 +147,11 @@ def run(args: argparse.Namespace) -> int:
     def decode(t: int) -> str:
         return tokenizer.decode([t], skip_special_tokens=False)
 
+    result = as_json(reply, decode)
     if args.json:
-        print(json.dumps(as_json(reply, decode) | {"wall_s": round(time.perf_counter() - start, 3)}))
+        print(json.dumps(result | {"wall_s": round(time.perf_counter() - start, 3)}))
     else:
         print(format_table(reply, decode, args.top))
+    if args.html:
+        write_page(args.html, "attribution", args, attribution=result)
     return 0

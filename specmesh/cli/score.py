@@ -18,7 +18,14 @@ import argparse
 import json
 import math
 
-from .scoring_call import add_input_arguments, add_service_arguments, call, json_number, prompt_from_args
+from .scoring_call import (
+    add_input_arguments,
+    add_service_arguments,
+    call,
+    json_number,
+    prompt_from_args,
+    write_page,
+)
 
 DETECT_METHODS = ("log_likelihood", "log_rank", "entropy", "binoculars", "fast_detectgpt")
 MEMBERSHIP_METHODS = ("min_k", "min_k_plus_plus", "dc_pdd")
@@ -55,6 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     uncertainty = _command(sub, "uncertainty", "the model's per-token certainty over a text")
     uncertainty.add_argument(
         "--start", type=int, default=0, help="score tokens from this index on (default: 0)"
+    )
+    uncertainty.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write one self-contained HTML page: the text as a heat map, hover for values",
     )
     uncertainty.set_defaults(func=run_uncertainty)
 
@@ -152,6 +164,9 @@ def run_uncertainty(args: argparse.Namespace) -> int:
         "mean_entropy": json_number(reply.mean_entropy),
         "mean_kurtosis": json_number(reply.mean_kurtosis),
     }
+    if args.html:
+        page_data = {"start": args.start, "tokens": tokens, **summary}
+        write_page(args.html, "uncertainty", args, uncertainty=page_data)
     if args.json:
         print(json.dumps({"tokens": tokens, **summary, "total_ms": _ms(reply)}))
         return 0

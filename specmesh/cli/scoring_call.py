@@ -72,6 +72,15 @@ def json_number(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 6)
 
 
+def write_page(path: str, what: str, args: argparse.Namespace, **sections: dict) -> None:
+    """Write the token page (specmesh.token_page) and say where, on stderr (stdout may be --json)."""
+    from specmesh import token_page
+
+    where = args.address or "in-process"
+    page = token_page.render(f"{what} of {args.model}", f"scored by {where}", **sections)
+    print(f"wrote {token_page.write(path, page)}", file=sys.stderr)
+
+
 def prompt_from_args(args: argparse.Namespace):
     """--text, or --file (``-`` = stdin), as a plain-text Prompt."""
     from specmesh.v1 import common_pb2
