@@ -10,6 +10,7 @@ Subcommands:
   route    token routing (policy r2r) vs target, draft and speculative (specmesh/cli/bench_route.py)
   attribute  ReAGent vs gradient x input vs random attribution (specmesh/cli/bench_attribute.py)
   detect   machine-text detectors: AUROC, TPR at 1% FPR, batching throughput (specmesh/cli/bench_detect.py)
+  membership  Min-K%, Min-K%++, DC-PDD on a model with known training data (bench_membership.py)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from specmesh.cli.bench_attribute import add_attribute_parser
     from specmesh.cli.bench_detect import add_detect_parser
     from specmesh.cli.bench_load import add_load_parser
+    from specmesh.cli.bench_membership import add_membership_parser
     from specmesh.cli.bench_route import add_route_parser
 
     bench_image.add_parser(bench_sub)
@@ -50,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_route_parser(bench_sub)
     add_attribute_parser(bench_sub)
     add_detect_parser(bench_sub)
+    add_membership_parser(bench_sub)
 
 
 def _add_decode(bench_sub: argparse._SubParsersAction) -> None:

@@ -80,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     _add_router_parser(tsub)
     _add_detector_parser(tsub)
+    _add_membership_parser(tsub)
 
     from specmesh.cli import train_image
 
@@ -139,6 +140,61 @@ def run_detector(args: argparse.Namespace) -> int:
     for name, r in report.items():
         aurocs = " / ".join(f"{r[k]['auroc']:.3f}" for k in ("learned", "log_likelihood", "fast_detectgpt"))
         print(f"  {name:<12} {r['texts']:>5}  {aurocs:<42} {r['learned']['tpr_at_1pct_fpr']:.3f}")
+    return 0
+
+
+def _add_membership_parser(tsub: argparse._SubParsersAction) -> None:
+    m = tsub.add_parser(
+        "membership",
+        help="fine-tune a draft on a known member set, for measuring membership inference",
+        description="Takes prose paragraphs of /usr/share/doc (the detector's human texts), cut to "
+        "--max-tokens tokens, and sends each document's paragraphs to the member or the non-member "
+        "side by a seeded hash of its path; fine-tunes --base on the --texts members for --epochs "
+        "(next-token cross-entropy, every weight) and writes a model directory with members.jsonl, "
+        "nonmembers.jsonl and train_report.json (losses on both sides before and after). "
+        "`specmesh bench membership --model DIR` then measures Min-K%%, Min-K%%++ and DC-PDD on it.",
+        epilog="Example: specmesh train membership --texts 200 --epochs 3",
+    )
+    m.add_argument(
+        "--base", default="smollm2-135m-instruct-draft", help="model to fine-tune (default: %(default)s)"
+    )
+    m.add_argument("--out", type=Path, help="output directory (default: <model store>/<base>-members)")
+    m.add_argument("--texts", type=int, default=200, help="members, and as many non-members (default: 200)")
+    m.add_argument("--epochs", type=int, help="passes over the members (default 3)")
+    m.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    m.add_argument("--max-tokens", type=int, help="tokens per text (default 128)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=run_membership)
+
+
+def run_membership(args: argparse.Namespace) -> int:
+    from services.core.model_store import resolve_model
+    from services.core.tokenizer import Tokenizer
+    from services.draft.training.membership import (
+        MembershipRecipe,
+        cut_text,
+        split_members,
+        train_membership_model,
+    )
+    from services.scoring.convert import start_token_id
+    from services.scoring.training.detector_data import human_paragraphs
+
+    if args.texts < 2:
+        raise SystemExit("specmesh train membership: --texts must be at least 2")
+    base = resolve_model(args.base)
+    tokenizer = Tokenizer.from_dir(base)
+    given = {"epochs": args.epochs, "lr": args.lr, "max_tokens": args.max_tokens, "seed": args.seed}
+    recipe = MembershipRecipe(**{k: v for k, v in given.items() if v is not None})
+    paragraphs = [(p.document, cut_text(tokenizer, p.text, recipe.max_tokens)) for p in human_paragraphs()]
+    members, nonmembers = split_members(paragraphs, args.texts, seed=args.seed)
+    if len(members) < args.texts or len(nonmembers) < args.texts:
+        print(f"only {len(members)} members and {len(nonmembers)} non-members on this machine")
+    out = args.out or base.parent / f"{base.name}-members"
+    train_membership_model(
+        base, members, nonmembers, out, start_token_id(tokenizer), recipe, progress=not args.no_progress
+    )
+    print(f"membership model ready: {out}\n  measure it: specmesh bench membership --model {out}")
     return 0
 
 
