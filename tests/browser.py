@@ -3,7 +3,7 @@
 WebDriver or websocket package is needed.
 
 `chromium()` gives the browser binary, or skips the test where none is installed; with
-SPECMESH_REQUIRE_BROWSER set (`.ci/run` sets it after installing Debian's chromium) a missing
+SPECMESH_REQUIRE_DEBIAN_PACKAGES set (`.ci/run` sets it after installing Debian's chromium) a missing
 browser fails instead.
 """
 
@@ -29,8 +29,8 @@ def chromium() -> str:
     for name in CANDIDATES:
         if path := shutil.which(name):
             return path
-    if os.environ.get("SPECMESH_REQUIRE_BROWSER"):
-        pytest.fail("no chromium on PATH (SPECMESH_REQUIRE_BROWSER is set; .ci/run installs it)")
+    if os.environ.get("SPECMESH_REQUIRE_DEBIAN_PACKAGES"):
+        pytest.fail("no chromium on PATH (SPECMESH_REQUIRE_DEBIAN_PACKAGES is set; .ci/run installs it)")
     pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
 
 
