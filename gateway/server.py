@@ -1,4 +1,4 @@
-"""Gateway process: pools of target, draft (and scoring) replicas, the servicers, runtime.serve().
+"""Gateway process: pools of target, draft (scoring, image) replicas, the servicers, runtime.serve().
 
 This is the gateway's entry module and stays free of torch (its container image is small):
 it imports the runtime, the generated stubs and, from services.core, only the tokenizer,
@@ -22,12 +22,14 @@ from specmesh.v1 import (
     draft_pb2,
     draft_pb2_grpc,
     gateway_pb2_grpc,
+    image_pb2_grpc,
     scoring_pb2_grpc,
     target_pb2,
     target_pb2_grpc,
 )
 
 from .config import GatewayConfig
+from .image import IMAGE_SERVICE, ImageFrontDoor
 from .pool import CHANNEL_OPTIONS, RESOLVE_EVERY_S, UpstreamPool, split_addresses
 from .scoring import SCORING_SERVICE, ScoringFrontDoor
 from .servicer import SERVICE_NAME, GatewayServicer
@@ -54,6 +56,8 @@ class GatewayOptions:
     redis_url: str | None = None
     # the same for scoring replicas, relayed as specmesh.v1.ScoringService (None: not served)
     scoring: str | Sequence[str] | None = None
+    # the same for image replicas, relayed as specmesh.v1.ImageService (None: not served)
+    image: str | Sequence[str] | None = None
 
 
 class GatewayApp:
@@ -67,6 +71,7 @@ class GatewayApp:
         self.telemetry = telemetry
         self.servicer: GatewayServicer | None = None
         self.scoring: UpstreamPool | None = None
+        self.image: UpstreamPool | None = None
 
     def _pool(self, role: str, specs: str | Sequence[str], service: str, stub: type) -> UpstreamPool:
         def connect(address: str) -> tuple[grpc.aio.Channel, object]:
@@ -106,17 +111,22 @@ class GatewayApp:
         if split_addresses(o.scoring):
             stub = scoring_pb2_grpc.ScoringServiceStub
             self.scoring = self._pool("scoring", o.scoring, SCORING_SERVICE, stub)
+        if split_addresses(o.image):
+            self.image = self._pool("image", o.image, IMAGE_SERVICE, image_pb2_grpc.ImageServiceStub)
         # served either way: without replicas each call says how to configure them
-        front_door = ScoringFrontDoor(self.scoring, o.config.upstream_timeout_s)
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(front_door, server)
-        return [SERVICE_NAME, SCORING_SERVICE] if self.scoring is not None else [SERVICE_NAME]
+        timeout = o.config.upstream_timeout_s
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringFrontDoor(self.scoring, timeout), server)
+        image_pb2_grpc.add_ImageServiceServicer_to_server(ImageFrontDoor(self.image, timeout), server)
+        relayed = [(SCORING_SERVICE, self.scoring), (IMAGE_SERVICE, self.image)]
+        return [SERVICE_NAME] + [name for name, pool in relayed if pool is not None]
 
     async def close(self) -> None:
         """Finish background releases and close the upstream pools (after the server stopped)."""
         if self.servicer is not None:
             await self.servicer.close()
-        if self.scoring is not None:
-            await self.scoring.close()
+        for pool in (self.scoring, self.image):
+            if pool is not None:
+                await pool.close()
 
 
 class GatewayServer:
@@ -169,9 +179,10 @@ async def run_gateway(
         target = ",".join(split_addresses(options.target))
         draft = ",".join(split_addresses(options.draft)) or "none"
         scoring = ",".join(split_addresses(options.scoring)) or "none"
+        image = ",".join(split_addresses(options.image)) or "none"
         print(
             f"specmesh gateway serving on {running.address} (target {target}, draft {draft}, "
-            f"scoring {scoring})",
+            f"scoring {scoring}, image {image})",
             flush=True,
         )
 

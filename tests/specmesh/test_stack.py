@@ -96,6 +96,7 @@ def test_up_metrics_gives_every_service_its_own_endpoint() -> None:
     }
     assert _metrics_ports(_planned("--metrics", "19464", "--no-draft"))["gateway"] == 19466
     assert _metrics_ports(_planned("--metrics", "19464", "--scoring"))["scoring"] == 19467
+    assert _metrics_ports(_planned("--metrics", "19464", "--image"))["image"] == 19468
     # off by default: no flag, no URL
     local = _planned()
     assert set(_metrics_ports(local).values()) == {None} and "metrics" not in summary(local)
@@ -104,8 +105,9 @@ def test_up_metrics_gives_every_service_its_own_endpoint() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--metrics", "65533"], "--metrics must be in 1..65532"),
-        (["--metrics", "-1"], "--metrics must be in 1..65532"),
+        (["--metrics", "65532"], "--metrics must be in 1..65531"),
+        (["--metrics", "-1"], "--metrics must be in 1..65531"),
+        (["--metrics", "9000", "--image-port", "9004"], "9004 is already a service port"),
         (["--metrics", "50048"], "50050 is already a service port"),  # the gateway's default port
         (["--metrics", "9000", "--target-port", "9001"], "9001 is already a service port"),
     ],
@@ -138,6 +140,34 @@ def test_up_scoring_starts_a_scoring_service_the_gateway_relays() -> None:
     assert "scoring  127.0.0.1:19470" in summary(local) and "specmesh detect --address" in summary(local)
     no_draft = {c.name: c for c in _planned("--scoring", "--no-draft").children}
     assert parse_cli(up_argv_to_cli(no_draft["scoring"].argv)).observer is None
+
+
+def test_up_image_starts_an_image_service_the_gateway_relays() -> None:
+    from deploy_tools import parse_cli, up_argv_to_cli
+
+    from services.image.store import DEFAULT_NAME
+    from specmesh.cli.up import summary
+
+    assert stack.DEFAULT_IMAGE_MODEL == DEFAULT_NAME  # the name `up` checks is the one served
+    assert "image" not in {c.name for c in _planned().children}  # off by default
+    local = _planned("--image", "--image-port", "19471")
+    children = {c.name: c for c in local.children}
+    image = parse_cli(up_argv_to_cli(children["image"].argv))
+    # the default model directory (<model root>/digits-image): what `specmesh train image` writes
+    assert (image.command, image.service, image.model_dir, image.port) == ("serve", "image", None, 19471)
+    gateway = parse_cli(up_argv_to_cli(children["gateway"].argv))
+    assert gateway.image == children["image"].address == "127.0.0.1:19471"
+    assert gateway.scoring is None
+    text = summary(local)
+    assert "image  127.0.0.1:19471" in text
+    assert f"specmesh image generate --address {local.gateway}" in text and "specmesh detect" not in text
+
+
+def test_up_image_without_image_models_says_how_to_build_them(tmp_model_root) -> None:
+    local = stack.LocalStack(stack.StackConfig(image=True, ensure_models=False))
+    with pytest.raises(stack.StackError, match="specmesh train image") as info:
+        local._check_models()
+    assert str(tmp_model_root / stack.DEFAULT_IMAGE_MODEL) in str(info.value)
 
 
 def _state(pid: int) -> str | None:
