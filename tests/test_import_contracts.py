@@ -76,6 +76,8 @@ _BAD_TREE = {
     "services/draft/servicer.py": "",
     "services/scoring/__init__.py": "",
     "services/scoring/servicer.py": "import specmesh.stack\n",
+    "services/image/__init__.py": "",
+    "services/image/servicer.py": "",
     "gateway/__init__.py": "",
     "gateway/server.py": "import services.core.tok\n",
     "specmesh/__init__.py": "",
