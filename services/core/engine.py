@@ -43,6 +43,7 @@ class Engine:
         digest: str = "",
         block_size: int = 16,
         max_kv_tokens: int = 65536,
+        prefix_cache_tokens: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -67,6 +68,8 @@ class Engine:
             dtype=dtype,
             device=self.device,
             digest=digest,
+            # unreferenced sealed blocks kept for prefix reuse (None: as many as the pool holds)
+            max_cached_blocks=None if prefix_cache_tokens is None else prefix_cache_tokens // block_size,
         )
         self.remote: BlockSource | None = None  # consulted by prefill_cached after the pool
 

@@ -8,7 +8,12 @@ blocks are private and written freely. Once every token of a block is committed 
 *sealed*: it gets a content address (services.core.block_keys, the chained hash of vLLM's
 prefix caching and LMCache) and becomes immutable and reference-counted, so sequences with a
 common prefix share it. A sealed block nobody references stays cached (LRU) until its space is
-needed. Nothing ever writes into a sealed block: new tokens go to the tail, tree nodes to
+needed, or until more than `max_cached_blocks` are cached: the oldest then goes back to the free
+list. The cap bounds resident memory: the pool is mapped, not touched, up front (CPU), so without
+it every distinct prefix ever served would stay resident until the whole pool had been touched
+(a SmolLM2 block is 0.74 MB; 65,536 tokens are 3 GB). A block capped out is reused before an
+untouched one, and a Redis store behind the pool (services.runtime.kv_store) still has it.
+Nothing ever writes into a sealed block: new tokens go to the tail, tree nodes to
 scratch, and a rollback into a sealed block unseals it (sole owner) or copies it (shared).
 
 Beyond this process (services.runtime.kv_store): `on_seal` hears of every block sealed here with
@@ -38,9 +43,13 @@ class BlockPool:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         digest: str = "",
+        max_cached_blocks: int | None = None,
     ) -> None:
+        if max_cached_blocks is not None and max_cached_blocks < 0:
+            raise ValueError(f"max_cached_blocks must be >= 0, got {max_cached_blocks}")
         self.block_size = block_size
         self.max_blocks = max_blocks
+        self.max_cached_blocks = max_blocks if max_cached_blocks is None else max_cached_blocks
         self.device = torch.device(device)
         self.digest = digest  # of what computed the KV (the weights, and int8 if quantized)
         self.dtype_name = str(dtype).removeprefix("torch.")
@@ -125,6 +134,16 @@ class BlockPool:
                 self._free.append(b)
             else:
                 self._cached[b] = None
+        self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        """Return the oldest cached blocks beyond max_cached_blocks to the free list, on top, so
+        that their (already resident) memory is reused before untouched memory."""
+        while len(self._cached) > self.max_cached_blocks:
+            b, _ = self._cached.popitem(last=False)
+            del self._index[self._key[b]]
+            self._key[b] = None
+            self._free.append(b)
 
     def lookup(self, key: bytes) -> int | None:
         return self._index.get(key)
@@ -157,7 +176,11 @@ class BlockPool:
         self.v[:, b] = v
         self._index[key] = b
         self._key[b] = key
-        self.release([b])  # unreferenced and sealed: the newest entry of the cache
+        # unreferenced and sealed: the newest entry of the cache. Not trimmed here: the caller
+        # adopts a run of restored blocks right after inserting them, and the cap must not drop
+        # the first of them before that (the next release trims)
+        self._refs[b] = 0
+        self._cached[b] = None
         return True
 
     def unseal(self, block: int) -> None:

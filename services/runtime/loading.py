@@ -58,7 +58,11 @@ def load_engine(
         max_batch=limits.max_batch,
         max_queue=limits.max_queue,
     )
-    engine = worker.call(lambda: Engine.from_dir(model_dir, max_kv_tokens=max_kv_tokens))
+    engine = worker.call(
+        lambda: Engine.from_dir(
+            model_dir, max_kv_tokens=max_kv_tokens, prefix_cache_tokens=limits.prefix_cache_tokens
+        )
+    )
     if prepare is not None:
         worker.call(prepare, engine)
     if weights == "q4_1":

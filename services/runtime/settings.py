@@ -352,6 +352,12 @@ class EngineSettings(_EnvSettings):
     session_ttl_seconds: float = _field(600.0, parse_float, "idle time after which a session expires, s")
     max_new_tokens: int = _field(4096, parse_int, "largest sampling.max_new_tokens of one Generate call")
     max_tree_nodes: int = _field(256, parse_int, "largest token tree one Verify accepts (tree.tokens)")
+    prefix_cache_tokens: int = _field(
+        4096,
+        parse_int,
+        "KV of finished requests kept in memory for prefix reuse, tokens (bounds resident memory; "
+        "Redis, when configured, keeps the rest)",
+    )
 
     @staticmethod
     def _check(v: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -359,7 +365,7 @@ class EngineSettings(_EnvSettings):
         for name in ("max_batch", "max_queue", "max_sessions", "max_new_tokens", "max_tree_nodes"):
             if v[name] <= 0:
                 out.append((name, f"{name} must be positive, got {v[name]}"))
-        for name in ("batch_window_ms", "session_ttl_seconds"):
+        for name in ("batch_window_ms", "session_ttl_seconds", "prefix_cache_tokens"):
             if v[name] < 0:
                 out.append((name, f"{name} must be >= 0, got {v[name]}"))
         return out

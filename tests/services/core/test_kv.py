@@ -147,6 +147,39 @@ def test_released_blocks_stay_cached_until_their_space_is_needed(engine: Engine)
     assert engine.prefill_cached(c, prefix + [3])[1] == 2 * BS  # the chain stops at the first miss
 
 
+def test_the_prefix_cache_cap_bounds_touched_memory() -> None:
+    capped = Engine.from_config(
+        tiny_config(), seed=1, block_size=BS, max_kv_tokens=64 * BS, prefix_cache_tokens=4 * BS, digest="d0"
+    )
+    pool = capped.pool
+    first = ids(3 * BS, 11)
+    for seed in range(12):  # twelve different 3-block prompts, one after the other
+        seq = capped.new_sequence()
+        capped.prefill(seq, (first if seed == 0 else ids(3 * BS, 20 + seed)) + [1])
+        seq.release()
+        assert pool.cached_blocks <= 4
+    # only the newest 4 blocks stay cached; the oldest prompt is gone, the newest is not
+    assert pool.lookup(chain_keys("d0", "float32", first, BS)[0]) is None
+    newest = chain_keys("d0", "float32", ids(3 * BS, 31), BS)
+    assert all(pool.lookup(k) is not None for k in newest)
+    # memory capped out is reused: a working set of 4 blocks plus a cache of 4 touched 8 blocks
+    # (4 are the last prompt's, still in use when it released), not one per prompt
+    assert sum(pool._touched) <= 8
+
+    # a Redis-sized restore larger than the cap is still adopted whole (insert does not trim)
+    restored = ids(6 * BS, 40)
+    blocks = [
+        (k, torch.randn(*pool.k[:, 0].shape), torch.randn(*pool.v[:, 0].shape))
+        for k in chain_keys("d0", "float32", restored, BS)
+    ]
+    for key, k, v in blocks:
+        assert pool.insert_cached(key, k, v)
+    seq = capped.new_sequence()
+    assert seq.adopt_cached(restored + [1]) == 6 * BS
+    seq.release()
+    assert pool.cached_blocks == 4
+
+
 def test_adoption_leaves_the_last_token_to_compute(engine: Engine) -> None:
     prefix = ids(2 * BS, 8)
     a = engine.new_sequence()
