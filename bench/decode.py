@@ -290,6 +290,16 @@ def format_summary(result: dict[str, Any]) -> str:
             else ""
         )
     )
+    llama = result.get("llama_cpp", {})
+    if llama.get("available"):
+        lines.append(
+            f"llama.cpp llama-bench (same GGUF, {llama.get('n_threads')} threads): "
+            f"{llama['tokens_per_s_decode']:.1f} tok/s decode (tg{llama['decode_tokens']}), "
+            f"{llama.get('tokens_per_s_prefill', float('nan')):.0f} tok/s prefill; ours / llama.cpp "
+            f"{result['speedup_vs_llama_cpp']:.2f}x"
+        )
+    elif llama:
+        lines.append(f"llama.cpp baseline: not measured ({llama['why']})")
     m = result["machine"]
     if m.get("load_average_1m") is not None:
         lines.append(
@@ -315,14 +325,18 @@ def run_decode_bench(
     progress: bool = True,
     png: bool = True,
     weights: str = "fp32",
+    llama_bench: str | None = "auto",
+    gguf: Path | None = None,
 ) -> dict[str, Any]:
     """Measure greedy decode tokens/s of our engine and of transformers; write JSON (+ PNG) to `out`.
 
     prompts: user messages (chat template applied), default DEFAULT_PROMPTS. threads: torch
     intra-op threads for the run (restored afterwards), default torch's current setting.
     weights: our engine's weights configuration, fp32 or q4_1 (services.core.quant); the
-    transformers baseline is always the fp32 checkpoint. Returns the result dict that is also
-    written to `out`.
+    transformers baseline is always the fp32 checkpoint. llama_bench: llama.cpp's llama-bench
+    binary for its native decode on the model's source GGUF (`gguf`, default: found and checked by
+    sha256) as a third baseline (bench.llama_cpp); "auto" finds one if built, None skips it.
+    Returns the result dict that is also written to `out`.
     """
     import torch
 
@@ -335,15 +349,51 @@ def run_decode_bench(
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
         raise ValueError("no prompts")
+    if llama_bench not in (None, "auto") and not (
+        Path(llama_bench).is_file() and os.access(llama_bench, os.X_OK)
+    ):
+        from bench.llama_cpp import BUILD_HINT
+
+        raise ValueError(f"llama-bench {llama_bench}: not an executable file ({BUILD_HINT})")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _bench(
+        result = _bench(
             model, prompts, max_new_tokens, repeats, Path(out), hf_attn_implementation, progress, png, weights
         )
     finally:
         torch.set_num_threads(previous_threads)
+    result["llama_cpp"] = _llama_cpp_baseline(
+        llama_bench,
+        gguf,
+        Path(result["config"]["model_dir"]),
+        result["machine"]["torch_threads"],
+        max_new_tokens,
+    )
+    if "tokens_per_s_decode" in result["llama_cpp"]:
+        ours = result["engines"]["specmesh"]["tokens_per_s_decode"]
+        result["speedup_vs_llama_cpp"] = ours / result["llama_cpp"]["tokens_per_s_decode"]
+    Path(out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def _llama_cpp_baseline(
+    binary: str | None, gguf: Path | None, model_dir: Path, threads: int, n_gen: int
+) -> dict[str, Any]:
+    """llama.cpp's decode on the same GGUF and threads, or {"available": False, "why": ...}."""
+    from bench import llama_cpp
+
+    if binary is None:
+        return {"available": False, "why": "skipped (--no-llama-bench)"}
+    found = llama_cpp.find_llama_bench() if binary == "auto" else binary  # checked before the runs
+    if found is None:
+        return {"available": False, "why": f"no llama-bench: {llama_cpp.BUILD_HINT}"}
+    path, note = llama_cpp.source_gguf(model_dir, gguf)
+    if path is None:
+        return {"available": False, "why": note}
+    measured = llama_cpp.run_llama_bench(found, path, threads, n_gen=n_gen)
+    return {"available": True, "binary": found, "gguf": str(path), "gguf_note": note} | measured
 
 
 def _bench(

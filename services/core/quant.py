@@ -76,7 +76,8 @@ def load_q4(path: Path) -> dict[str, Q4Groups]:
     if not path.is_file():
         raise InvalidArgument(
             f"{path.parent.name} has no 4-bit weights ({path.name}): only models imported from a Q4_1 "
-            "GGUF have them; re-import with `specmesh models init --force` if an older specmesh imported it",
+            "GGUF have them; re-import with `specmesh models import smollm2 --force` if an older "
+            "specmesh imported it",
             "weights",
         )
     out: dict[str, Q4Groups] = {}

@@ -103,6 +103,21 @@ def _add_decode(bench_sub: argparse._SubParsersAction) -> None:
         "greedy output is reported against transformers' fp32, not required to equal it) "
         "(default: %(default)s)",
     )
+    llama = d.add_mutually_exclusive_group()
+    llama.add_argument(
+        "--llama-bench",
+        metavar="PATH",
+        default="auto",
+        help="llama.cpp's llama-bench, run on the model's source GGUF with the same threads as a "
+        "baseline (default: $SPECMESH_LLAMA_BENCH, ~/.cache/specmesh/tools/llama.cpp/llama-bench or "
+        "PATH, if any; build it with bench/tools/build_llama_bench.sh)",
+    )
+    llama.add_argument(
+        "--no-llama-bench", dest="llama_bench", action="store_const", const=None, help="skip llama.cpp"
+    )
+    d.add_argument(
+        "--gguf", type=Path, default=None, help="GGUF for llama-bench (default: the model's source)"
+    )
     d.add_argument("--no-png", action="store_true", help="skip the PNG chart")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=run_decode)
@@ -160,11 +175,8 @@ def _import_bench_decode():
     return decode
 
 
-def run_decode(args: argparse.Namespace) -> int:
-    decode = _import_bench_decode()
-
-    prompts = decode.load_prompts_file(args.prompts) if args.prompts else None
-    result = decode.run_decode_bench(
+def _run_decode_bench(decode, args: argparse.Namespace, prompts: list[str] | None) -> dict:
+    return decode.run_decode_bench(
         args.model,
         prompts,
         args.max_new_tokens,
@@ -175,7 +187,20 @@ def run_decode(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         png=not args.no_png,
         weights=args.weights,
+        llama_bench=args.llama_bench,
+        gguf=args.gguf,
     )
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    decode = _import_bench_decode()
+
+    prompts = decode.load_prompts_file(args.prompts) if args.prompts else None
+    try:
+        result = _run_decode_bench(decode, args, prompts)
+    except ValueError as exc:
+        print(f"specmesh bench decode: {exc}", file=sys.stderr)
+        return 2
     print(decode.format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['png']}" if result["png"] else ""))
     if result["png_note"] and not args.no_png:

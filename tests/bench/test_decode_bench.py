@@ -70,6 +70,12 @@ def test_decode_bench_json(decode_bench, smollm2_dir, tmp_path) -> None:
     assert len(saved["runs"]) == 4
     assert {r["order"] for r in saved["runs"]} == {0, 1}
 
+    llama = saved["llama_cpp"]  # llama.cpp's native decode where a llama-bench is built, else why not
+    if llama["available"]:
+        assert llama["tokens_per_s_decode"] > 0 and saved["speedup_vs_llama_cpp"] > 0
+    else:
+        assert "llama-bench" in llama["why"]
+
     if saved["png"]:
         assert saved["png"].endswith(".png") and (tmp_path / "decode.png").stat().st_size > 0
     else:

@@ -58,7 +58,7 @@ def test_file_round_trip(tmp_path: Path) -> None:
     save_q4(tmp_path / Q4_FILE, {"w": g})
     back = load_q4(tmp_path / Q4_FILE)["w"]
     assert all(torch.equal(getattr(back, f), getattr(g, f)) for f in ("codes", "scale", "offset"))
-    with pytest.raises(InvalidArgument, match="models init --force"):
+    with pytest.raises(InvalidArgument, match="models import smollm2 --force"):
         load_q4(tmp_path / "absent" / Q4_FILE)
 
 
