@@ -139,25 +139,20 @@ def test_healthcheck_asks_the_services_own_health_entry(compose, name) -> None:
     assert check.service == GRPC_SERVICES[name]
 
 
-def test_scoring_port_and_threads_come_from_the_env_file() -> None:
-    services = load_compose({"SPECMESH_SCORING_PORT": "6003", "SPECMESH_SCORING_THREADS": "3"})["services"]
-    scoring = services["scoring"]
-    args = parse_cli(scoring["command"])
-    assert (_service_port("scoring", scoring, args), args.threads) == (6003, 3)
-    assert 6003 in container_ports(scoring)
-    assert parse_cli(scoring["healthcheck"]["test"][2:]).address == "127.0.0.1:6003"
-    assert parse_cli(services["gateway"]["command"]).scoring == "scoring:6003"
-
-
-def test_image_port_and_threads_come_from_the_env_file() -> None:
-    env = {"SPECMESH_IMAGE_PORT": "6004", "SPECMESH_IMAGE_THREADS": "3", "SPECMESH_IMAGE_RELAY": "image:6004"}
-    services = load_compose(env)["services"]
-    image = services["image"]
-    args = parse_cli(image["command"])
-    assert (_service_port("image", image, args), args.threads) == (6004, 3)
-    assert 6004 in container_ports(image)
-    assert parse_cli(image["healthcheck"]["test"][2:]).address == "127.0.0.1:6004"
-    assert parse_cli(services["gateway"]["command"]).image == "image:6004"
+@pytest.mark.parametrize(
+    ("name", "relay"), [("scoring", {}), ("image", {"SPECMESH_IMAGE_RELAY": "image:6004"})]
+)
+def test_port_and_threads_come_from_the_env_file(name, relay) -> None:
+    """SPECMESH_<NAME>_PORT and _THREADS reach the server, its healthcheck and the gateway's
+    --<name> (the image service's through SPECMESH_IMAGE_RELAY, as the profile is opt-in)."""
+    key = f"SPECMESH_{name.upper()}"
+    services = load_compose({f"{key}_PORT": "6004", f"{key}_THREADS": "3", **relay})["services"]
+    service = services[name]
+    args = parse_cli(service["command"])
+    assert (_service_port(name, service, args), args.threads) == (6004, 3)
+    assert 6004 in container_ports(service)
+    assert parse_cli(service["healthcheck"]["test"][2:]).address == "127.0.0.1:6004"
+    assert getattr(parse_cli(services["gateway"]["command"]), name) == f"{name}:6004"
 
 
 @pytest.mark.parametrize("stack", ["default", "image"])
