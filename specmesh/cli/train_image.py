@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(tsub: argparse._SubParsersAction) -> None:
@@ -26,16 +27,31 @@ def add_parser(tsub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the output directory already holds complete image models (every "
+        "file its manifests list, at the recorded size): the idempotent init job of compose and Helm",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from services.image.store import default_dir, is_complete
+
+    out = Path(args.out) if args.out else default_dir()
+    if args.if_missing:
+        if is_complete(out):
+            print(f"image models already complete: {out} (--if-missing: not trained again)")
+            return 0
+        if out.exists():
+            print(f"{out} is incomplete: training the image models again", file=sys.stderr)
+
     import torch
 
     from services.draft.training.device import pick_device
-    from services.image.store import default_dir
     from services.image.training.recipe import ImageRecipe
     from services.image.training.train import train_image
 
@@ -44,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     dev = pick_device(args.device)
     names = ("vq_steps", "ar_steps", "draft_steps", "judge_steps", "batch", "seed", "lr")
     recipe = ImageRecipe.for_device(dev, **{k: getattr(args, k) for k in names})
-    out = Path(args.out) if args.out else default_dir()
     train_image(out, recipe, device=str(dev), progress=not args.no_progress)
     print(f"image models ready: {out}")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_tools import UpPlan, _unavailable, install_helm, load_compose, tool_cache
+from deploy_tools import UP_ARGV_IMAGE, UpPlan, _unavailable, install_helm, load_compose, tool_cache
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,9 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def up_plan() -> UpPlan:
     return UpPlan()
+
+
+@pytest.fixture(scope="session")
+def up_plan_image() -> UpPlan:
+    """`specmesh up --scoring --image`: what the image profile and imagegen.enabled stand for."""
+    return UpPlan(UP_ARGV_IMAGE)

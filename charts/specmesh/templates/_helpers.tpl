@@ -3,25 +3,39 @@ Shared definitions. A service of the chart is a values block (.Values.<name>) pl
 "specmesh.components" plus its command line in "specmesh.args.<name>"; every per-service template
 (Deployment, headless Service, HPA, PodDisruptionBudget, ServiceAccount, NetworkPolicy) ranges
 over the components, so a new service needs those three things and nothing else. A service
-that can be switched off (scoring.enabled) is left out of the list when off.
+that can be switched off (scoring.enabled, imagegen.enabled) is left out of the list when off.
+The image service's block is `imagegen` (its component name too): `.Values.image` holds the
+container images.
 */}}
 
 {{- define "specmesh.components" -}}
-target draft {{ if .Values.scoring.enabled }}scoring {{ end }}gateway
+target draft {{ if .Values.scoring.enabled }}scoring {{ end }}{{ if .Values.imagegen.enabled }}imagegen {{ end }}gateway
+{{- end -}}
+
+{{/* The components only the gateway may call (it relays their gRPC services), space-separated. */}}
+{{- define "specmesh.gatewayOnly" -}}
+{{- $names := list -}}
+{{- if .Values.scoring.enabled }}{{ $names = append $names "scoring" }}{{ end -}}
+{{- if .Values.imagegen.enabled }}{{ $names = append $names "imagegen" }}{{ end -}}
+{{- join " " $names -}}
 {{- end -}}
 
 {{/* The gRPC service each server registers: the health entry its probes ask for. */}}
 {{- define "specmesh.grpcService" -}}
-{{- get (dict "target" "specmesh.v1.TargetService" "draft" "specmesh.v1.DraftService" "scoring" "specmesh.v1.ScoringService" "gateway" "specmesh.v1.Gateway") . -}}
+{{- get (dict "target" "specmesh.v1.TargetService" "draft" "specmesh.v1.DraftService" "scoring" "specmesh.v1.ScoringService" "imagegen" "specmesh.v1.ImageService" "gateway" "specmesh.v1.Gateway") . -}}
 {{- end -}}
 
 {{/* The services that load models (mount the model volume, use the services image). */}}
 {{- define "specmesh.isModelService" -}}
-{{- if has . (list "target" "draft" "scoring") -}}true{{- end -}}
+{{- if has . (list "target" "draft" "scoring" "imagegen") -}}true{{- end -}}
 {{- end -}}
 
-{{/* The models a model service loads (its pods wait for each to be in the volume), as paths:
-a name is a directory of /models, an absolute path is used as it is. */}}
+{{/* A model as a path: a name is a directory of /models, an absolute path is used as it is. */}}
+{{- define "specmesh.modelPath" -}}
+{{- ternary . (printf "/models/%s" .) (hasPrefix "/" .) -}}
+{{- end -}}
+
+{{/* The models a model service loads (its pods wait for each to be in the volume), as paths. */}}
 {{- define "specmesh.modelPaths" -}}
 {{- $v := index .root.Values .name -}}
 {{- $models := list $v.model -}}
@@ -29,7 +43,7 @@ a name is a directory of /models, an absolute path is used as it is. */}}
 {{- $models = append $models $v.observer -}}
 {{- end -}}
 {{- range $models }}
-- {{ ternary . (printf "/models/%s" .) (hasPrefix "/" .) | quote }}
+- {{ include "specmesh.modelPath" . | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -146,6 +160,23 @@ pools resolve it and re-resolve it every 30 s). */}}
 {{- end }}
 {{- end -}}
 
+{{- define "specmesh.args.imagegen" -}}
+{{- $v := .root.Values.imagegen -}}
+- serve
+- image
+- --model-dir
+- {{ include "specmesh.modelPath" $v.model | quote }}
+- --port
+- {{ $v.port | quote }}
+{{- if $v.threads }}
+- --threads
+- {{ $v.threads | quote }}
+{{- end }}
+{{- range $v.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "specmesh.args.gateway" -}}
 {{- $v := .root.Values.gateway -}}
 - serve
@@ -158,11 +189,72 @@ pools resolve it and re-resolve it every 30 s). */}}
 - --scoring
 - {{ include "specmesh.address" (dict "root" .root "name" "scoring") | quote }}
 {{- end }}
+{{- if .root.Values.imagegen.enabled }}
+- --image
+- {{ include "specmesh.address" (dict "root" .root "name" "imagegen") | quote }}
+{{- end }}
 - --port
 - {{ $v.port | quote }}
 {{- range $v.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* A Job that builds models into the volume (model-init, image-init): .root, .name (its
+component and container), .args (its command line), .job (resources, nodeSelector, tolerations).
+Not a Helm hook: post-install hooks run only after `helm install --wait` sees the pods ready, and
+those wait for these jobs. One Job per revision (a Job's spec is immutable), removed an hour after
+it finishes. */}}
+{{- define "specmesh.modelJob" -}}
+{{- $ctx := dict "root" .root "name" .name -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ include "specmesh.componentName" $ctx }}-{{ .root.Release.Revision }}
+  labels:
+    {{- include "specmesh.labels" $ctx | nindent 4 }}
+spec:
+  backoffLimit: 2
+  ttlSecondsAfterFinished: 3600
+  template:
+    metadata:
+      labels:
+        {{- include "specmesh.labels" $ctx | nindent 8 }}
+    spec:
+      restartPolicy: OnFailure
+      automountServiceAccountToken: false
+      securityContext:
+        {{- toYaml .root.Values.podSecurityContext | nindent 8 }}
+      {{- with .root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: {{ .name }}
+          image: {{ include "specmesh.image" (dict "root" .root "name" "target") }}
+          imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+          args: {{ toJson .args }}
+          env:
+            - {name: SPECMESH_MODEL_DIR, value: /models}
+          volumeMounts:
+            - {name: models, mountPath: /models}
+          resources:
+            {{- toYaml .job.resources | nindent 12 }}
+          securityContext:
+            allowPrivilegeEscalation: false
+            capabilities: {drop: [ALL]}
+      volumes:
+        - name: models
+          persistentVolumeClaim:
+            claimName: {{ default (printf "%s-models" (include "specmesh.fullname" .root)) .root.Values.models.persistence.existingClaim }}
+      {{- with .job.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .job.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
 {{- end -}}
 
 {{/* --- environment --- */}}
