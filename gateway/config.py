@@ -49,6 +49,11 @@ class GatewayConfig:
     # Bounds of the adaptive budget.
     adaptive_max_depth: int = ADAPTIVE_MAX_DEPTH
     adaptive_max_nodes: int = ADAPTIVE_MAX_NODES
+    # Speculative rounds draft only while the target replica serving the request holds at most
+    # this many of this gateway's streams (0: always draft). Above it the round is a plain target
+    # step: concurrent streams already fill the target's merged forwards, and the draft competes
+    # with them for the same cores. Lossless either way (see gateway.policies.speculative).
+    spec_max_streams: int = 4
     # Tokens per Propose call under the `draft` policy.
     draft_chunk: int = DRAFT_CHUNK
     # Timeout of each upstream call when the client set no deadline (None: none).

@@ -56,6 +56,7 @@ ROUTE_TARGET_TOKENS = "specmesh.route.target_tokens"
 ROUTE_DRAFT_TOKENS = "specmesh.route.draft_tokens"
 ROUTE_CATCH_UP_TOKENS = "specmesh.route.catch_up_tokens"
 DRAFT_FALLBACK = "specmesh.spec.draft_fallback"
+TARGET_BUSY = "specmesh.spec.target_busy"  # round ran on the target alone: it held too many streams
 DRAFT_FALLBACK_ROUNDS = "specmesh.spec.draft_fallback_rounds"
 
 # bucket boundaries recommended by the GenAI semantic conventions

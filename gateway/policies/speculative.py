@@ -18,6 +18,16 @@ UNAVAILABLE on every replica) runs on the target alone, as an Extend: the output
 target-only decoding gives, the client sees no error, and the round span carries
 ``specmesh.spec.draft_fallback`` (the request span counts such rounds). The draft's pending
 tokens keep growing, so a draft that comes back re-prefills them and drafts again.
+
+Target busy: while the target replica serving the request holds more than
+``config.spec_max_streams`` of this gateway's streams, rounds are plain target steps (Extends),
+as when the adaptive budget chooses not to draft; drafting resumes when the load drops. Under
+load the target's forwards already merge the concurrent streams' tokens (a merged forward of 8
+decode rows cost 1.6x one row on the 2-core Xeon), while a tree to verify multiplies its rows and
+the draft's forwards take the same cores. The output is unchanged: greedy rounds give the
+target's greedy tokens either way, and a sampled Extend samples the target's own distribution,
+as verification does (the same seed may pick other tokens at another load, as with the adaptive
+budget). Each such round's span carries ``specmesh.spec.target_busy``.
 """
 
 from __future__ import annotations
@@ -60,6 +70,17 @@ class Round:
 
 class DraftDown(Exception):
     """No draft replica could answer this round's Propose."""
+
+
+def target_busy(ctx: PolicyContext, record: RequestRecord) -> bool:
+    """Whether the target replica serving `record` holds more than config.spec_max_streams of
+    this gateway's streams (each holds one target session there)."""
+    limit = ctx.config.spec_max_streams
+    session = record.upstreams.get("target")
+    if not limit or session is None or session.replica is None:
+        return False
+    replica = ctx.pools["target"].get(session.replica)
+    return replica is not None and replica.sessions > limit
 
 
 def draft_reachable(ctx: PolicyContext) -> bool:
@@ -155,6 +176,8 @@ async def speculative_loop(
             budget = None  # None: the adaptive budget expects the target alone to be faster
             # with one token left, the target's own next token is all there is to emit
             drafting = wanted is not None and out.remaining > 1
+            busy = drafting and target_busy(ctx, record)
+            drafting = drafting and not busy
             fallback = drafting and not draft_reachable(ctx)  # draft down: the target alone
             if drafting and not fallback:
                 budget = cap_budget(
@@ -167,6 +190,7 @@ async def speculative_loop(
                 m.STRATEGY: strategy,
                 m.BUDGET_NODES: budget.max_nodes if budget else 0,
                 m.BUDGET_DEPTH: budget.max_depth if budget else 0,
+                m.TARGET_BUSY: busy,
             }
             with ctx.instruments.tracer.start_as_current_span(
                 m.ROUND_SPAN, context=parent, attributes=attributes

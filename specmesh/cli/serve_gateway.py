@@ -114,6 +114,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "costs, down to no draft at all when the target alone is faster (default: only on request)",
     )
     d.add_argument(
+        "--spec-max-streams",
+        type=int,
+        default=4,  # gateway.config.GatewayConfig.spec_max_streams
+        metavar="N",
+        help="speculative rounds draft only while the target replica holds at most N of this gateway's "
+        "streams; above it they are plain target steps, which concurrent streams batch (lossless; "
+        "0 = always draft; default %(default)s)",
+    )
+    d.add_argument(
         "--draft-chunk",
         type=int,
         default=DRAFT_CHUNK,
@@ -192,6 +201,8 @@ def options_from_args(args: argparse.Namespace):
             resolve_budget(key, None, defaults=budgets, limits=limits)
         except SpecmeshError as exc:
             raise ValueError(f"the default {strategy_name(key)} budget: {exc.message}") from None
+    if args.spec_max_streams < 0:
+        raise ValueError(f"--spec-max-streams must be >= 0, got {args.spec_max_streams}")
     if args.draft_chunk < 1:
         raise ValueError(f"--draft-chunk must be >= 1, got {args.draft_chunk}")
     if args.attempt_timeout is not None and not args.attempt_timeout > 0:
@@ -201,6 +212,7 @@ def options_from_args(args: argparse.Namespace):
         default_strategy=strategy,
         default_budgets=budgets,
         adaptive=args.adaptive,
+        spec_max_streams=args.spec_max_streams,
         draft_chunk=args.draft_chunk,
         attempt_timeout_s=args.attempt_timeout,
     )

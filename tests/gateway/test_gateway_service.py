@@ -126,6 +126,33 @@ def test_adaptive_budget_shrinks_for_a_poor_draft(make_stack, toy) -> None:
     assert depths[0] == 8 and max(depths[1:], default=0) <= 8 and len(depths) <= 20
 
 
+@pytest.mark.parametrize("limit", [1, 0], ids=["limit-1", "no-limit"])
+def test_a_busy_target_runs_rounds_without_the_draft(make_stack, toy, limit) -> None:
+    """Two speculative streams on one target replica: with spec_max_streams=1 their rounds while
+    both are in flight are plain target steps (Extend, no Propose); with 0 (the control) every
+    round drafts. The output is the target's greedy output either way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = make_stack(
+        config=GatewayConfig(spec_max_streams=limit), target=toy.FakeTarget(toy.tokenizer, delay_s=0.02)
+    )
+    expected = greedy(toy, PROMPT, 30)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(stack.stub.Generate, req(max_new_tokens=30))
+        wait_for(lambda: stack.target.verifies >= 1)  # the first stream holds a target session
+        second = pool.submit(stack.stub.Generate, req(max_new_tokens=30))
+        replies = [first.result(timeout=30), second.result(timeout=30)]
+    assert [list(r.token_ids) for r in replies] == [expected, expected]
+    extends = sum(1 for name, _ in stack.target.calls if name == "Extend")
+    rounds = sum(r.spec_stats.rounds for r in replies)
+    proposes = len(stack.draft.calls)
+    if limit:
+        assert extends > 0 and proposes < rounds  # rounds with both streams in flight did not draft
+        assert all(r.spec_stats.drafted_tokens > 0 for r in replies)  # alone, each one drafted
+    else:
+        assert extends == 0 and proposes == rounds
+
+
 def test_draft_policy_is_the_draft_alone(stack, toy) -> None:
     r = stack.stub.Generate(req(gateway_pb2.POLICY_DRAFT, max_new_tokens=30))
     out: list[int] = []
