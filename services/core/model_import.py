@@ -129,6 +129,7 @@ def import_gguf(
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the store is meant to be shared
             _write_model_dir(m, tmp, provenance)
             if dest.exists():
+                _carry_over(dest, tmp)
                 old = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-old-", dir=root))
                 os.rename(dest, old / name)
                 os.rename(tmp, dest)
@@ -139,6 +140,19 @@ def import_gguf(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _carry_over(old: Path, new: Path) -> list[str]:
+    """Move what was made for a model after its import (a detector, a router, the matmul-path
+    cache) from its directory into the re-imported one, so that `--force` rebuilds the weights
+    without losing them. Each such piece records the weights digest it was made for and is
+    refused by its loader if the new weights differ. Returns the names moved."""
+    moved = []
+    for entry in sorted(old.iterdir()):
+        if not (new / entry.name).exists():
+            os.rename(entry, new / entry.name)
+            moved.append(entry.name)
+    return moved
 
 
 def find_smollm2_gguf(install: bool = True) -> Path:

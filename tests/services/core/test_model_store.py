@@ -85,8 +85,14 @@ def test_import_is_idempotent_and_force_rebuilds(tiny_model: Path, tiny_gguf) ->
     assert mi.import_gguf(path, "tiny", progress=False) == tiny_model
     assert ms.verify_manifest(tiny_model)
     inode = marker.stat().st_ino
+    # what was made for the model after its import survives a forced re-import
+    (tiny_model / "detector").mkdir()
+    (tiny_model / "detector" / "detector.json").write_text('{"weights": "digest"}')
+    (tiny_model / ".linear_choice.json").write_text("{}")
     mi.import_gguf(path, "tiny", progress=False, force=True)
     assert marker.stat().st_ino != inode and ms.verify_manifest(tiny_model)
+    assert (tiny_model / "detector" / "detector.json").read_text() == '{"weights": "digest"}'
+    assert (tiny_model / ".linear_choice.json").is_file()
     assert sorted(p.name for p in tiny_model.parent.iterdir() if not p.name.startswith(".")) == ["tiny"]
 
 
