@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from specmesh.cli.main import main
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_gguf, tmp_path_factory) -> str:
-    from services.core import model_import as mi
-
-    root = tmp_path_factory.mktemp("attribute-cli")
-    return str(mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False))
 
 
 def test_table_and_json(tiny_model, capsys) -> None:

@@ -17,14 +17,6 @@ TEXT = "the wind in the trees is a thin, high voice."
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_gguf, tmp_path_factory) -> str:
-    from services.core import model_import as mi
-
-    root = tmp_path_factory.mktemp("score-cli")
-    return str(mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False))
-
-
-@pytest.fixture(scope="module")
 def address(tiny_model):
     servicer = load_scoring(tiny_model, pack_weights=False)
     with ServerThread(lambda: start_scoring(servicer, ServerSettings(host="127.0.0.1", port=0))) as srv:

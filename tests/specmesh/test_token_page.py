@@ -20,14 +20,6 @@ HOSTILE = "the wind </script><script>window.pwned = 1</script> <b>bold</b> &amp;
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_gguf, tmp_path_factory) -> str:
-    from services.core import model_import as mi
-
-    root = tmp_path_factory.mktemp("token-page")
-    return str(mi.import_gguf(tiny_gguf().path, "tiny", root=root, progress=False))
-
-
-@pytest.fixture(scope="module")
 def page():
     with HeadlessPage(chromium()) as p:
         yield p
