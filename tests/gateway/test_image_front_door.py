@@ -12,14 +12,11 @@ import time
 
 import grpc
 import pytest
-from servers import ServerThread
+from front_doors import relayed
 
-from gateway.server import GatewayOptions, start_gateway
 from services.image import png
 from services.image.server import load_image, start_image
 from services.runtime.errors import status_details
-from services.runtime.server import serve
-from services.runtime.settings import ServerSettings
 from specmesh.cli.main import main
 from specmesh.v1 import common_pb2, image_pb2, image_pb2_grpc
 
@@ -50,35 +47,9 @@ def front_door(toy, tiny_image_dir):
     servicers for each test (a hundredth of a second once torch is warm): a replica a test stops
     mid-stream keeps nothing of that stream for the next test."""
     servicers = [load_image(tiny_image_dir, threads=1) for _ in range(2)]
-    state: dict = {"servicers": servicers}
-
-    async def start():
-        target = toy.register_target(toy.FakeTarget(toy.tokenizer))
-        state["target"] = await serve(target, toy.settings("toy-target"))
-        state["replicas"] = [
-            await start_image(s, ServerSettings(host="127.0.0.1", port=0)) for s in servicers
-        ]
-        options = GatewayOptions(
-            target=state["target"].address,
-            tokenizer_dir=toy.tokenizer_dir,
-            image=[r.address for r in state["replicas"]],
-        )
-        state["gateway"] = await start_gateway(options, toy.settings("gw"))
-        return state["gateway"]
-
-    with ServerThread(start) as thread:
-        gateway = grpc.insecure_channel(thread.address)
-        direct = grpc.insecure_channel(state["replicas"][0].address)
-        state.update(
-            thread=thread,
-            via_gateway=image_pb2_grpc.ImageServiceStub(gateway),
-            direct=image_pb2_grpc.ImageServiceStub(direct),
-        )
+    with relayed(toy, "image", servicers, start_image, image_pb2_grpc.ImageServiceStub) as state:
+        state["servicers"] = servicers
         yield state
-        gateway.close()
-        direct.close()
-        for server in [*state["replicas"], state["target"]]:
-            thread.call(server.stop(grace=0))
     for s in servicers:
         s.close()
 

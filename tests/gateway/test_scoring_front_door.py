@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from servers import ServerThread
+from front_doors import relayed
 
-from gateway.server import GatewayOptions, start_gateway
 from services.runtime.errors import status_details
-from services.runtime.settings import ServerSettings
 from services.scoring.server import load_scoring, start_scoring
 from specmesh.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
 
@@ -37,40 +35,8 @@ def scoring_models(tiny_gguf, tmp_path_factory):
 def front_door(toy, scoring_models):
     """A toy target (the gateway needs one), two scoring replicas and the gateway over them."""
     servicers = [load_scoring(str(scoring_models), pack_weights=False) for _ in range(2)]
-    state: dict = {}
-
-    async def start():
-        target = await start_toy_target(toy)
-        state["replicas"] = [
-            await start_scoring(s, ServerSettings(host="127.0.0.1", port=0)) for s in servicers
-        ]
-        options = GatewayOptions(
-            target=target.address,
-            tokenizer_dir=toy.tokenizer_dir,
-            scoring=[r.address for r in state["replicas"]],
-        )
-        state["target"] = target
-        state["gateway"] = await start_gateway(options, toy.settings("gw"))
-        return state["gateway"]
-
-    async def start_toy_target(toy):
-        from services.runtime.server import serve
-
-        return await serve(toy.register_target(toy.FakeTarget(toy.tokenizer)), toy.settings("toy-target"))
-
-    with ServerThread(start) as thread:
-        gateway = grpc.insecure_channel(thread.address)
-        direct = grpc.insecure_channel(state["replicas"][0].address)
-        state.update(
-            thread=thread,
-            via_gateway=scoring_pb2_grpc.ScoringServiceStub(gateway),
-            direct=scoring_pb2_grpc.ScoringServiceStub(direct),
-        )
+    with relayed(toy, "scoring", servicers, start_scoring, scoring_pb2_grpc.ScoringServiceStub) as state:
         yield state
-        gateway.close()
-        direct.close()
-        for server in [*state["replicas"], state["target"]]:
-            thread.call(server.stop(grace=0))
     for s in servicers:
         s.close()
 
