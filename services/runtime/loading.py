@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,17 @@ class LoadedEngine:
     license: str  # from config.json's specmesh block, "" when absent
 
 
+# oneDNN keeps a primitive, with its scratch memory, for every (weight, row count) it has run, up
+# to 1,024 by default; merged forwards and prefills bring ever new row counts, so a busy service's
+# resident memory crept with them. 16 measured 150 MB less after warm-up and less growth (+2.5%
+# against +3.9% over 40 mixed batches in-process; +12.7% against +19% through `bench load`) at
+# unchanged tokens/s on the 2-core Xeon. oneDNN reads the variable when it first builds a
+# primitive, so setting it here, before the engine's first forward, is early enough; a value in
+# the environment wins.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = "16"
+
+
 def load_engine(
     model: str,
     *,
@@ -49,6 +61,7 @@ def load_engine(
     batching window, batch size and queue bound (defaults: EngineSettings())."""
     from services.core.engine import Engine  # lazy: torch
 
+    os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
     model_dir = Path(resolve_model(model))
     limits = limits or EngineSettings()
     worker = EngineWorker(
