@@ -17,6 +17,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from services.core.params import KVBudget
 from services.runtime.protocol import generation_params
 from specmesh.v1 import common_pb2, gateway_pb2
 
@@ -128,6 +129,7 @@ class RequestRecord:
                 "route_threshold": plan.route_threshold,
                 "quality": gateway_pb2.Quality.Name(plan.quality),
                 "draft_routes": plan.draft_routes,
+                "kv_budget": asdict(plan.kv_budget) if plan.kv_budget is not None else None,
             },
             "max_context": self.max_context,
             "tokens": list(self.tokens),
@@ -161,6 +163,7 @@ class RequestRecord:
             route_threshold=p.get("route_threshold"),
             quality=gateway_pb2.Quality.Value(p.get("quality", "QUALITY_UNSPECIFIED")),
             draft_routes=p.get("draft_routes", False),
+            kv_budget=KVBudget(**p["kv_budget"]) if p.get("kv_budget") else None,  # absent before H2O
         )
         upstreams = {
             role: UpstreamSession(**{**s, "opened": [tuple(o) for o in s["opened"]]})

@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass, replace
 
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from services.core.params import GenerationParams
+from services.core.params import GenerationParams, KVBudget
 from services.core.tokenizer import Tokenizer
-from services.runtime.protocol import generation_params, prompt_ids
+from services.runtime.protocol import generation_params, kv_budget, prompt_ids
 from specmesh.v1 import common_pb2, gateway_pb2
 
 from .budget import STRATEGY_BY_WIRE, Budget, resolve_budget
@@ -39,6 +39,7 @@ class Plan:
     route_threshold: float | None = None  # r2r: the request's threshold (None: the router's)
     quality: int = gateway_pb2.QUALITY_UNSPECIFIED
     draft_routes: bool = False  # the draft serves routed proposals (has a token router)
+    kv_budget: KVBudget | None = None  # policy target: decode under this H2O budget
 
     @property
     def seed(self) -> int:
@@ -70,6 +71,7 @@ def validate(
             raise InvalidArgument(f"policy {policy_name(policy)} is not available yet; use {known}", "policy")
         raise InvalidArgument(f"unknown policy {policy}; use {known}", "policy")
     check_quality(request.quality, policy)
+    kv = check_kv_budget(request, policy)
     # auto chooses among the policies the gateway can serve: target alone when it has no draft
     uses_draft = policy not in (gateway_pb2.POLICY_TARGET, gateway_pb2.POLICY_AUTO)
     if uses_draft and not has_draft:
@@ -120,6 +122,7 @@ def validate(
         quality=request.quality,
         draft_routes=draft_routes,
         route_threshold=check_route(request, policy),
+        kv_budget=kv,
     )
     if policy == gateway_pb2.POLICY_TARGET or (policy == gateway_pb2.POLICY_AUTO and not has_draft):
         return plan
@@ -178,6 +181,26 @@ def check_route(request: gateway_pb2.GatewayGenerateRequest, policy: int) -> flo
     return threshold
 
 
+def check_kv_budget(request: gateway_pb2.GatewayGenerateRequest, policy: int) -> KVBudget | None:
+    """The H2O budget a request asks for: policy target only (speculative, r2r and draft
+    already have their own KV rules, and a budget would make speculative output lossy), never
+    with QUALITY_EXACT (evicting keys changes what the target computes)."""
+    if not request.HasField("kv_budget"):
+        return None
+    if policy != gateway_pb2.POLICY_TARGET:
+        raise InvalidArgument(
+            f"kv_budget is for policy target (the target alone, decoding under an H2O budget), not "
+            f"{policy_name(policy)}; leave it unset or use policy target",
+            "kv_budget",
+        )
+    if request.quality == gateway_pb2.QUALITY_EXACT:
+        raise InvalidArgument(
+            "QUALITY_EXACT contradicts kv_budget: evicting keys changes the target's output; drop one",
+            "kv_budget",
+        )
+    return kv_budget(request.kv_budget)
+
+
 def check_quality(quality: int, policy: int) -> None:
     """`quality` is honoured or refused, never ignored: EXACT holds for every served policy but
     draft and r2r; HIGH and FAST are for policy auto, which chooses a policy from them."""
@@ -211,14 +234,23 @@ R2R_WARNING = (
 )
 
 
+KV_BUDGET_WARNING = (
+    "kv_budget: the target decoded keeping only {max_tokens} keys per layer and head (H2O), so "
+    "this output can differ from its full-cache output; leave kv_budget unset for that"
+)
+
+
 def plan_warnings(plan: Plan) -> list[str]:
     """What a client should be told about a request's output."""
     warnings = {gateway_pb2.POLICY_DRAFT: DRAFT_WARNING, gateway_pb2.POLICY_R2R: R2R_WARNING}
-    return [warnings[plan.policy]] if plan.policy in warnings else []
+    said = [warnings[plan.policy]] if plan.policy in warnings else []
+    if plan.kv_budget is not None:
+        said.append(KV_BUDGET_WARNING.format(max_tokens=plan.kv_budget.max_tokens))
+    return said
 
 
 # fields a resume request must leave unset: the session's record already holds them
-_RESUME_UNSET = ("model", "prompt", "sampling", "policy", "quality", "spec")
+_RESUME_UNSET = ("model", "prompt", "sampling", "policy", "quality", "spec", "kv_budget")
 
 
 def check_resume(request: gateway_pb2.GatewayGenerateRequest, emitted: int | None) -> None:

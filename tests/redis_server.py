@@ -38,6 +38,22 @@ def debian_redis_server() -> str:
     pytest.skip("no redis-server on PATH (Debian: apt-get install redis-server)")
 
 
+REDIS6_DEFAULT = Path.home() / ".cache" / "specmesh" / "tools" / "redis-6" / "redis-server"
+
+
+def redis6_server() -> str:
+    """A Redis 6 server: SPECMESH_REDIS6_SERVER, else what `.ci/build_redis6.sh` built, or skip;
+    with SPECMESH_REQUIRE_REDIS6 set (`.ci/run` sets it once the build worked) a missing one fails."""
+    path = Path(os.environ.get("SPECMESH_REDIS6_SERVER") or REDIS6_DEFAULT)
+    if path.is_file() and os.access(path, os.X_OK):
+        return str(path)
+    if os.environ.get("SPECMESH_REQUIRE_REDIS6"):
+        pytest.fail(
+            f"no Redis 6 server at {path} (SPECMESH_REQUIRE_REDIS6 is set; .ci/build_redis6.sh builds it)"
+        )
+    pytest.skip(f"no Redis 6 server at {path} (build one with .ci/build_redis6.sh)")
+
+
 class RedisServer:
     def __init__(
         self, binary: str | None = None, password: str | None = None, tls: ServerTLS | None = None

@@ -29,5 +29,16 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.call(self.server.stop(grace=1))
+        self.call(_cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel and await the tasks still on the loop (a servicer's idle-session sweep), as
+    asyncio.run does at its end: a task left pending on a stopped loop is reported ("Task was
+    destroyed but it is pending") whenever it is collected, in whichever later test that is."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

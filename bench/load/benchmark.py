@@ -116,6 +116,7 @@ def run_mode(cfg: LoadBenchConfig, batching: bool, prompts: list[list[int]], log
             bar.n = bar.total
             bar.close()
             level = summarize_level(concurrency, streams, elapsed)
+            level["rss_mib"] = stack_rss(stack)  # where any growth happened
             levels.append(level)
             print(_level_line(mode, level), file=sys.stderr, flush=True)
         rss_end = stack_rss(stack)

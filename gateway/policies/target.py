@@ -26,6 +26,9 @@ async def target_loop(ctx: PolicyContext, record: RequestRecord) -> AsyncIterato
         prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=plan.prompt_ids)),
         sampling=plan.sampling,
     )
+    if plan.kv_budget is not None:
+        request.kv_budget.max_tokens = plan.kv_budget.max_tokens
+        request.kv_budget.recent_share = plan.kv_budget.recent_share
     pool = ctx.pools["target"]
     failed: list[str] = []
     while True:

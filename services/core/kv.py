@@ -13,6 +13,10 @@ list. The cap bounds resident memory: the pool is mapped, not touched, up front 
 it every distinct prefix ever served would stay resident until the whole pool had been touched
 (a SmolLM2 block is 0.74 MB; 65,536 tokens are 3 GB). A block capped out is reused before an
 untouched one, and a Redis store behind the pool (services.runtime.kv_store) still has it.
+The cap is shared with live sequences, as a fixed pool shares it in vLLM: once `max_cached_blocks`
+blocks are resident, a sequence that needs a block takes the oldest cached one before touching
+new memory, so the pool stays at max(cap, what live sequences hold at once) instead of growing
+to the cap plus the live peak.
 Nothing ever writes into a sealed block: new tokens go to the tail, tree nodes to
 scratch, and a rollback into a sealed block unseals it (sole owner) or copies it (shared).
 
@@ -65,6 +69,7 @@ class BlockPool:
         self._key: list[bytes | None] = [None] * max_blocks
         self._index: dict[bytes, int] = {}  # key -> the sealed block holding that content
         self._touched = bytearray(max_blocks)  # 1 = zeroed once, holds finite values since
+        self.resident_blocks = 0  # blocks ever touched: the pool's resident memory
         # called with (block, key) when KV computed here is sealed (not when an equal block
         # already existed): the publisher's seam. Runs on the engine thread, so it must be quick.
         self.on_seal: Callable[[int, bytes], None] | None = None
@@ -93,8 +98,10 @@ class BlockPool:
     def block_key(self, parent: bytes | None, token_ids: list[int]) -> bytes:
         return block_key(self.digest, self.dtype_name, parent, token_ids)
 
-    def allocate(self, n: int) -> list[int]:
-        """n private blocks (refcount 1), evicting the least recently cached if needed."""
+    def allocate(self, n: int, *, grow: bool = False) -> list[int]:
+        """n private blocks (refcount 1): free resident memory first, then the least recently
+        cached block once max_cached_blocks are resident (grow=True: touch new memory first),
+        then untouched memory."""
         if n > self.free_blocks:
             raise ResourceExhausted(
                 f"KV cache full: need {n} more blocks of {self.block_size} tokens, "
@@ -102,7 +109,9 @@ class BlockPool:
             )
         out = []
         for _ in range(n):
-            if self._free:
+            fresh = self._free and not self._touched[self._free[-1]]  # no resident block is free
+            at_cap = self.resident_blocks >= self.max_cached_blocks and not grow
+            if self._free and not (fresh and at_cap and self._cached):
                 b = self._free.pop()
             else:
                 b, _ = self._cached.popitem(last=False)
@@ -115,6 +124,7 @@ class BlockPool:
                 self.k[:, b].zero_()
                 self.v[:, b].zero_()
                 self._touched[b] = 1
+                self.resident_blocks += 1
             out.append(b)
         return out
 
@@ -171,7 +181,8 @@ class BlockPool:
             return True
         if not self.free_blocks:
             return False
-        (b,) = self.allocate(1)
+        # grow: taking the oldest cached block could drop one restored just before in this run
+        (b,) = self.allocate(1, grow=True)
         self.k[:, b] = k
         self.v[:, b] = v
         self._index[key] = b

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.core.errors import InvalidArgument, OutOfRange
-from services.core.params import GenerationParams, SamplingConfig
+from services.core.params import GenerationParams, KVBudget, SamplingConfig
 from services.core.tokenizer import Tokenizer
 from specmesh.v1 import common_pb2
 
@@ -68,3 +68,7 @@ def prompt_ids(
     if not ids:
         raise InvalidArgument("token_ids is empty", f"{field}.token_ids.ids")
     return ids
+
+
+def kv_budget(pb: common_pb2.KVBudget, prefix: str = "kv_budget") -> KVBudget:
+    return KVBudget.checked(pb.max_tokens, pb.recent_share, prefix)

@@ -355,7 +355,8 @@ class EngineSettings(_EnvSettings):
     prefix_cache_tokens: int = _field(
         4096,
         parse_int,
-        "KV of finished requests kept in memory for prefix reuse, tokens (bounds resident memory; "
+        "KV of finished requests kept in memory for prefix reuse, tokens; also the resident KV that "
+        "cached and live blocks share before live ones touch new memory (bounds resident memory; "
         "Redis, when configured, keeps the rest)",
     )
 

@@ -11,7 +11,7 @@ import torch
 
 from services.core.engine import Engine
 from services.core.errors import InvalidArgument, OutOfRange
-from services.core.generation import generate
+from services.core.generation import generate, generate_with_kv_budget
 from services.core.params import GenerationParams
 from services.core.sampling import next_token, round_generator
 from services.core.scoring import token_scores
@@ -20,7 +20,13 @@ from services.core.spec import Rule
 from services.core.tokenizer import Tokenizer, encode_sources
 from services.core.verification import check_draft_tree, verify_round
 from services.runtime.model_servicer import ModelServicer
-from services.runtime.protocol import FINISH_TO_PROTO, generation_params, prompt_ids, sampling_config
+from services.runtime.protocol import (
+    FINISH_TO_PROTO,
+    generation_params,
+    kv_budget,
+    prompt_ids,
+    sampling_config,
+)
 from services.runtime.worker import Clock, EngineWorker
 from services.target.convert import draft_distributions, verify_params
 from specmesh.v1 import common_pb2, target_pb2, target_pb2_grpc
@@ -204,9 +210,19 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
         # this call's engine steps never interleave with each other or another call on the session:
         # the clean-up after a cancelled step must run after that step, not while it waits for its forward
         key = request.session_id or f"generate-{uuid.uuid4().hex}"
+        budget = kv_budget(request.kv_budget) if request.HasField("kv_budget") else None
+        if budget is not None and request.session_id:
+            raise InvalidArgument(
+                "a request under a KV budget keeps no session (its compacted KV is its own); "
+                "leave session_id empty or drop kv_budget",
+                "kv_budget",
+            )
 
         turn: Turn | None = None  # rolled back if the call does not finish
-        if request.session_id:
+        seq = None  # the pool's sequence; a request under a budget has its own KV
+        if budget is not None:
+            steps = generate_with_kv_budget(self.engine, self.tokenizer, ids, params, budget)
+        elif request.session_id:
             have = self.sessions.length(request.session_id)
             # every check before opening, so a refused call leaves no session behind
             params = _room_checked(params, have + len(ids), self.engine.max_context)
@@ -214,7 +230,8 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
             seq = turn.seq
         else:
             seq = self.engine.new_sequence()
-        steps = generate(self.engine, self.tokenizer, seq, ids, params)
+        if seq is not None:
+            steps = generate(self.engine, self.tokenizer, seq, ids, params)
         produced: list[int] = []
         finished = False
         try:
@@ -241,9 +258,9 @@ class TargetServicer(ModelServicer, target_pb2_grpc.TargetServiceServicer):
                     timing=clock.timing(),
                 )
         finally:
-            if turn is None:
+            if turn is None and seq is not None:
                 await self._on_engine(clock, seq.release, key=key, bounded=False)
-            elif not finished:  # cancelled or failed: as if the call never came
+            elif turn is not None and not finished:  # cancelled or failed: as if the call never came
                 await self._on_engine(clock, self.sessions.rollback, turn, key=key, bounded=False)
 
 

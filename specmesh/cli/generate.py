@@ -79,6 +79,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "probability exceeds T, in [0, 1] (lower: more target tokens; default: the router's own)",
     )
     p.add_argument(
+        "--kv-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="policy target: decode keeping at most N keys per layer and KV head (H2O: heavy hitters "
+        "plus a recent window), for long contexts in bounded memory; approximate output (default: the "
+        "full cache)",
+    )
+    p.add_argument(
+        "--kv-recent-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --kv-budget: share of the N keys kept as the recent window, in (0, 1] (default: 0.75)",
+    )
+    p.add_argument(
         "--strategy", type=strategy_arg, metavar=STRATEGY_METAVAR, default=None, help="default: the gateway's"
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
@@ -113,6 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_request(args: argparse.Namespace):
     from gateway.budget import strategy_value
     from gateway.config import policy_value
+    from services.core.errors import InvalidArgument
     from specmesh.v1 import common_pb2, gateway_pb2
 
     if args.chat:
@@ -156,6 +173,11 @@ def build_request(args: argparse.Namespace):
         request.quality = gateway_pb2.Quality.Value(f"QUALITY_{args.quality.upper()}")
     if args.route_threshold is not None:
         request.route.threshold = args.route_threshold
+    if args.kv_budget is not None:
+        request.kv_budget.max_tokens = max(args.kv_budget, 0)  # uint32; the gateway says what is wrong
+        request.kv_budget.recent_share = args.kv_recent_share
+    elif args.kv_recent_share:
+        raise InvalidArgument("--kv-recent-share needs --kv-budget", "kv_budget")
     return request
 
 

@@ -202,6 +202,14 @@ class TreeBudget(_message.Message):
     lookup_tokens: int
     def __init__(self, max_nodes: _Optional[int] = ..., max_depth: _Optional[int] = ..., branching: _Optional[int] = ..., num_candidates: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
 
+class KVBudget(_message.Message):
+    __slots__ = ("max_tokens", "recent_share")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    recent_share: float
+    def __init__(self, max_tokens: _Optional[int] = ..., recent_share: _Optional[float] = ...) -> None: ...
+
 class SpecStats(_message.Message):
     __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "routed_tokens", "verified_path_tokens", "path_acceptance_rate", "rounds_by_depth", "accepted_by_depth", "router_calls", "catch_up_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/gateway.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"A\n\nAutoChoice\x12#\n\x06policy\x18\x01 \x01(\x0e\x32\x13.specmesh.v1.Policy\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x01\n\x0bSpecOptions\x12,\n\x08strategy\x18\x01 \x01(\x0e\x32\x1a.specmesh.v1.DraftStrategy\x12\'\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.TreeBudget\x12\x10\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08\x12\x13\n\x0bvocab_limit\x18\x04 \x01(\x05\"4\n\x0cRouteOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\xc2\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12#\n\x06policy\x18\x04 \x01(\x0e\x32\x13.specmesh.v1.Policy\x12%\n\x07quality\x18\x05 \x01(\x0e\x32\x14.specmesh.v1.Quality\x12&\n\x04spec\x18\x06 \x01(\x0b\x32\x18.specmesh.v1.SpecOptions\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0bresume_from\x18\x08 \x01(\r\x12(\n\x05route\x18\t \x01(\x0b\x32\x19.specmesh.v1.RouteOptions\"\x8e\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12*\n\nspec_stats\x18\x05 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\r\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12%\n\x04\x61uto\x18\t \x01(\x0b\x32\x17.specmesh.v1.AutoChoice\"\x88\x02\n\x17GatewayGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12*\n\nspec_stats\x18\x05 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\x12%\n\x04\x61uto\x18\x08 \x01(\x0b\x32\x17.specmesh.v1.AutoChoice\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.specmesh.v1.ModelInfo*~\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x11\n\rPOLICY_TARGET\x10\x01\x12\x10\n\x0cPOLICY_DRAFT\x10\x02\x12\x16\n\x12POLICY_SPECULATIVE\x10\x03\x12\x0e\n\nPOLICY_R2R\x10\x04\x12\x0f\n\x0bPOLICY_AUTO\x10\x05*Y\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x11\n\rQUALITY_EXACT\x10\x01\x12\x10\n\x0cQUALITY_HIGH\x10\x02\x12\x10\n\x0cQUALITY_FAST\x10\x03\x32\x84\x02\n\x07Gateway\x12U\n\x08Generate\x12#.specmesh.v1.GatewayGenerateRequest\x1a$.specmesh.v1.GatewayGenerateResponse\x12S\n\x0eGenerateStream\x12#.specmesh.v1.GatewayGenerateRequest\x1a\x1a.specmesh.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.specmesh.v1.ListModelsRequest\x1a\x1f.specmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/gateway.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"A\n\nAutoChoice\x12#\n\x06policy\x18\x01 \x01(\x0e\x32\x13.specmesh.v1.Policy\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x01\n\x0bSpecOptions\x12,\n\x08strategy\x18\x01 \x01(\x0e\x32\x1a.specmesh.v1.DraftStrategy\x12\'\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.specmesh.v1.TreeBudget\x12\x10\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08\x12\x13\n\x0bvocab_limit\x18\x04 \x01(\x05\"4\n\x0cRouteOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\xec\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.specmesh.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12#\n\x06policy\x18\x04 \x01(\x0e\x32\x13.specmesh.v1.Policy\x12%\n\x07quality\x18\x05 \x01(\x0e\x32\x14.specmesh.v1.Quality\x12&\n\x04spec\x18\x06 \x01(\x0b\x32\x18.specmesh.v1.SpecOptions\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0bresume_from\x18\x08 \x01(\r\x12(\n\x05route\x18\t \x01(\x0b\x32\x19.specmesh.v1.RouteOptions\x12(\n\tkv_budget\x18\n \x01(\x0b\x32\x15.specmesh.v1.KVBudget\"\x8e\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12*\n\nspec_stats\x18\x05 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\r\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12%\n\x04\x61uto\x18\t \x01(\x0b\x32\x17.specmesh.v1.AutoChoice\"\x88\x02\n\x17GatewayGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12*\n\nspec_stats\x18\x05 \x01(\x0b\x32\x16.specmesh.v1.SpecStats\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\x12%\n\x04\x61uto\x18\x08 \x01(\x0b\x32\x17.specmesh.v1.AutoChoice\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.specmesh.v1.ModelInfo*~\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x11\n\rPOLICY_TARGET\x10\x01\x12\x10\n\x0cPOLICY_DRAFT\x10\x02\x12\x16\n\x12POLICY_SPECULATIVE\x10\x03\x12\x0e\n\nPOLICY_R2R\x10\x04\x12\x0f\n\x0bPOLICY_AUTO\x10\x05*Y\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x11\n\rQUALITY_EXACT\x10\x01\x12\x10\n\x0cQUALITY_HIGH\x10\x02\x12\x10\n\x0cQUALITY_FAST\x10\x03\x32\x84\x02\n\x07Gateway\x12U\n\x08Generate\x12#.specmesh.v1.GatewayGenerateRequest\x1a$.specmesh.v1.GatewayGenerateResponse\x12S\n\x0eGenerateStream\x12#.specmesh.v1.GatewayGenerateRequest\x1a\x1a.specmesh.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.specmesh.v1.ListModelsRequest\x1a\x1f.specmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICY']._serialized_start=1279
-  _globals['_POLICY']._serialized_end=1405
-  _globals['_QUALITY']._serialized_start=1407
-  _globals['_QUALITY']._serialized_end=1496
+  _globals['_POLICY']._serialized_start=1321
+  _globals['_POLICY']._serialized_end=1447
+  _globals['_QUALITY']._serialized_start=1449
+  _globals['_QUALITY']._serialized_end=1538
   _globals['_AUTOCHOICE']._serialized_start=68
   _globals['_AUTOCHOICE']._serialized_end=133
   _globals['_SPECOPTIONS']._serialized_start=136
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEOPTIONS']._serialized_start=277
   _globals['_ROUTEOPTIONS']._serialized_end=329
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=332
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=654
-  _globals['_GENERATECHUNK']._serialized_start=657
-  _globals['_GENERATECHUNK']._serialized_end=927
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=930
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=1194
-  _globals['_LISTMODELSREQUEST']._serialized_start=1196
-  _globals['_LISTMODELSREQUEST']._serialized_end=1215
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1217
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1277
-  _globals['_GATEWAY']._serialized_start=1499
-  _globals['_GATEWAY']._serialized_end=1759
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=696
+  _globals['_GENERATECHUNK']._serialized_start=699
+  _globals['_GENERATECHUNK']._serialized_end=969
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=972
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=1236
+  _globals['_LISTMODELSREQUEST']._serialized_start=1238
+  _globals['_LISTMODELSREQUEST']._serialized_end=1257
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1259
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1319
+  _globals['_GATEWAY']._serialized_start=1541
+  _globals['_GATEWAY']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

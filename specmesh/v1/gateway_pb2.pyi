@@ -61,7 +61,7 @@ class RouteOptions(_message.Message):
     def __init__(self, threshold: _Optional[float] = ...) -> None: ...
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id", "resume_from", "route")
+    __slots__ = ("model", "prompt", "sampling", "policy", "quality", "spec", "session_id", "resume_from", "route", "kv_budget")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class GatewayGenerateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
@@ -80,7 +81,8 @@ class GatewayGenerateRequest(_message.Message):
     session_id: str
     resume_from: int
     route: RouteOptions
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ..., route: _Optional[_Union[RouteOptions, _Mapping]] = ...) -> None: ...
+    kv_budget: _common_pb2.KVBudget
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., policy: _Optional[_Union[Policy, str]] = ..., quality: _Optional[_Union[Quality, str]] = ..., spec: _Optional[_Union[SpecOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., resume_from: _Optional[int] = ..., route: _Optional[_Union[RouteOptions, _Mapping]] = ..., kv_budget: _Optional[_Union[_common_pb2.KVBudget, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "usage", "spec_stats", "session_id", "offset", "warnings", "auto")

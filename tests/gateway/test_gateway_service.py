@@ -359,6 +359,32 @@ def test_cancelled_stream_releases_sessions(stack) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "resume_from",
         ),
+        (  # an H2O budget is for policy target alone, and never exact
+            gateway_pb2.GatewayGenerateRequest(
+                prompt=ids(PROMPT), kv_budget=common_pb2.KVBudget(max_tokens=64)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "kv_budget",
+        ),
+        (
+            gateway_pb2.GatewayGenerateRequest(
+                prompt=ids(PROMPT),
+                policy=gateway_pb2.POLICY_TARGET,
+                quality=gateway_pb2.QUALITY_EXACT,
+                kv_budget=common_pb2.KVBudget(max_tokens=64),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "kv_budget",
+        ),
+        (
+            gateway_pb2.GatewayGenerateRequest(
+                prompt=ids(PROMPT),
+                policy=gateway_pb2.POLICY_TARGET,
+                kv_budget=common_pb2.KVBudget(max_tokens=2),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "kv_budget.max_tokens",
+        ),
     ],
 )
 def test_bad_requests(stack, request_, code, field) -> None:
@@ -440,6 +466,19 @@ def test_one_trace_spans_gateway_draft_and_target(make_stack, toy) -> None:
     assert ttft.count == 1 and tpot.count == 1 and ttft.sum > 0
     (accepted,) = gw.metric_points(m.ACCEPTED_LENGTH)
     assert accepted.count == r.spec_stats.rounds and accepted.sum == r.spec_stats.accepted_tokens
+
+
+def test_policy_target_passes_a_kv_budget_on_and_says_the_output_is_approximate(make_stack, toy) -> None:
+    target = toy.FakeTarget(toy.tokenizer)
+    stack = make_stack(target=target)
+    request = req(gateway_pb2.POLICY_TARGET, max_new_tokens=5)
+    request.kv_budget.max_tokens = 64
+    r = stack.stub.Generate(request)
+    (sent,) = [call for name, call in target.calls if name == "Generate"]
+    assert (sent.kv_budget.max_tokens, sent.kv_budget.recent_share) == (64, 0.75)  # 0.75: the default
+    assert any("kv_budget" in w and "64 keys" in w for w in r.warnings)
+    plain = stack.stub.Generate(req(gateway_pb2.POLICY_TARGET, max_new_tokens=5))
+    assert not plain.warnings and not target.calls[-1][1].HasField("kv_budget")
 
 
 def test_target_policy_trace(make_stack) -> None:

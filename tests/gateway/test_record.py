@@ -70,3 +70,23 @@ def test_adaptive_state_roundtrip() -> None:
     b.restore(json.loads(json.dumps(a.state())))
     assert b.state() == a.state() and b.current() == a.current()
     assert b.verify_s == {9: 0.03}  # JSON's string keys come back as token counts
+
+
+def test_a_kv_budget_survives_the_record() -> None:
+    from dataclasses import replace
+
+    from gateway.requests import Plan
+    from services.core.params import GenerationParams, KVBudget
+
+    plan = Plan(
+        policy=gateway_pb2.POLICY_TARGET,
+        model="m",
+        prompt_ids=(5, 9),
+        operation="text_completion",
+        params=GenerationParams(seed=3),
+        sampling=common_pb2.SamplingParams(seed=3),
+    )
+    for budget in (None, KVBudget(64, 0.25)):
+        record = RequestRecord(session_id="s", plan=replace(plan, kv_budget=budget), max_context=256)
+        back = RequestRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+        assert back.plan.kv_budget == budget

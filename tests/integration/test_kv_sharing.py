@@ -114,14 +114,19 @@ def test_restored_kv_gives_the_logits_of_recomputed_kv(fresh, redis_server, smol
     wa.call(prefill_all, a)
     assert narrow.flush() and narrow.stats.published == 12
 
-    recomputed = wb.call(prefill_all, b)  # b from scratch: the reference
+    recomputed = wb.call(prefill_all, b)  # b from scratch, the whole prompt in one forward
     reset(b)
     restore = attach(redis_server.url, b)
     restored, cached = wb.call(prefill_cached, b)
     assert cached == local_cached == 12 * BS and restore.stats.restored == 12
-    delta_fp32 = (restored - recomputed).abs().max().item()
-    assert delta_fp32 <= 1e-5, delta_fp32
-    assert torch.equal(restored, local)  # bit for bit what a's in-process cache gives
+    # the store's part: b's logits over restored KV are a's over the same KV kept in process,
+    # bit for bit (the same 8-token forward over the same 192 tokens' KV)
+    delta_fp32 = (restored - local).abs().max().item()
+    assert delta_fp32 == 0.0 and torch.equal(restored, local)
+    # against one forward over the whole prompt the rest is the GEMM's own rounding for another
+    # row count (0 on one 2-core Xeon, 1.6e-5 to 2.5e-5 on one 2-core AMD EPYC), not the store's
+    delta_whole = (restored - recomputed).abs().max().item()
+    assert delta_whole <= 1e-4, delta_whole
 
     reset(b)
     restore_bf16 = attach(redis_db1, b)
@@ -132,7 +137,9 @@ def test_restored_kv_gives_the_logits_of_recomputed_kv(fresh, redis_server, smol
     with capsys.disabled():
         print(
             f"\nrestored-vs-recomputed next-token logits, 192 restored tokens: max|delta| fp32 "
-            f"{delta_fp32:.2e}, bf16 {delta_bf16:.3f} (logits up to {scale:.1f})"
+            f"{delta_fp32:.2e} against the same KV in process, {delta_whole:.2e} against one "
+            "whole-prompt forward, "
+            f"bf16 {delta_bf16:.3f} (logits up to {scale:.1f})"
         )
     assert delta_bf16 < 0.05 * scale  # loose: bf16 keeps about 3 significant digits of each K, V
     assert restored_bf16.argmax() == recomputed.argmax()

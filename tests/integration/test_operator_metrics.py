@@ -19,6 +19,7 @@ METRICS = [
     "specmesh_kv_blocks_used",
     "specmesh_kv_blocks_cached",
     "specmesh_kv_blocks_capacity",
+    "specmesh_kv_blocks_resident",
     "specmesh_engine_queue_depth",
     "specmesh_engine_queue_wait_seconds_count",
     "rpc_server_duration_milliseconds_count",
@@ -71,6 +72,7 @@ def test_metrics_endpoint_of_a_running_target(tiny_gguf, tmp_path) -> None:
             _value(text, name)
         assert _value(text, "specmesh_sessions_open") == 1
         assert _value(text, "specmesh_kv_blocks_used") >= 37 // 16  # the session's full blocks at least
+        assert _value(text, "specmesh_kv_blocks_resident") >= _value(text, "specmesh_kv_blocks_used")
         assert _value(text, "specmesh_engine_queue_wait_seconds_count") >= 1
         assert 'specmesh_model="tiny"' in text and 'specmesh_service="target"' in text
     finally:

@@ -75,6 +75,21 @@ def test_target_policy_equals_target_generate(servers) -> None:
     assert via.spec_stats.mean_accepted_length == 1.0
 
 
+def test_target_policy_under_a_kv_budget_equals_the_targets_own(servers) -> None:
+    gateway, target, _ = servers
+    prompt = chat("Explain in two sentences why the sky is blue, then say what colour sunsets are.")
+    sampling = common_pb2.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    budget = common_pb2.KVBudget(max_tokens=24, recent_share=0.25)
+    direct = target.Generate(target_pb2.GenerateRequest(prompt=prompt, sampling=sampling, kv_budget=budget))
+    via = gateway.Generate(
+        gateway_pb2.GatewayGenerateRequest(
+            prompt=prompt, sampling=sampling, policy=gateway_pb2.POLICY_TARGET, kv_budget=budget
+        )
+    )
+    assert list(via.token_ids) == [t for c in direct for t in c.token_ids] and len(via.token_ids) == 24
+    assert any("kv_budget" in w for w in via.warnings)
+
+
 def test_text_prompt_and_list_models(servers) -> None:
     gateway, _, servicer = servers
     r = gateway.Generate(

@@ -205,6 +205,37 @@ def test_generate_keeps_a_session_for_the_next_turn(target) -> None:
     stub.Release(common_pb2.ReleaseRequest(session_id="turns"))
 
 
+def test_generate_under_a_kv_budget(target) -> None:
+    """A budget the sequence fits in is the full cache (greedy output equal); a tight one is
+    H2O's decode of the same prompt in process, and holds no KV of the pool afterwards."""
+    from services.core.generation import generate_with_kv_budget
+    from services.core.params import KVBudget
+    from services.runtime.protocol import generation_params
+
+    servicer, stub, _ = target
+    prompt = servicer.tokenizer.encode(
+        "Mount Everest, at 8,849 metres, was first climbed in 1953 by Tenzing Norgay and Edmund "
+        "Hillary, after earlier British attempts in the 1920s had failed high on the north ridge. "
+        "Name the two climbers and the year, then say which ridge the 1920s attempts used:"
+    )
+    sampling = common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    def served(budget: common_pb2.KVBudget | None) -> list[int]:
+        req = target_pb2.GenerateRequest(prompt=ids_prompt(prompt), sampling=sampling, kv_budget=budget)
+        return [t for c in stub.Generate(req) for t in c.token_ids]
+
+    full = served(None)
+    free = servicer.engine.pool.free_blocks
+    assert served(common_pb2.KVBudget(max_tokens=len(prompt) + 12)) == full
+    tight = served(common_pb2.KVBudget(max_tokens=16, recent_share=0.5))
+    assert servicer.engine.pool.free_blocks == free  # its KV was its own
+    steps = generate_with_kv_budget(
+        servicer.engine, servicer.tokenizer, prompt, generation_params(sampling), KVBudget(16, 0.5)
+    )
+    assert tight == [t for s in steps for t in s.token_ids]
+    assert len(tight) == 12 and tight != full  # 16 of ~80 keys: the decode is H2O's, not the full one
+
+
 BAD_GENERATE = [
     ("empty prompt", dict(prompt=common_pb2.Prompt()), "INVALID_ARGUMENT", "prompt"),
     ("empty text", dict(prompt=common_pb2.Prompt(text="")), "INVALID_ARGUMENT", "prompt.text"),
@@ -229,6 +260,24 @@ BAD_GENERATE = [
         "sampling.max_new_tokens",
     ),
     ("unknown model", dict(model="gpt-17"), "INVALID_ARGUMENT", "model"),
+    (
+        "kv budget too small",
+        dict(kv_budget=common_pb2.KVBudget(max_tokens=4)),
+        "INVALID_ARGUMENT",
+        "kv_budget.max_tokens",
+    ),
+    (
+        "kv budget recent share > 1",
+        dict(kv_budget=common_pb2.KVBudget(max_tokens=64, recent_share=1.5)),
+        "INVALID_ARGUMENT",
+        "kv_budget.recent_share",
+    ),
+    (
+        "kv budget with a session",
+        dict(kv_budget=common_pb2.KVBudget(max_tokens=64), session_id="kept"),
+        "INVALID_ARGUMENT",
+        "kv_budget",
+    ),
     (
         "negative temperature",
         dict(sampling=dict(temperature=-1, max_new_tokens=4)),

