@@ -128,9 +128,9 @@ class H2OAttention:
                 ~self.alive[:, b, :, :n], float("-inf")
             )
             keep = h2o_keep(scores, n, policy.budget, policy.recent)  # [L, Hkv, budget]
-            alive = torch.zeros_like(self.alive[:, b, :, : self.length])
+            alive = torch.zeros_like(self.alive[:, b, :, :n])
             alive.scatter_(-1, keep, True)
-            self.alive[:, b, :, : self.length] = alive
+            self.alive[:, b, :, :n] = alive
 
 
 class H2OSequence:
@@ -140,7 +140,7 @@ class H2OSequence:
     H2OAttention does for the same policy (the same keep sets, logits equal up to float sums).
 
     The model is any LlamaModel (fp32, int8 or 4-bit weights); keys arrive already rotated, so
-    dropping slots needs no position bookkeeping.
+    slots keep their token positions only to know each key's age.
     """
 
     def __init__(
@@ -149,10 +149,10 @@ class H2OSequence:
         """max_len: the most tokens the sequence will hold, if known (sizes the buffers)."""
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.model, self.policy, self.budget = model, policy, policy.budget
+        self.model, self.policy = model, policy
         self.chunk = chunk if max_len is None else max(1, min(chunk, max_len))
         # the most a forward ever holds: a full cache plus one chunk
-        self.slots = (self.budget if max_len is None else min(self.budget, max_len)) + self.chunk
+        self.slots = (policy.budget if max_len is None else min(policy.budget, max_len)) + self.chunk
         # allocated by the first extend (on the engine thread, where all torch work belongs)
         self.k = self.v = self.scores = self.positions = None
         self.kept = 0  # slots holding kept keys (equal across layers and heads)
@@ -195,23 +195,23 @@ class H2OSequence:
 
     def advance(self) -> None:
         """After a forward: keep the budget's heavy hitters and recent window (all layers)."""
-        n = self.kept + self._new
+        n, budget = self.kept + self._new, self.policy.budget
         self.length += self._new
         self._new = 0
-        if n <= self.budget:
+        if n <= budget:
             self.kept = n
             return
         # slots are in position order, so the last `recent` slots are the recent window
         age = self.length - self.positions[:, :, :n]  # [L, Hkv, n]: queries that saw each key
         ranking = self.policy.ranking(self.scores[:, :, :n], age)
-        keep = h2o_keep(ranking, n, self.budget, self.policy.recent)  # [L, Hkv, budget]
+        keep = h2o_keep(ranking, n, budget, self.policy.recent)  # [L, Hkv, budget]
         dims = keep.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
-        self.k[:, :, : self.budget] = self.k[:, :, :n].gather(2, dims)
-        self.v[:, :, : self.budget] = self.v[:, :, :n].gather(2, dims)
-        self.scores[:, :, : self.budget] = self.scores[:, :, :n].gather(2, keep)
-        self.positions[:, :, : self.budget] = self.positions[:, :, :n].gather(2, keep)
-        self.scores[:, :, self.budget :] = 0
-        self.kept = self.budget
+        self.k[:, :, :budget] = self.k[:, :, :n].gather(2, dims)
+        self.v[:, :, :budget] = self.v[:, :, :n].gather(2, dims)
+        self.scores[:, :, :budget] = self.scores[:, :, :n].gather(2, keep)
+        self.positions[:, :, :budget] = self.positions[:, :, :n].gather(2, keep)
+        self.scores[:, :, budget:] = 0
+        self.kept = budget
 
     @torch.inference_mode()
     def extend(self, ids: list[int]) -> torch.Tensor:
