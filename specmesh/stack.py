@@ -263,6 +263,8 @@ class StackConfig:
     redis_port: int = 0
     redis_url: str | None = None  # use this Redis instead of starting one
     target_threads: int | None = None
+    # the target's weights (`serve target --weights`): fp32, or q4_1, the GGUF's own 4-bit groups
+    target_weights: str = "fp32"
     draft_threads: int | None = None  # None: torch's default (all cores)
     draft_int8: bool = True  # the draft computes with int8 weights (serve draft --no-int8 otherwise)
     # libgomp spin-wait before an idle OpenMP thread sleeps (GOMP_SPINCOUNT; None: OpenMP's default)
@@ -376,6 +378,8 @@ class LocalStack:
         argv += ["--host", host, "--port", str(tp)]
         if c.target_threads:
             argv += ["--threads", str(c.target_threads)]
+        if c.target_weights != "fp32":
+            argv += ["--weights", c.target_weights]
         flags, url = metrics(0)
         target = Child("target", argv + flags, _join(dial, tp), lambda: False, url)
         children.append(target)

@@ -75,6 +75,7 @@ class SpecBenchConfig:
     target_threads: int | None = None
     draft_threads: int | None = None
     draft_int8: bool = True
+    target_weights: str = "fp32"  # serve target --weights: fp32 or q4_1
     omp_spincount: int | None = 10000  # GOMP_SPINCOUNT of the stack's services; None = OpenMP's
     hf_threads: int | None = None
     hf_num_assistant_tokens: int | None = None
@@ -94,6 +95,8 @@ class SpecBenchConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not self.prompt_files:
             raise ValueError("no prompt files")
+        if self.target_weights not in ("fp32", "q4_1"):
+            raise ValueError(f"target_weights must be fp32 or q4_1, got {self.target_weights!r}")
         if self.omp_wait_policy not in OMP_POLICIES:
             raise ValueError(
                 f"omp_wait_policy must be one of {', '.join(OMP_POLICIES)}, got {self.omp_wait_policy!r}"

@@ -113,6 +113,7 @@ def gateway_address(
             target_threads=cfg.target_threads,
             draft_threads=cfg.draft_threads,
             draft_int8=cfg.draft_int8,
+            target_weights=cfg.target_weights,
             omp_spincount=cfg.omp_spincount,
             warmup=True,
         )

@@ -52,6 +52,7 @@ def machine(
         "target_threads": cfg.target_threads if local else None,
         "draft_threads": cfg.draft_threads if local else None,
         "draft_int8": cfg.draft_int8 if local else None,
+        "target_weights": cfg.target_weights if local else None,
         "omp_spincount": cfg.omp_spincount if local else None,
         "hf_threads": cfg.hf_threads if cfg.hf else None,
         "bench_process_torch_threads": torch_threads(),

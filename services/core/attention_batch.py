@@ -34,6 +34,8 @@ class AttentionBatch:
     # The same keys and mask for a kernel that reads the blocks in place (kernels.paged_attention);
     # None where the dense path runs: the CPU, or a tree of more than 64 nodes.
     paged: PagedLayout | None = None
+    # The dtype the dense path computes attention in (None: the model's); see kernels.attention.
+    compute_dtype: torch.dtype | None = None
 
     @classmethod
     def build(
@@ -41,6 +43,7 @@ class AttentionBatch:
         seqs: list[SequenceKV],
         tokens: list[list[int]],
         tree_masks: list[torch.Tensor | None] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> AttentionBatch:
         """Reserve cache room and lay out a forward of tokens[b] after each sequence.
 
@@ -102,6 +105,7 @@ class AttentionBatch:
             K,
             mask,
             paged,
+            compute_dtype,
         )
 
     @staticmethod
@@ -167,7 +171,7 @@ class AttentionBatch:
         if self.paged is not None:
             return paged_attention(q, pool.k[layer], pool.v[layer], self.paged)
         keys, values = self.gather(layer)
-        return attention(q, keys, values, self.mask)
+        return attention(q, keys, values, self.mask, self.compute_dtype)
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store this layer's new K/V [B, kv_heads, T, D] in their cache slots."""
@@ -181,10 +185,13 @@ class AttentionBatch:
         pool.v[layer][self.write_blk, :, self.write_off, :] = v_rows
 
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's first K key slots of this layer: keys, values [B, kv_heads, K, D]."""
+        """Every sequence's first K key slots of this layer: keys, values [B, kv_heads, K, D], in
+        compute_dtype when one is set."""
         pool = self.seqs[0].pool
         B = self.gather_idx.shape[0]
         H, D = pool.k.shape[2], pool.k.shape[4]
+        if self.compute_dtype not in (None, pool.k.dtype):
+            return self._gather_converted(layer, self.compute_dtype)
         if B == 1:
             # index_select on the contiguous block dim, then one transposing copy (cheaper than
             # advanced indexing; selecting from a transposed view would copy the whole layer).
@@ -196,6 +203,22 @@ class AttentionBatch:
         k = pool.k[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
         v = pool.v[layer][self.gather_idx].transpose(1, 2).reshape(B, H, -1, D)[:, :, : self.key_len]
         return k, v
+
+    def _gather_converted(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather() in another dtype, converted by the copy that lays the keys out rather than
+        by one more copy after it (float64 attention, the q4_1 weights: a decode step at a
+        300-token context cost 20.9 ms this way against 22.4 converting after, fp32 19.6)."""
+        pool = self.seqs[0].pool
+        B, nb = self.gather_idx.shape
+        H, bs, D = pool.k.shape[2], pool.k.shape[3], pool.k.shape[4]
+        idx = self.gather_idx.reshape(-1)
+        out = []
+        for cache in (pool.k[layer], pool.v[layer]):
+            # [B * nb, H, bs, D] -> [B, H, nb, bs, D] -> [B, H, nb * bs, D] -> first K slots
+            blocks = cache.index_select(0, idx).view(B, nb, H, bs, D).transpose(1, 2)
+            laid_out = torch.empty(B, H, nb, bs, D, dtype=dtype, device=cache.device).copy_(blocks)
+            out.append(laid_out.view(B, H, nb * bs, D)[:, :, : self.key_len])
+        return out[0], out[1]
 
     def commit(self) -> None:
         """After a successful forward: chains commit their tokens, trees keep their new nodes."""

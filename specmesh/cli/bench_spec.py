@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             target_threads=args.target_threads,
             draft_threads=args.draft_threads,
             draft_int8=args.draft_int8,
+            target_weights=args.target_weights,
             omp_spincount=None if args.omp_spincount < 0 else args.omp_spincount,
             hf_threads=args.hf_threads,
             hf_num_assistant_tokens=args.hf_assistant_tokens,

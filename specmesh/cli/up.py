@@ -142,7 +142,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_draft_int8_arg(p: argparse.ArgumentParser, note: str = "") -> None:
-    """--no-draft-int8 (StackConfig.draft_int8), shared with `bench spec`."""
+    """--no-draft-int8 (StackConfig.draft_int8) and --target-weights (StackConfig.target_weights),
+    shared with `bench spec`."""
+    p.add_argument(
+        "--target-weights",
+        choices=("fp32", "q4_1"),
+        default="fp32",
+        help="the target's weights: fp32 (the dequantized model) or q4_1 (the GGUF's own 4-bit groups, "
+        f"bf16 activations at the products; serve target --weights){note} (default: %(default)s)",
+    )
     p.add_argument(
         "--no-draft-int8",
         dest="draft_int8",
@@ -192,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         target_threads=args.target_threads,
         draft_threads=args.draft_threads,
         draft_int8=args.draft_int8,
+        target_weights=args.target_weights,
         omp_spincount=None if args.omp_spincount < 0 else args.omp_spincount,
         gateway_args=gateway_args,
         startup_timeout=args.startup_timeout,

@@ -60,6 +60,7 @@ def test_spec_bench_through_the_stack(spec_bench, smollm2_dir, tmp_path) -> None
     assert cfg["max_new_tokens"] == 8 and cfg["temperature"] == 0.0
     assert cfg["target_model"] == MODEL and cfg["draft_model"] == MODEL
     assert saved["machine"]["threads"]["draft_int8"] is False
+    assert saved["machine"]["threads"]["target_weights"] == "fp32"  # the default
     assert cfg["strategies"] == list(spec_bench.STRATEGIES)
     assert cfg["hf"]["threads"] == 1
 

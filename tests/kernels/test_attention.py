@@ -50,3 +50,19 @@ def test_reference_is_masked_softmax_attention(case) -> None:
     out = attention_reference(q, k, v, mask)
     assert out.shape == q.shape
     assert (out - written_out(q, k, v, mask)).abs().max() <= 1e-5
+
+
+def test_float64_compute_gives_one_query_the_same_bits_alone_and_in_a_masked_batch() -> None:
+    """compute_dtype=float64 (the q4_1 weights' attention): a query's output as a decode step
+    (alone, no mask) equals its row in a masked multi-query forward whose extra keys it may not
+    see, bit for bit, and the result comes back in q's dtype."""
+    q, k, v, _ = inputs(1, 6, 2, 4, 20, 16, masked=False)
+    mask = torch.ones(1, 1, 4, 24, dtype=torch.bool).tril(20)  # causal over 4 new keys at 20..23
+    k_all = torch.cat([k, torch.randn(1, 2, 4, 16)], 2)
+    v_all = torch.cat([v, torch.randn(1, 2, 4, 16)], 2)
+    k_all[:, :, 20], v_all[:, :, 20] = k[:, :, 19] * 0.5, v[:, :, 19] * 0.5  # query 0's own key
+    alone = attention(q[:, :, :1], k_all[:, :, :21], v_all[:, :, :21], None, torch.float64)
+    batched = attention(q, k_all, v_all, mask, torch.float64)
+    assert alone.dtype == torch.float32
+    assert torch.equal(alone[:, :, 0], batched[:, :, 0])
+    assert torch.equal(alone, written_out(q[:, :, :1], k_all[:, :, :21], v_all[:, :, :21], None))

@@ -203,3 +203,18 @@ def test_children_die_with_a_sigkilled_parent() -> None:
     while _state(child) not in (None, "Z") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _state(child) in (None, "Z"), "the child outlived its SIGKILLed parent"
+
+
+def test_up_target_weights_reach_the_target_command() -> None:
+    from deploy_tools import parse_cli, up_argv_to_cli
+
+    def target_weights(*flags: str) -> str:
+        children = {c.name: c for c in _planned(*flags).children}
+        return parse_cli(up_argv_to_cli(children["target"].argv)).weights
+
+    assert target_weights() == "fp32"
+    assert target_weights("--target-weights", "q4_1") == "q4_1"
+    from specmesh.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--target-weights", "int3"])

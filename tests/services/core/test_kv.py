@@ -401,3 +401,21 @@ def test_a_verify_round_resent_whole_adopts_the_cached_prefix(engine: Engine) ->
         fresh.acceptance.next_token,
     )
     assert again.tokens == history + [tree_tokens[i] for i in result.acceptance.path]
+
+
+def test_gather_in_a_compute_dtype_holds_the_same_keys(engine: Engine) -> None:
+    """A batch with compute_dtype float64 (the q4_1 weights' attention) gathers exactly the keys
+    and values of the plain gather, converted, for one sequence and a ragged batch with a tree."""
+    seqs = [engine.new_sequence() for _ in range(3)]
+    for s, n in zip(seqs, (3, 9, 14), strict=True):
+        engine.prefill(s, ids(n, n))
+    tokens = [[5], [6, 7], [8, 9, 10]]
+    trees = [None, None, torch.ones(3, 3, dtype=torch.bool).tril()]
+    for group in ([seqs[0]], seqs):
+        plain = AttentionBatch.build(group, tokens[: len(group)], trees[: len(group)])
+        wide = AttentionBatch.build(group, tokens[: len(group)], trees[: len(group)], torch.float64)
+        for layer in range(engine.config.num_hidden_layers):
+            for a, b in zip(plain.gather(layer), wide.gather(layer), strict=True):
+                assert b.dtype == torch.float64 and torch.equal(a.double(), b)
+        for s in group:
+            s.truncate(s.length)

@@ -95,3 +95,57 @@ def test_smollm2_q4_weights_are_the_published_model(tmp_store_smollm2: Path) -> 
         total += len(ids)
     print(f"q4_1 vs fp32: max |dlogit| {worst:.3f}, argmax agreement {agree}/{total}")
     assert worst <= 4.0 and agree >= 0.9 * total
+
+
+def _decode_vs_verify(engine: Engine, prompts: list[list[int]], new: int = 40, chunk: int = 6):
+    """Greedy-decode `new` tokens after each prompt one at a time, then verify the same tokens
+    chunk by chunk as tree chains (as speculative decoding does) and accept them. Returns the
+    largest |logit difference| between the two and how many argmax choices differ."""
+    worst, flips = 0.0, 0
+    for prompt in prompts:
+        seq = engine.new_sequence()
+        logits = engine.prefill(seq, prompt)
+        greedy, decoded = [], []
+        for _ in range(new):
+            greedy.append(int(logits.argmax()))
+            logits = engine.decode(seq, greedy[-1])
+            decoded.append(logits)
+        verified = engine.new_sequence()
+        engine.prefill(verified, prompt)
+        engine.decode(verified, greedy[0])
+        for i in range(1, new - chunk + 1, chunk):
+            tree, _ = engine.forward_tree(verified, greedy[i : i + chunk], [-1, *range(chunk - 1)])
+            ref = torch.stack(decoded[i : i + chunk])
+            worst = max(worst, float((tree - ref).abs().max()))
+            flips += int((tree.argmax(-1) != ref.argmax(-1)).sum())
+            engine.accept_path(verified, list(range(chunk)))
+    return worst, flips
+
+
+@pytest.mark.slow
+def test_smollm2_q4_weights_verify_as_they_decode(tmp_store_smollm2: Path) -> None:
+    """Losslessness per configuration: with the q4_1 weights, a verification forward of the
+    target's greedy tokens gives the logits decoding them one at a time gave, so greedy
+    speculative output equals target-only output. The negative control computes attention in
+    fp32: the bf16 activations amplify its ulp-level differences between the two paths (on the
+    Xeon up to 0.5 in a logit, flipping greedy tokens), which is why q4_1 attends in float64."""
+    from services.core.tokenizer import Tokenizer
+
+    q4 = Engine.from_dir(tmp_store_smollm2)
+    assert q4.use_q4_weights(tmp_store_smollm2) > 0 and q4.attention_dtype == torch.float64
+    q4.pack_weights()
+    tok = Tokenizer.from_dir(tmp_store_smollm2)
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in (
+        "Name three rivers in Europe and say where each one ends.",
+        "Write a short note to a neighbour about a parcel.",
+    )] + [tok.encode(t) for t in (
+        "def merge(left, right):\n    \"\"\"Merge two sorted lists.\"\"\"\n",
+        "import os\n\n\ndef walk_sizes(root):\n",
+    )]  # fmt: skip
+    worst, flips = _decode_vs_verify(q4, prompts)
+    q4.attention_dtype = None  # the negative control: fp32 attention
+    worst_fp32, flips_fp32 = _decode_vs_verify(q4, prompts)
+    print(f"q4_1 decode vs verify: float64 attention {worst:.2e} ({flips} flips), ", end="")
+    print(f"fp32 {worst_fp32:.2e} ({flips_fp32} flips)")
+    assert flips == 0 and worst <= 1e-3
+    assert worst_fp32 > 10 * worst
