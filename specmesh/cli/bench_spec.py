@@ -39,7 +39,7 @@ def _temperature(value: str) -> float:
 
 
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
-    from specmesh.cli.up import DEFAULT_OMP_SPINCOUNT, add_draft_int8_arg
+    from specmesh.cli.up import DEFAULT_OMP_SPINCOUNT, add_weights_args
 
     cores = os.cpu_count() or 1
     p = bench_sub.add_parser(
@@ -118,7 +118,7 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         default=cores,
         help="torch threads of the draft service (default: %(default)s; ignored with --gateway)",
     )
-    add_draft_int8_arg(p, note="; ignored with --gateway")
+    add_weights_args(p, note="; ignored with --gateway")
     p.add_argument(
         "--omp-spincount",
         type=int,

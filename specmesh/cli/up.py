@@ -110,7 +110,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=cores,
         help="torch threads of the draft (default: all %(default)s cores; target and draft take turns)",
     )
-    add_draft_int8_arg(p)
+    add_weights_args(p)
     p.add_argument(
         "--omp-spincount",
         type=int,
@@ -141,9 +141,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_draft_int8_arg(p: argparse.ArgumentParser, note: str = "") -> None:
-    """--no-draft-int8 (StackConfig.draft_int8) and --target-weights (StackConfig.target_weights),
-    shared with `bench spec`."""
+def add_weights_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    """The models' weights: --target-weights (StackConfig.target_weights) and --no-draft-int8
+    (StackConfig.draft_int8), shared with `bench spec`."""
     p.add_argument(
         "--target-weights",
         choices=("fp32", "q4_1"),
