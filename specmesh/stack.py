@@ -17,7 +17,6 @@ arguments and call this; the benchmarks import it and never the CLI. Importing i
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -149,30 +148,31 @@ class LogSink:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Run by a fresh interpreter that then becomes the child (execvp): asks for SIGKILL when the
+# parent dies, gives up if the parent is already gone (nobody would signal it), then execs.
+_DEATH_SIGNAL_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGKILL when the process that started it dies.
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """argv, started so that the child gets SIGKILL when the process that started it dies.
 
-    Linux only (prctl PR_SET_PDEATHSIG; elsewhere None: children of a killed `up` survive it).
-    The death signal follows the *thread* that forked, so children are started from the main
-    thread. libc is resolved here, before the fork, so the child runs only the prctl call and
-    the parent check between fork and exec.
+    Linux only (prctl PR_SET_PDEATHSIG, which survives exec; elsewhere argv as is: children of
+    a killed `up` survive it). The death signal follows the *thread* that forked, so children
+    are started from the main thread. A small launcher sets it after exec rather than a
+    preexec_fn between fork and exec: with a preexec_fn, CPython runs the os.register_at_fork
+    hooks in the child, and OpenTelemetry's SDK (when the parent has a TracerProvider, as the
+    test process does) starts a thread there, which crashed the child now and then
+    (segmentation fault before exec, seen in tests/integration/test_gateway_resume.py).
     """
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
-            os._exit(1)
-
-    return set_death_signal
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *argv]
 
 
 @dataclass
@@ -187,7 +187,7 @@ class Child:
 
     def start(self, env: dict[str, str], sink: LogSink, cwd: str | None = None) -> None:
         self.proc = subprocess.Popen(
-            self.argv,
+            _die_with_parent(self.argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -197,9 +197,9 @@ class Child:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches `up` only; it stops the children in order
-            # and if `up` dies without stopping them (SIGKILL, the OOM killer), so do they
-            preexec_fn=_die_with_parent(),
+            # Ctrl-C reaches `up` only; it stops the children in order (and if `up` dies without
+            # stopping them, SIGKILL or the OOM killer, so do they: _die_with_parent)
+            start_new_session=True,
         )
 
         def pump() -> None:
